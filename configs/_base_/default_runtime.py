@@ -1,0 +1,24 @@
+# Runtime shared by every config: hooks, logging, checkpoints, seeds. Recipe keys (amp, model_ema, wandb,
+# plot_curves, lr_schedule) are documented in train/runner.py.
+default_scope = 'mmengine'
+default_hooks = dict(
+    runtime_info=dict(type='RuntimeInfoHook'),
+    timer=dict(type='IterTimerHook'),
+    sampler_seed=dict(type='DistSamplerSeedHook'),
+    logger=dict(type='LoggerHook', interval=10),  # a line every 10 iterations: lr, eta, time, loss
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    checkpoint=dict(type='ZooCheckpointHook', interval=1, max_keep_ckpts=2),  # atomic files, every epoch
+)
+env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+               dist_cfg=dict(backend='nccl'))
+log_processor = dict(by_epoch=True, window_size=10)
+visualizer = dict(type='Visualizer', vis_backends=[dict(type='LocalVisBackend')])
+log_level = 'INFO'
+randomness = dict(seed=0, deterministic=False)
+load_from = None
+resume = False
+amp = 'auto'          # mixed precision where the device supports it (CUDA); float32 on CPU
+model_ema = None      # e.g. dict(decay=0.999, use_warmup=True) for timm's ModelEmaV3
+wandb = None          # e.g. dict(project='zoo', mode='offline')
+plot_curves = True    # work_dir/curves.png at the end of training
+sync_bn = None        # 'torch' converts BatchNorm to SyncBatchNorm under DDP (GPU only)

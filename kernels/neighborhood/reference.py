@@ -1,0 +1,253 @@
+"""Neighborhood attention (NA / DiNA) in pure PyTorch: the ground truth and the CPU / ONNX path.
+
+Tensors are channels-last with heads split out: ``(B, H, W, heads, head_dim)``.
+
+Semantics (NATTEN; verified against natten 0.17.5 with RPB and 0.21.7 without), per axis of length
+``L`` with odd kernel ``k``, dilation ``d`` and ``k * d <= L``:
+  * position ``i`` lives in the dilation sub-grid of residue ``r = i % d`` at sub-index ``p = i // d``;
+    that sub-grid has ``L_r = ceil((L - r) / d)`` positions (ragged: the last groups may be one shorter);
+  * its window is the ``k`` sub-grid positions starting at ``clamp(p - k // 2, 0, L_r - k)``: windows
+    are shifted, not truncated, at the borders, so every query sees exactly ``kh * kw`` keys;
+  * the relative-position bias for query sub-index ``p`` and key sub-index ``s`` is
+    ``rpb[head, s_row - p_row + kh - 1, s_col - p_col + kw - 1]``.
+
+Two implementations:
+  * ``gather`` (default): the dilation sub-grids are cut into query tiles of at most ``TILE x TILE``;
+    each tile gathers the halo of keys that covers all its clamped windows, ``(T + kh - 1) x (T + kw - 1)``,
+    and runs a small dense attention with an additive bias / -inf mask gathered from a cached index table.
+    Sub-grid permutation, padding and tiling are all folded into cached gather indices, so memory is
+    O(N (T + k - 1)^2) with no N x N term, and the matmuls are batched GEMMs.
+  * ``dense``: manual ``softmax(q k^T + bias) v`` over all N keys with a scattered -inf mask; O(N^2)
+    memory, chosen automatically only for small maps (``DENSE_MAX_TOKENS``).
+"""
+import functools
+import warnings
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+__all__ = ['neighborhood_attention_ref', 'na_axis_tables', 'na_tables', 'na_tile_tables', 'dense_mask',
+           'use_dense', 'NATileTables', 'TILE', 'DENSE_MAX_TOKENS']
+
+TILE = 4  # max query-tile side of the gather path (per axis, in sub-grid positions; fastest on CPU for k=3..11)
+# The automatic choice takes the dense path up to this many tokens (crossover measured on a 2-core CPU
+# with bench/na_cpu.py); it bounds the dense path's extra memory to heads * N^2 floats per image.
+DENSE_MAX_TOKENS = 256
+
+
+def _static_sizes(H, W) -> Optional[Tuple[int, int]]:
+    """(H, W) as ints for the table caches, or None while dynamo traces (tables then go into the graph).
+
+    TorchScript tracing (the legacy ONNX exporter) hands sizes over as tensors; they are frozen to
+    ints so the tables become constants, as they are for a static-shape export anyway.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    if isinstance(H, int) and isinstance(W, int):
+        return H, W
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)
+        return int(H), int(W)
+
+
+def _div(a, b):
+    return torch.div(a, b, rounding_mode='floor')
+
+
+def na_axis_tables(length: int, kernel: int, dilation: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per query position along one axis: key positions (length, kernel) and rpb offsets (length, kernel)."""
+    i = torch.arange(length, device=device)
+    r = i % dilation
+    p = _div(i, dilation)
+    sub_len = _div(length - r + dilation - 1, dilation)
+    start = torch.minimum((p - kernel // 2).clamp(min=0), sub_len - kernel)
+    sub = start[:, None] + torch.arange(kernel, device=device)[None, :]
+    return r[:, None] + dilation * sub, sub - p[:, None] + kernel - 1
+
+
+def _build_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device) -> Tuple[
+        torch.Tensor, torch.Tensor]:
+    kh, kw = kernel
+    rk, rr = na_axis_tables(H, kh, dilation[0], device)
+    ck, cr = na_axis_tables(W, kw, dilation[1], device)
+    key_index = (rk[:, None, :, None] * W + ck[None, :, None, :]).reshape(H * W, kh * kw)
+    bias_index = (rr[:, None, :, None] * (2 * kw - 1) + cr[None, :, None, :]).reshape(H * W, kh * kw)
+    return key_index, bias_index
+
+
+_cached_tables = functools.lru_cache(maxsize=64)(_build_tables)
+
+
+def na_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device=None) -> Tuple[
+        torch.Tensor, torch.Tensor]:
+    """Per query: key index (N, kh*kw) into the flattened map and bias index (N, kh*kw) into rpb.flatten(1)."""
+    sizes = _static_sizes(H, W)
+    if sizes is not None:
+        H, W = sizes
+        return _cached_tables(H, W, tuple(kernel), tuple(dilation), torch.device(device or 'cpu'))
+    return _build_tables(H, W, kernel, dilation, device)
+
+
+class NATileTables(NamedTuple):
+    """Index tables of the gather path; tokens index the flattened map, N means 'zero padding token'."""
+    query_index: torch.Tensor  # (tiles, T*T) query token of each tile slot
+    halo_index: torch.Tensor  # (tiles, halo) key token of each halo slot
+    bias_index: torch.Tensor  # (tiles, T*T, halo) into [rpb.flatten(1), 0 (padding query), -inf (not a neighbor)]
+    out_index: torch.Tensor  # (N,) tile slot of each token, to undo the tiling
+    mask: torch.Tensor  # (tiles, T*T, halo) additive 0 / -inf mask (the table without rpb)
+
+
+def _axis_tiles(length: int, kernel: int, dilation: int, tile: int, device):
+    """Per axis, for each (dilation group, tile): query positions (G, nT, T), halo positions (G, nT, Th)
+    (-1 = padding), rpb offsets (G, nT, T, Th) with -1 off-window and -2 for padding queries, slot of each
+    position (length,) as (group, tile, offset) triples."""
+    sub_max = -(-length // dilation)
+    n_tiles = -(-sub_max // tile)
+    T = -(-sub_max // n_tiles)
+    halo = T + kernel - 1
+    g = torch.arange(dilation, device=device)[:, None, None]
+    t = torch.arange(n_tiles, device=device)[None, :, None]
+    sub_len = _div(length - g + dilation - 1, dilation)  # (G, 1, 1): ragged groups are shorter
+    p = t * T + torch.arange(T, device=device)  # (1, nT, T) query sub-index
+    q_ok = p < sub_len
+    q_pos = torch.where(q_ok, g + dilation * p, -1)
+    # windows start at clamp(p - k//2, 0, L_g - k), non-decreasing in p: the tile's halo starts at its first
+    h_sub = torch.minimum((t * T - kernel // 2).clamp(min=0), sub_len - kernel) + torch.arange(halo, device=device)
+    h_pos = torch.where(h_sub < sub_len, g + dilation * h_sub, -1)
+    start = torch.minimum((p - kernel // 2).clamp(min=0), sub_len - kernel)
+    off = h_sub[:, :, None, :] - start[..., None]  # (G, nT, T, Th): key offset inside the query's window
+    rel = torch.where((off >= 0) & (off < kernel), h_sub[:, :, None, :] - p[..., None] + kernel - 1, -1)
+    rel = torch.where(q_ok[..., None], rel, -2)
+    i = torch.arange(length, device=device)
+    s = _div(i, dilation)
+    slot = (i % dilation, _div(s, T), s % T)
+    return q_pos, h_pos, rel, slot, (dilation, n_tiles, T, halo)
+
+
+def _build_tile_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], tile: int,
+                       device) -> NATileTables:
+    kh, kw = kernel
+    qr, hr, rr, (gr, tr, ar), (Gr, nTr, Tr, Hr) = _axis_tiles(H, kh, dilation[0], tile, device)
+    qc, hc, rc, (gc, tc, ac), (Gc, nTc, Tc, Hc) = _axis_tiles(W, kw, dilation[1], tile, device)
+    N = H * W
+
+    def token(pr, pc):  # (G1, nT1, X), (G2, nT2, Y) -> (G1 * G2 * nT1 * nT2, X * Y) flat token or N
+        pr, pc = pr[:, None, :, None, :, None], pc[None, :, None, :, None, :]
+        return torch.where((pr >= 0) & (pc >= 0), pr * W + pc, N).reshape(Gr * Gc * nTr * nTc, -1)
+
+    nb = (2 * kh - 1) * (2 * kw - 1)
+    rr = rr[:, None, :, None, :, None, :, None]
+    rc = rc[None, :, None, :, None, :, None, :]
+    bias_index = torch.where((rr >= 0) & (rc >= 0), rr * (2 * kw - 1) + rc, nb + 1)
+    bias_index = torch.where((rr == -2) | (rc == -2), nb, bias_index).reshape(Gr * Gc * nTr * nTc, Tr * Tc, Hr * Hc)
+    tile_of = ((gr[:, None] * Gc + gc[None, :]) * nTr + tr[:, None]) * nTc + tc[None, :]
+    out_index = (tile_of * (Tr * Tc) + ar[:, None] * Tc + ac[None, :]).reshape(N)
+    mask_table = torch.tensor([0.0, float('-inf')], device=device)
+    mask = mask_table[(bias_index > nb).long()]
+    return NATileTables(token(qr, qc), token(hr, hc), bias_index, out_index, mask)
+
+
+_cached_tile_tables = functools.lru_cache(maxsize=64)(_build_tile_tables)
+
+
+def na_tile_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device=None,
+                   tile: int = TILE) -> NATileTables:
+    """Index tables of the gather path, cached per (H, W, kernel, dilation, tile, device)."""
+    sizes = _static_sizes(H, W)
+    if sizes is not None:
+        H, W = sizes
+        return _cached_tile_tables(H, W, tuple(kernel), tuple(dilation), tile, torch.device(device or 'cpu'))
+    return _build_tile_tables(H, W, kernel, dilation, tile, device)
+
+
+def _build_dense_mask(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device) -> torch.Tensor:
+    key_index, _ = na_tables(H, W, kernel, dilation, device)
+    N = H * W
+    return torch.full((N, N), float('-inf'), device=device).scatter(
+        1, key_index, torch.zeros(key_index.shape, device=device))
+
+
+_cached_dense_mask = functools.lru_cache(maxsize=8)(_build_dense_mask)
+
+
+def dense_mask(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device=None) -> torch.Tensor:
+    """Additive (N, N) mask: 0 on each query's neighborhood, -inf elsewhere."""
+    sizes = _static_sizes(H, W)
+    if sizes is not None:
+        H, W = sizes
+        return _cached_dense_mask(H, W, tuple(kernel), tuple(dilation), torch.device(device or 'cpu'))
+    return _build_dense_mask(H, W, kernel, dilation, device)
+
+
+def use_dense(H: int, W: int, kernel: Tuple[int, int]) -> bool:
+    """Whether the automatic choice takes the dense path for this map size."""
+    return H * W <= DENSE_MAX_TOKENS
+
+
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    B, H, W, nh, d = t.shape
+    return t.reshape(B, H * W, nh, d).transpose(1, 2)  # B, heads, N, d
+
+
+def _na_dense(q, k, v, kernel, dilation, rel_pos_bias, scale):
+    B, H, W, nh, d = q.shape
+    N = H * W
+    logits = _heads_first(q * scale) @ _heads_first(k).transpose(-2, -1)  # B, heads, N, N
+    if rel_pos_bias is None:
+        logits = logits + dense_mask(H, W, kernel, dilation, q.device).to(logits.dtype)
+    else:
+        key_index, bias_index = na_tables(H, W, kernel, dilation, q.device)
+        vals = rel_pos_bias.flatten(1)[:, bias_index].to(logits.dtype)  # heads, N, K
+        bias = torch.full((nh, N, N), float('-inf'), device=q.device, dtype=logits.dtype).scatter(
+            2, key_index.expand(nh, -1, -1), vals)
+        logits = logits + bias
+    out = logits.softmax(dim=-1) @ _heads_first(v)  # B, heads, N, d
+    return out.transpose(1, 2).reshape(B, H, W, nh, d)
+
+
+def _na_gather(q, k, v, kernel, dilation, rel_pos_bias, scale, tile=TILE):
+    B, H, W, nh, d = q.shape
+    tables = na_tile_tables(H, W, kernel, dilation, q.device, tile)
+
+    def tokens(t):  # B, heads, N + 1, d with a zero padding token last
+        t = _heads_first(t)
+        return torch.cat([t, t.new_zeros(B, nh, 1, d)], dim=2)
+
+    qt = tokens(q * scale)[:, :, tables.query_index]  # B, heads, tiles, T*T, d
+    kt = tokens(k)[:, :, tables.halo_index]  # B, heads, tiles, halo, d
+    vt = tokens(v)[:, :, tables.halo_index]
+    logits = qt @ kt.transpose(-2, -1)  # B, heads, tiles, T*T, halo
+    if rel_pos_bias is None:
+        logits = logits + tables.mask.to(logits.dtype)
+    else:
+        table = torch.cat([rel_pos_bias.flatten(1).to(logits.dtype),
+                           logits.new_tensor([0.0, float('-inf')]).expand(nh, 2)], dim=1)
+        logits = logits + table[:, tables.bias_index]
+    out = logits.softmax(dim=-1) @ vt  # B, heads, tiles, T*T, d
+    out = out.reshape(B, nh, -1, d)[:, :, tables.out_index]  # B, heads, N, d
+    return out.transpose(1, 2).reshape(B, H, W, nh, d)
+
+
+def neighborhood_attention_ref(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kernel_size: Tuple[int, int],
+        dilation: Tuple[int, int] = (1, 1),
+        rel_pos_bias: Optional[torch.Tensor] = None,
+        scale: Optional[float] = None,
+        impl: str = 'auto',
+) -> torch.Tensor:
+    """2-D neighborhood attention on validated inputs. q, k, v: (B, H, W, heads, d) -> (B, H, W, heads, d).
+
+    impl: 'gather' (O(N k^2) memory), 'dense' (O(N^2) memory) or 'auto' (dense only for small maps).
+    """
+    H, W, d = q.shape[1], q.shape[2], q.shape[4]
+    scale = d ** -0.5 if scale is None else scale
+    if impl == 'auto':
+        impl = 'dense' if use_dense(H, W, kernel_size) else 'gather'
+    if impl == 'dense':
+        return _na_dense(q, k, v, kernel_size, dilation, rel_pos_bias, scale)
+    if impl == 'gather':
+        return _na_gather(q, k, v, kernel_size, dilation, rel_pos_bias, scale)
+    raise ValueError(f"impl: expected 'auto', 'gather' or 'dense', got {impl!r}")

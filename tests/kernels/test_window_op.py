@@ -1,0 +1,219 @@
+"""Window attention op: reference vs a dense brute-force oracle, Triton (interpreter) vs reference,
+backend switch, input errors."""
+import pytest
+import torch
+
+import kernels.backend
+from kernels import use_backend
+from kernels.window import window_attention, window_attention_ref
+from kernels.window.naive import window_attention_naive
+from kernels.window.triton import window_attention_triton
+
+# (H, W, window, mode, shift, table half-size M or None, heads, head_dim)
+CASES = {
+    'block': (8, 8, (4, 4), 'block', (0, 0), None, 2, 16),
+    'block_bias': (8, 8, (4, 4), 'block', (0, 0), (4, 4), 2, 32),
+    'shifted': (8, 8, (4, 4), 'block', (2, 2), (4, 4), 2, 16),
+    'shift_h_only': (8, 12, (4, 4), 'block', (1, 0), (4, 4), 2, 16),
+    'shift_w_only': (8, 12, (4, 4), 'block', (0, 3), None, 2, 16),
+    'rect_window': (9, 8, (3, 4), 'block', (1, 2), (3, 4), 2, 16),
+    'padded_13x10': (13, 10, (4, 4), 'block', (2, 2), (4, 4), 2, 16),
+    'padded_9x16_noshift': (9, 16, (5, 5), 'block', (0, 0), (5, 5), 2, 16),
+    'swin_7_padded': (15, 9, (7, 7), 'block', (3, 3), (7, 7), 2, 16),
+    'map_smaller_than_window': (5, 6, (7, 7), 'block', (3, 3), (7, 7), 2, 16),
+    'table_larger': (8, 8, (4, 4), 'block', (2, 2), (6, 7), 2, 16),
+    'grid': (8, 8, (4, 4), 'grid', (0, 0), (4, 4), 2, 16),
+    'grid_padded': (13, 10, (3, 4), 'grid', (0, 0), (5, 6), 2, 32),
+    'grid_nobias_9x16': (9, 16, (3, 3), 'grid', (0, 0), None, 2, 16),
+}
+
+
+def _make(case, batch=2, dtype=torch.float32, table_grad=True):
+    H, W, window, mode, shift, M, nh, d = CASES[case]
+    qkv = torch.randn(batch, H, W, 3, nh, d).to(dtype).requires_grad_()
+    table = None
+    if M is not None:
+        table = (torch.randn(nh, 2 * M[0] - 1, 2 * M[1] - 1) * 2).requires_grad_(table_grad)
+    return qkv, table, dict(window_size=window, mode=mode, shift=shift)
+
+
+def _run(fn, qkv, table, kw, grad_out):
+    """Forward on q, k, v views of qkv, then grads of (qkv, table) for grad_out."""
+    q, k, v = qkv.unbind(3)
+    out = fn(q, k, v, kw['window_size'], kw['mode'], kw['shift'], table, None)
+    inputs = [qkv] + ([table] if table is not None and table.requires_grad else [])
+    return [out] + list(torch.autograd.grad(out, inputs, grad_out))
+
+
+def _max_err(a, b):
+    return [(x.float() - y.float()).abs().max().item() for x, y in zip(a, b)]
+
+
+# ---------------------------------------------------------------- reference vs dense oracle
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_reference_matches_dense_oracle(case):
+    qkv, table, kw = _make(case)
+    grad_out = torch.randn(qkv.shape[:3] + qkv.shape[4:])
+    ref = _run(window_attention_ref, qkv, table, kw, grad_out)
+    naive = _run(window_attention_naive, qkv, table, kw, grad_out)
+    for name, err in zip(['out', 'd_qkv', 'd_table'], _max_err(ref, naive)):
+        assert err < 2e-5, f'{case} {name}: max abs err {err}'
+
+
+def test_oracle_shift_semantics():
+    """The oracle is not vacuous: the shift, the bias and the -100 region mask each change the result."""
+    qkv, table, kw = _make('shifted')  # 8x8, window 4, shift 2
+    q, k, v = qkv.detach().unbind(3)
+    out = window_attention_naive(q, k, v, **kw, rel_pos_bias=table)
+    assert (out - window_attention_naive(q, k, v, (4, 4), 'block', (0, 0), table)).abs().max() > 1e-2
+    assert (out - window_attention_naive(q, k, v, **kw)).abs().max() > 1e-2
+    # (0, 0), (0, 1) and (7, 7) share the wrapped bottom-right window; (7, 7) is in another region
+    k2 = k.clone()
+    k2[:, 0, 0] += 5.0
+    out2 = window_attention_naive(q, k2, v, **kw, rel_pos_bias=table)
+    assert (out2[:, 0, 1] - out[:, 0, 1]).abs().max() > 1e-3
+    assert torch.allclose(out2[:, 7, 7], out[:, 7, 7], atol=1e-6)
+    assert torch.allclose(out2[:, 3, 3], out[:, 3, 3], atol=1e-6)
+
+
+# ---------------------------------------------------------------- Triton (interpreter) vs reference
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_triton_matches_reference_fp32(case):
+    qkv, table, kw = _make(case)
+    grad_out = torch.randn(qkv.shape[:3] + qkv.shape[4:])
+    tri = _run(window_attention_triton, qkv, table, kw, grad_out)
+    ref = _run(window_attention_ref, qkv, table, kw, grad_out)
+    assert tri[0].shape == ref[0].shape and tri[0].dtype == torch.float32
+    assert all(torch.isfinite(t).all() for t in tri)
+    tols = [1e-5, 1e-5, 2e-5]  # d_table sums dS over every window and batch
+    for name, err, tol in zip(['out', 'd_qkv', 'd_table'], _max_err(tri, ref), tols):
+        assert err < tol, f'{case} {name}: max abs err {err}'
+
+
+def test_triton_strided_layouts_and_custom_scale():
+    """Inputs permuted from a head-first layout, a non-contiguous grad, a table view, explicit scale."""
+    B, H, W, nh, d = 1, 10, 11, 2, 16
+    base = torch.randn(3, B, nh, W, H, d, requires_grad=True)  # transposed spatial axes and head-first
+    q, k, v = base.permute(0, 1, 4, 3, 2, 5).unbind(0)
+    assert not q.is_contiguous()
+    table_t = torch.randn(7, 7, nh, requires_grad=True)  # timm-style (.., heads) storage, used as a view
+    table = table_t.permute(2, 0, 1)
+    grad_out = torch.randn(B, nh, d, W, H).permute(0, 4, 3, 1, 2)
+    kw = dict(window_size=(4, 3), mode='block', shift=(2, 1), rel_pos_bias=table, scale=0.3)
+    outs = []
+    for fn in (window_attention_triton, window_attention_ref):
+        out = fn(q, k, v, kw['window_size'], kw['mode'], kw['shift'], table, kw['scale'])
+        outs.append([out] + list(torch.autograd.grad(out, [base, table_t], grad_out)))
+    for name, err in zip(['out', 'd_base', 'd_table'], _max_err(*outs)):
+        assert err < 2e-5, f'{name}: max abs err {err}'
+
+
+def test_triton_grads_without_table_grad_and_single_window():
+    qkv, table, kw = _make('map_smaller_than_window', batch=1, table_grad=False)
+    grad_out = torch.randn(qkv.shape[:3] + qkv.shape[4:])
+    tri = _run(window_attention_triton, qkv, table, kw, grad_out)
+    ref = _run(window_attention_ref, qkv, table, kw, grad_out)
+    assert len(tri) == 2
+    assert max(_max_err(tri, ref)) < 1e-5
+
+
+def test_triton_bias_grad_of_table_larger_than_window_is_central():
+    qkv, table, kw = _make('table_larger')
+    grad_out = torch.randn(qkv.shape[:3] + qkv.shape[4:])
+    d_table = _run(window_attention_triton, qkv, table, kw, grad_out)[2]
+    # window 4x4 uses offsets -3..3 around the centre (5, 6) of the (11, 13) table
+    inner = torch.zeros_like(d_table, dtype=torch.bool)
+    inner[:, 2:9, 3:10] = True
+    assert d_table[~inner].abs().max() == 0
+    assert d_table[inner].abs().min() > 0
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float16, 3e-3), (torch.bfloat16, 3e-2)])
+def test_triton_half_precision(dtype, tol):
+    """16-bit inputs, fp32 accumulation, vs the fp32 reference on the same rounded inputs.
+
+    Error relative to the largest magnitude; the reference itself run in 16 bits errs by about
+    1e-3 (fp16) and 7e-3 (bf16) on this case."""
+    qkv, table, kw = _make('padded_13x10', batch=1, dtype=dtype)
+    grad_out = torch.randn(qkv.shape[:3] + qkv.shape[4:]).to(dtype)
+    tri = _run(window_attention_triton, qkv, table, kw, grad_out)
+    assert tri[0].dtype == dtype and tri[1].dtype == dtype and tri[2].dtype == torch.float32
+    qkv32 = qkv.detach().float().requires_grad_()
+    ref = _run(window_attention_ref, qkv32, table, kw, grad_out.float())
+    for name, err, r in zip(['out', 'd_qkv', 'd_table'], _max_err(tri, ref), ref):
+        assert err / r.abs().max() < tol, f'{dtype} {name}: max abs err {err}'
+
+
+def test_triton_rejects_mixed_dtypes():
+    q = torch.randn(1, 4, 4, 1, 16)
+    with pytest.raises(TypeError, match='float16'):
+        window_attention_triton(q, q.half(), q, (4, 4))
+
+
+# ---------------------------------------------------------------- backend switch
+
+def _path(out: torch.Tensor) -> str:
+    return 'triton' if type(out.grad_fn).__name__.startswith('_WindowAttention') else 'torch'
+
+
+def _call(**kw):
+    q = torch.randn(1, 4, 4, 1, 16, requires_grad=True)
+    return window_attention(q, q, q, 4, **kw)
+
+
+def test_backend_switch(monkeypatch):
+    monkeypatch.delenv('ZOO_KERNEL_BACKEND', raising=False)
+    assert _path(_call()) == 'torch'  # auto on CPU
+    assert _path(_call(backend='triton')) == 'triton'
+    monkeypatch.setenv('ZOO_KERNEL_BACKEND', 'triton')
+    assert _path(_call()) == 'triton'
+    assert _path(_call(backend='torch')) == 'torch'
+    with use_backend('torch'):
+        assert _path(_call()) == 'torch'
+        assert _path(_call(backend='triton')) == 'triton'
+    monkeypatch.setenv('ZOO_KERNEL_BACKEND', 'auto')
+    assert _path(_call()) == 'torch'
+    monkeypatch.setenv('ZOO_KERNEL_BACKEND', 'cuda')
+    with pytest.raises(ValueError, match='ZOO_KERNEL_BACKEND.*cuda'):
+        _call()
+
+
+def test_backend_triton_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setattr(kernels.backend, 'interpreter_on', lambda: False)
+    with pytest.raises(RuntimeError, match='TRITON_INTERPRET=1.*cpu'):
+        _call(backend='triton')
+    assert _path(_call(backend='auto')) == 'torch'
+
+
+def test_dispatch_matches_reference():
+    qkv, table, kw = _make('shifted', batch=1)
+    q, k, v = qkv.unbind(3)
+    a = window_attention(q, k, v, **kw, rel_pos_bias=table, backend='triton')
+    b = window_attention(q, k, v, **kw, rel_pos_bias=table, backend='torch')
+    assert (a - b).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------- input errors
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(k=torch.zeros(1, 8, 8, 2)), r'q, k, v: expected equal shapes .*\(1, 8, 8, 2, 16\), \(1, 8, 8, 2\)'),
+    (dict(mode='swin'), r"mode: expected 'block' or 'grid', got 'swin'"),
+    (dict(window_size=(4, 0)), r'window_size: expected positive sizes, got \(4, 0\)'),
+    (dict(window_size=(4, 4, 4)), r'window_size: expected an int or a pair of ints, got \(4, 4, 4\)'),
+    (dict(shift=4), r'shift: expected 0 <= shift < window_size=\(4, 4\), got \(4, 4\)'),
+    (dict(shift=(-1, 0)), r'shift: expected 0 <= shift .*got \(-1, 0\)'),
+    (dict(shift=2, mode='grid'), r'shift: grid mode takes no shift, got \(2, 2\)'),
+    (dict(rel_pos_bias=torch.zeros(3, 7, 7)), r'rel_pos_bias: expected \(heads=2, 2Mh-1, 2Mw-1\).*got \(3, 7, 7\)'),
+    (dict(rel_pos_bias=torch.zeros(2, 5, 7)), r'rel_pos_bias: .*M >= window \(4, 4\).*got \(2, 5, 7\)'),
+    (dict(rel_pos_bias=torch.zeros(2, 8, 8)), r'rel_pos_bias: .*got \(2, 8, 8\)'),
+    (dict(rel_pos_bias=torch.zeros(49, 2)), r'rel_pos_bias: .*got \(49, 2\)'),
+    (dict(backend='gpu'), r"backend: expected one of .*got 'gpu'"),
+])
+def test_bad_inputs(kwargs, match):
+    args = dict(q=torch.zeros(1, 8, 8, 2, 16), k=torch.zeros(1, 8, 8, 2, 16), v=torch.zeros(1, 8, 8, 2, 16),
+                window_size=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        window_attention(**args)

@@ -1,0 +1,137 @@
+"""The `zoo` command: list, info, check, export, forwarding to bench / train, unknown-model errors."""
+import json
+import re
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import zoo
+from zoo.cli import main
+
+MODEL = 'cbam_resnet18'
+
+
+def test_list(capsys):
+    assert main(['list']) == 0
+    names = capsys.readouterr().out.split()
+    assert names == zoo.list_zoo_models() and MODEL in names
+    assert main(['list', 'cbam*']) == 0
+    cbam = capsys.readouterr().out.split()
+    assert MODEL in cbam and all(n.startswith('cbam') for n in cbam)
+    assert main(['list', 'no_such_family*']) == 1
+    assert 'no zoo model matches' in capsys.readouterr().err
+
+
+def test_info(capsys):
+    assert main(['info', MODEL, '--json']) == 0
+    info = json.loads(capsys.readouterr().out)
+    model = timm.create_model(MODEL)
+    assert info['params'] == sum(p.numel() for p in model.parameters())
+    assert [(d['num_chs'], d['reduction']) for d in info['feature_info']] == [
+        (d['num_chs'], d['reduction']) for d in model.feature_info]
+    assert len(info['feature_info']) >= 3 and info['input_size'] == [3, 224, 224]
+    assert main(['info', MODEL]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r'params\s+11\.\d\d M', out) and 'pretrained' in out and 'stage  channels  reduction' in out
+
+
+def test_unknown_model_lists_close_matches(capsys):
+    for argv in (['info', 'cbam_resnet81'], ['export', 'cbam_resnet81', '-o', 'x.onnx'], ['check', 'cbam_resnet81']):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "unknown model 'cbam_resnet81'" in err and f'Did you mean: {MODEL}' in err
+
+
+def test_export_with_checkpoint(tmp_path, capsys):
+    from weights import onnx_run, save_weights
+    src = timm.create_model(MODEL, num_classes=10).eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    ckpt = tmp_path / 'w.safetensors'
+    save_weights(src, ckpt)
+    out = tmp_path / 'm.onnx'
+    argv = ['export', MODEL, '--output', str(out), '--img-size', '64', '96', '--dynamic', '--exporter', 'legacy',
+            '--checkpoint', str(ckpt), '--num-classes', '10']
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report['path'] == str(out) and report['exporter'] == 'legacy' and report['dynamic'] is True
+    assert [c['input_shape'] for c in report['checks']] == [[2, 3, 64, 96], [3, 3, 96, 160]]
+    assert report['max_abs_err'] <= 1e-4
+    # the exported graph carries the checkpoint's weights, not a fresh init
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(onnx_run(str(out), x)[0], src(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_export_errors(tmp_path, capsys):
+    ckpt = tmp_path / 'w.pth'
+    from weights import save_weights
+    save_weights(timm.create_model(MODEL, num_classes=10), ckpt)
+    out = tmp_path / 'm.onnx'
+    assert main(['export', MODEL, '-o', str(out), '--img-size', '64', '--checkpoint', str(ckpt)]) == 1
+    err = capsys.readouterr().err
+    assert '--checkpoint' in err and 'shape mismatches: 2 (head.fc.weight: checkpoint (10, 512) vs model (1000, 512)' in err
+    assert main(['export', MODEL, '-o', str(tmp_path / 'm.onnx.bak'), '--img-size', '64']) == 2
+    assert "path: expected a file name ending in '.onnx'" in capsys.readouterr().err
+    assert main(['export', MODEL, '-o', str(out), '--img-size', '64', '-1']) == 2
+    assert '--img-size: expected H [W]' in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_check_real_images_and_onnx(capsys):
+    assert main(['check', MODEL, '--img-size', '64', '64']) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith(MODEL))
+    cols = row.split()
+    assert cols[0] == MODEL and float(cols[1]) == pytest.approx(11.78, abs=0.01)
+    assert cols[3] == '2x1000' and cols[4] == 'ok' and cols[5] == 'ok' and cols[-1] == 'ok'
+    assert float(cols[6]) <= 1e-4  # onnxruntime max abs error of the exported model
+    assert 'checked in onnxruntime at 2x3x64x64, 3x3x96x128' in out
+    assert '1/1 models passed' in out
+
+
+def test_image_batch_is_the_sklearn_photos():
+    from zoo.cli import _image_batch, _sample_images
+    model = timm.create_model(MODEL)
+    images = _sample_images()
+    assert [im.size for im in images] == [(640, 427), (640, 427)]
+    x, cfg = _image_batch(model, images, (48, 80))
+    assert x.shape == (2, 3, 48, 80) and cfg['input_size'] == (3, 48, 80)
+    # un-normalised back to [0, 1]: real photos, with different colour statistics
+    mean, std = torch.tensor(cfg['mean']).view(3, 1, 1), torch.tensor(cfg['std']).view(3, 1, 1)
+    pixels = x * std + mean
+    assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4
+    assert (pixels[0].mean((1, 2)) - pixels[1].mean((1, 2))).abs().max() > 0.05
+
+
+def test_forwarding(monkeypatch):
+    calls = []
+    fake_bench = types.ModuleType('bench.run')
+    fake_bench.main = lambda argv: calls.append(('bench', argv)) or 0
+    fake_train = types.ModuleType('train.cli')
+    fake_train.main = lambda argv: calls.append(('train', argv)) or 3
+    monkeypatch.setitem(sys.modules, 'bench.run', fake_bench)
+    monkeypatch.setitem(sys.modules, 'train.cli', fake_train)
+    assert main(['bench', '--models', 'swin_tiny', '--help']) == 0
+    assert main(['train', 'configs/x.py', '--opts', 'a=1', '--resume']) == 3
+    assert main(['eval', 'configs/x.py', 'ckpt.safetensors']) == 3
+    assert calls == [('bench', ['--models', 'swin_tiny', '--help']),
+                     ('train', ['train', 'configs/x.py', '--opts', 'a=1', '--resume']),
+                     ('train', ['eval', 'configs/x.py', 'ckpt.safetensors'])]
+
+
+def test_forwarding_missing_module(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'train.cli', None)  # import of train.cli raises ImportError
+    assert main(['train', 'cfg.py']) == 1
+    assert '`zoo train` needs train.cli, which does not import' in capsys.readouterr().err
+
+
+def test_module_entry_point_exit_code():
+    res = subprocess.run([sys.executable, '-m', 'zoo.cli', 'info', 'nope'], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "unknown model 'nope'" in res.stderr

@@ -1,0 +1,189 @@
+"""The model test standard: every registered zoo model meets timm's interface and goes beyond it.
+
+timm's own checks (forward, backward with every parameter receiving a gradient, default cfgs,
+reset_classifier, features_only, forward_intermediates, grad checkpointing) are the floor; odd input
+sizes, NCHW features from both wrappers, pruning, ONNX parity and bad-input errors go beyond them.
+"""
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import zoo
+
+MODELS = zoo.list_zoo_models()
+ODD_SIZE = (97, 131)
+
+
+def _small_size(model) -> int:
+    return max(64, model.min_input_size)
+
+
+def _create(name: str, **kwargs):
+    return timm.create_model(name, **kwargs)
+
+
+def _expected_hw(size, reduction: int):
+    return tuple(-(-s // reduction) for s in size)
+
+
+def test_models_registered():
+    assert len(MODELS) >= 9, MODELS
+    assert set(zoo.list_zoo_models('swin_*')) <= set(timm.list_models('swin_*'))
+
+
+def test_no_zoo_name_shadows_timm():
+    code = (
+        'import timm; before = set(timm.list_models()); import zoo; after = set(timm.list_models()); '
+        'ours = set(zoo.list_zoo_models()); '
+        'print(len(before & ours), len(after) - len(before), len(ours))'
+    )
+    res = subprocess.run([sys.executable, '-W', 'error::UserWarning', '-c', code],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    overlap, added, ours = map(int, res.stdout.split())
+    assert overlap == 0
+    assert added == ours > 0
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_forward_and_grad_checkpointing(name):
+    model = _create(name).eval()
+    size = _small_size(model)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, model.num_classes)
+        assert torch.isfinite(out).all()
+        model.set_grad_checkpointing()
+        out2 = model(x)
+    torch.testing.assert_close(out2, out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_backward_every_parameter(name):
+    model = _create(name, num_classes=42).train()
+    size = _small_size(model)
+    out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 42)
+    out.mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f'parameters without gradient: {missing[:10]}'
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_default_cfg_and_heads(name):
+    model = _create(name).eval()
+    cfg = model.pretrained_cfg
+    assert model.num_classes == cfg['num_classes'] and model.num_features > 0 and model.head_hidden_size > 0
+    state = model.state_dict()
+    assert cfg['classifier'] + '.weight' in state
+    first_convs = cfg['first_conv'] if isinstance(cfg['first_conv'], (list, tuple)) else [cfg['first_conv']]
+    assert all(fc + '.weight' in state for fc in first_convs)
+    size = cfg['input_size'][1:]
+    x = torch.randn(1, *cfg['input_size'])
+    with torch.no_grad():
+        feat = model.forward_features(x)
+        assert feat.shape == (1, model.num_features, *cfg['pool_size'])
+        pre = model.forward_head(feat, pre_logits=True)
+        assert pre.shape == (1, model.head_hidden_size)
+        model.reset_classifier(0)
+        assert model.num_classes == 0
+        assert model(x).shape == pre.shape
+        model.reset_classifier(0, '')
+        assert model(x).shape[-2:] == tuple(cfg['pool_size'])
+        model.reset_classifier(7, global_pool='avg')
+        assert model(x).shape == (1, 7)
+        assert model.get_classifier().out_features == 7
+    nopool = _create(name, num_classes=0, global_pool='').eval()
+    with torch.no_grad():
+        assert nopool(x).shape[-2:] == tuple(cfg['pool_size'])
+    assert _expected_hw(size, model.feature_info[-1]['reduction']) == tuple(cfg['pool_size'])
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_features_only_wrappers_are_nchw(name):
+    torch.manual_seed(0)
+    ref = _create(name).eval()
+    size = (_small_size(ref), _small_size(ref) + 32)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        want = ref.forward_intermediates(x, intermediates_only=True)
+    assert len(ref.feature_info) >= 4
+    for feature_cls in ('list', 'getter'):
+        torch.manual_seed(0)  # same init as `ref`
+        model = _create(name, features_only=True, feature_cls=feature_cls).eval()
+        chans, reds = model.feature_info.channels(), model.feature_info.reduction()
+        assert reds == sorted(reds) and len(chans) == len(ref.feature_info)
+        with torch.no_grad():
+            feats = model(x)
+        for f, c, r, w in zip(feats, chans, reds, want):
+            assert f.shape == (2, c, *_expected_hw(size, r)), (feature_cls, f.shape, c, r)
+            torch.testing.assert_close(f, w, rtol=1e-4, atol=1e-4)
+    subset = _create(name, features_only=True, out_indices=(1, 3))
+    assert subset.feature_info.reduction() == [ref.feature_info[1]['reduction'], ref.feature_info[3]['reduction']]
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_forward_intermediates_and_prune(name):
+    model = _create(name).eval()
+    size = _small_size(model)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        final, inters = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=1e-5, atol=1e-5)
+        assert len(inters) == len(model.feature_info)
+        for t, info in zip(inters, model.feature_info):
+            assert t.shape == (2, info['num_chs'], *_expected_hw((size, size), info['reduction']))
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert [t.shape for t in last_two] == [t.shape for t in inters[-2:]]
+        early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[0], inters[1])
+        model.set_grad_checkpointing()
+        final_ckpt, _ = model.forward_intermediates(x)
+        torch.testing.assert_close(final_ckpt, final, rtol=1e-4, atol=1e-5)
+        kept = model.prune_intermediate_layers([0, 1], prune_head=True)
+        assert kept == [0, 1] and len(model.stages) == 2 and model.num_classes == 0
+        pruned = model.forward_intermediates(x, intermediates_only=True)
+        torch.testing.assert_close(pruned[1], inters[1])
+        assert model.num_features == model.feature_info[1]['num_chs']
+        assert model(x).shape == (2, model.num_features, *inters[1].shape[-2:])
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_odd_input_sizes(name):
+    model = _create(name, features_only=True).eval()
+    x = torch.randn(1, 3, *ODD_SIZE)
+    with torch.no_grad():
+        feats = model(x)
+    for f, c, r in zip(feats, model.feature_info.channels(), model.feature_info.reduction()):
+        assert f.shape == (1, c, *_expected_hw(ODD_SIZE, r))
+        assert torch.isfinite(f).all()
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_bad_input_errors(name):
+    model = _create(name).eval()
+    with pytest.raises(ValueError, match=r'expected input \(B, 3, H, W\)'):
+        model(torch.randn(1, 4, 64, 64))
+    tiny = model.min_input_size - 1
+    if tiny > 0:
+        with pytest.raises(ValueError, match=f'>= {model.min_input_size}'):
+            model(torch.randn(1, 3, tiny, tiny))
+
+
+def test_unknown_model_name():
+    with pytest.raises(RuntimeError, match='Unknown model'):
+        timm.create_model('swin_tinyy')
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_onnx_parity(name, tmp_path):
+    from weights.onnx import export_onnx
+    model = _create(name).eval()
+    size = _small_size(model)
+    report = export_onnx(model, tmp_path / f'{name}.onnx', img_size=(size, size), atol=1e-4)
+    assert max(report['max_abs_err'].values()) <= 1e-4, report

@@ -1,0 +1,10 @@
+"""Weight files and deployment: atomic safetensors / weights-only torch I/O, ONNX export with onnxruntime checks."""
+from .io import (
+    IncompatibleKeysError, LoadResult, WeightsFileError, atomic_write, load_into, load_weights, save_weights,
+)
+from .onnx import OnnxExportError, export_onnx, onnx_run
+
+__all__ = [
+    'IncompatibleKeysError', 'LoadResult', 'WeightsFileError', 'atomic_write', 'load_into', 'load_weights',
+    'save_weights', 'OnnxExportError', 'export_onnx', 'onnx_run',
+]
