@@ -8,12 +8,15 @@
 What is measured (all CPU, eval mode, no autograd, one fixed random batch):
 - throughput: images / s of `model(x)`, after `--warmup` untimed passes. Each repeat times `--iters`
   passes of every model in turn, the model order rotating between repeats, so load on the machine
-  hits every model alike; the median over repeats is reported (all runs are in the JSON).
+  hits every model alike; the median over repeats is reported (all runs are in the JSON). The
+  process CPU time per batch (all threads, OpenMP spin-waits included) is reported too: it is
+  steadier than wall time when other jobs share the machine.
 - peak memory: the extra resident memory a forward pass needs (activations, workspaces) beyond the
-  built model and its input. Each model runs in a fresh Python process: one batch-1 pass, then the
+  built model and its input. Each model runs in a clean process: one batch-1 pass, then the
   kernel's RSS high-water mark is reset (`/proc/self/clear_refs`, Linux) and the full batch runs;
   reported = VmHWM - VmRSS before the pass. Where that reset is unavailable, the process's
-  `ru_maxrss` delta is used (a lower bound; the JSON names the method).
+  `ru_maxrss` delta is used (a lower bound; the JSON names the method). On Linux one helper
+  process imports torch/timm/zoo once and forks a clean child per model.
 - FLOPs / GMACs: `bench.flops.count_flops` at batch 1; GMACs = FLOPs / 2 / 1e9 (timm's unit).
 - params: parameter count.
 Ratios are ours / anchor from the same run. Output: OUT.json, OUT.md and (if matplotlib) OUT.png.
@@ -154,27 +157,84 @@ def _memory_probe(name: str, img_size: int, batch_size: int, threads: Optional[i
                 weights_mb=weights / 2 ** 20, memory_method=method)
 
 
-def _measure_memory(name: str, img_size: int, batch_size: int, threads: Optional[int]) -> Dict[str, Any]:
-    code = (
-        'import json, sys; from bench.run import _memory_probe; '
-        f'print("\\n" + json.dumps(_memory_probe({name!r}, {img_size}, {batch_size}, {threads!r})))'
-    )
+def _probe_child(name: str, img_size: int, batch_size: int, threads: Optional[int], conn) -> None:
+    try:
+        conn.send(_memory_probe(name, img_size, batch_size, threads))
+    except BaseException as e:  # reported by the parent
+        conn.send(dict(error=f'{type(e).__name__}: {e}'))
+    finally:
+        conn.close()
+
+
+def _memory_server(names: Sequence[str], img_size: int, batch_size: int, threads: Optional[int]) -> Dict[str, Any]:
+    """Run in a fresh process: import once, then probe each model in its own forked child.
+
+    Forking is safe here because this process has run no parallel torch op (a fork after one can hang
+    in OpenMP); each child starts from the same clean post-import state, like a fresh process.
+    """
+    import multiprocessing
+
+    import timm  # noqa: F401  (imported once, inherited by the children)
+    import torch  # noqa: F401
+    import zoo  # noqa: F401
+    ctx = multiprocessing.get_context('fork')
+    results = {}
+    for name in names:
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_probe_child, args=(name, img_size, batch_size, threads, send))
+        proc.start()
+        send.close()
+        results[name] = recv.recv() if recv.poll(_PROBE_TIMEOUT) else dict(error='timed out')
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    return results
+
+
+_PROBE_TIMEOUT = 1800
+
+
+def _run_python(code: str) -> Any:
     env = dict(os.environ)
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo_root, env.get('PYTHONPATH')]))
-    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=1800)
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=_PROBE_TIMEOUT)
     if res.returncode != 0:
-        raise RuntimeError(f'memory probe of {name!r} failed (exit {res.returncode}):\n{res.stderr[-2000:]}')
+        raise RuntimeError(f'memory probe failed (exit {res.returncode}):\n{res.stderr[-2000:]}')
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _measure_memory(names: Sequence[str], img_size: int, batch_size: int,
+                    threads: Optional[int]) -> Dict[str, Dict[str, Any]]:
+    """Peak forward memory of each model, each in a clean process (forked children, or one process each)."""
+    args = f'{img_size}, {batch_size}, {threads!r}'
+    if hasattr(os, 'fork') and sys.platform.startswith('linux'):
+        results = _run_python(
+            'import json; from bench.run import _memory_server; '
+            f'print("\\n" + json.dumps(_memory_server({list(names)!r}, {args})))')
+    else:
+        results = {n: _run_python(
+            'import json; from bench.run import _memory_probe; '
+            f'print("\\n" + json.dumps(_memory_probe({n!r}, {args})))') for n in names}
+    for name, r in results.items():
+        if 'error' in r:
+            raise RuntimeError(f'memory probe of {name!r} failed: {r["error"]}')
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- timing
 
-def _time_models(models: Dict[str, Any], x, repeats: int, iters: int, warmup: int) -> Dict[str, List[float]]:
-    """Images / s of every model for every repeat; models interleaved, order rotated per repeat."""
+def _time_models(models: Dict[str, Any], x, repeats: int, iters: int,
+                 warmup: int) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """Per model and repeat: images / s (wall clock) and process CPU seconds per batch.
+
+    Models are interleaved and their order rotated per repeat. CPU time (all threads) is less
+    sensitive than wall time to other jobs sharing the machine, and shows the work a model costs.
+    """
     import torch
     names = list(models)
     runs: Dict[str, List[float]] = {n: [] for n in names}
+    cpu: Dict[str, List[float]] = {n: [] for n in names}
     with torch.no_grad():
         for n in names:
             for _ in range(warmup):
@@ -182,11 +242,13 @@ def _time_models(models: Dict[str, Any], x, repeats: int, iters: int, warmup: in
         for r in range(repeats):
             shift = r % len(names)
             for n in names[shift:] + names[:shift]:
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 for _ in range(iters):
                     models[n](x)
-                runs[n].append(x.shape[0] * iters / (time.perf_counter() - t0))
-    return runs
+                t1, c1 = time.perf_counter(), time.process_time()
+                runs[n].append(x.shape[0] * iters / (t1 - t0))
+                cpu[n].append((c1 - c0) / iters)
+    return runs, cpu
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -206,24 +268,27 @@ def _markdown(result: Dict[str, Any]) -> str:
         f"{meta['threads']} threads, {meta['repeats']} repeats x {meta['iters']} iters (median), "
         f"torch {meta['torch']}, timm {meta['timm']}, {meta['cpu']}",
         '',
-        '| model | source | params (M) | GMACs | img/s | ms / batch | peak fwd mem (MB) |',
-        '|---|---|---:|---:|---:|---:|---:|',
+        '| model | source | params (M) | GMACs | img/s | ms / batch | CPU ms / batch | peak fwd mem (MB) |',
+        '|---|---|---:|---:|---:|---:|---:|---:|',
     ]
     for m in result['models']:
         lines.append(
             f"| {m['name']} | {m['source']} | {m['params'] / 1e6:.2f} | {m['gmacs']:.3f} | "
-            f"{m['throughput_img_s']:.2f} | {m['ms_per_batch']:.0f} | {_fmt(m['peak_mem_mb'], '.0f')} |")
+            f"{m['throughput_img_s']:.2f} | {m['ms_per_batch']:.0f} | {m['cpu_ms_per_batch']:.0f} | "
+            f"{_fmt(m['peak_mem_mb'], '.0f')} |")
     if result['pairs']:
         lines += [
             '',
-            'Ratios ours / anchor (same run; img/s > 1 = ours faster; mem, GMACs, params < 1 = ours smaller):',
+            'Ratios ours / anchor, same run (img/s > 1: ours faster; CPU time, mem, GMACs, params < 1: ours '
+            'cheaper):',
             '',
-            '| ours | anchor | img/s | peak mem | GMACs | params |',
-            '|---|---|---:|---:|---:|---:|',
+            '| ours | anchor | img/s | CPU time | peak mem | GMACs | params |',
+            '|---|---|---:|---:|---:|---:|---:|',
         ]
         for p in result['pairs']:
             lines.append(
                 f"| {p['ours']} | {p['anchor']} | {_fmt(p['throughput_ratio'], '.3f')} | "
+                f"{_fmt(p['cpu_time_ratio'], '.3f')} | "
                 f"{_fmt(p['peak_mem_ratio'], '.3f')} | {_fmt(p['gmacs_ratio'], '.3f')} | "
                 f"{_fmt(p['params_ratio'], '.3f')} |")
     return '\n'.join(lines) + '\n'
@@ -246,6 +311,7 @@ def _plot(result: Dict[str, Any], path: str) -> None:
         ax.set_yticks(range(len(names)), names)
         ax.invert_yaxis()
         ax.set_xlabel(label)
+        ax.set_xlim(0, 1.18 * max(vals + [1e-9]))
         for i, v in enumerate(vals):
             ax.text(v, i, f' {v:.1f}', va='center', fontsize=8)
     meta = result['meta']
@@ -307,9 +373,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     # memory first, in fresh processes, before this one allocates the models
     memory: Dict[str, Dict[str, Any]] = {}
     if not args.no_memory:
-        for n in names:
-            print(f'[bench] memory  {n}', file=sys.stderr, flush=True)
-            memory[n] = _measure_memory(n, args.img_size, args.batch_size, args.threads)
+        print(f'[bench] peak memory of {len(names)} models (clean processes)', file=sys.stderr, flush=True)
+        memory = _measure_memory(names, args.img_size, args.batch_size, args.threads)
 
     torch.manual_seed(0)
     models, stats = {}, {}
@@ -321,7 +386,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         stats[n] = dict(params=count_params(model), flops=flops, gmacs=flops / 2 / 1e9)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     print(f'[bench] timing {len(names)} models x {args.repeats} repeats', file=sys.stderr, flush=True)
-    runs = _time_models(models, x, args.repeats, args.iters, args.warmup)
+    runs, cpu = _time_models(models, x, args.repeats, args.iters, args.warmup)
 
     rows = []
     for n in names:
@@ -330,6 +395,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         rows.append(dict(
             name=n, source='zoo' if n in zoo_names else 'timm', **stats[n],
             throughput_img_s=med, throughput_runs=runs[n], ms_per_batch=1000 * args.batch_size / med,
+            cpu_ms_per_batch=1000 * statistics.median(cpu[n]),
             peak_mem_mb=mem.get('peak_mem_mb'), peak_rss_mb=mem.get('peak_rss_mb'),
             weights_mb=mem.get('weights_mb'), memory_method=mem.get('memory_method'),
         ))
@@ -340,6 +406,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
         pair_rows.append(dict(
             ours=ours, anchor=anchor,
             throughput_ratio=_ratio(a['throughput_img_s'], b['throughput_img_s']),
+            cpu_time_ratio=_ratio(a['cpu_ms_per_batch'], b['cpu_ms_per_batch']),
             peak_mem_ratio=_ratio(a['peak_mem_mb'], b['peak_mem_mb']),
             gmacs_ratio=_ratio(a['gmacs'], b['gmacs']),
             params_ratio=_ratio(a['params'], b['params']),

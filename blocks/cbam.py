@@ -14,7 +14,6 @@ from typing import Callable, Dict, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import ConvNormAct
 
 from ._registry import register_mixer
@@ -37,6 +36,12 @@ _POOLS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 def _checkable(x) -> bool:
     return not (torch.jit.is_scripting() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy))
+
+
+def _inplace_ok(x: torch.Tensor) -> bool:
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and x.requires_grad)
 
 
 class ChannelGate(nn.Module):
@@ -88,10 +93,14 @@ class SpatialGate(nn.Module):
             norm_kwargs=dict(momentum=0.01), device=device, dtype=dtype,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate M_s: (B, C, H, W) -> (B, 1, H, W) in (0, 1)."""
         # (max, mean) order: the official weights depend on it
         pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
-        return x * torch.sigmoid(self.spatial(pooled))
+        return torch.sigmoid(self.spatial(pooled))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.attention(x)
 
 
 @register_mixer('cbam')
@@ -127,6 +136,9 @@ class CBAM(nn.Module):
         if _checkable(x) and (x.dim() != 4 or x.shape[1] != self.dim):
             raise ValueError(f'CBAM: expected input (B, {self.dim}, H, W), got {tuple(x.shape)}')
         x = self.ChannelGate(x)
-        if self.SpatialGate is not None:
-            x = self.SpatialGate(x)
-        return x
+        if self.SpatialGate is None:
+            return x
+        gate = self.SpatialGate.attention(x)
+        if _inplace_ok(x):
+            return x.mul_(gate)  # x is our own channel-gated tensor: saves an allocation in inference
+        return x * gate

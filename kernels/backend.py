@@ -3,8 +3,8 @@
 Precedence: the ``backend=`` argument of an op, then `use_backend` / `set_backend`, then the
 ``ZOO_KERNEL_BACKEND`` environment variable (``torch``, ``triton`` or ``auto``), then ``auto``.
 
-``auto`` takes Triton when every tensor is on CUDA, Triton imports, and nothing is being exported,
-scripted, traced or compiled; otherwise the reference. ``triton`` forces the kernel, which on CPU
+``auto`` takes Triton when every tensor is on CUDA in fp32/fp16/bf16, Triton imports, and nothing is
+being exported, scripted, traced or compiled; otherwise the reference. ``triton`` forces the kernel, which on CPU
 tensors needs ``TRITON_INTERPRET=1`` (the interpreter). Export always takes the reference.
 """
 import contextlib
@@ -20,6 +20,7 @@ BACKENDS = ('auto', 'torch', 'triton')
 ENV_VAR = 'ZOO_KERNEL_BACKEND'
 
 _override: Optional[str] = None
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check(name: str, where: str) -> str:
@@ -88,7 +89,8 @@ def resolve_backend(backend: Optional[str], *tensors: torch.Tensor) -> str:
         return 'torch'
     on_cuda = all(t.is_cuda for t in tensors)
     if name == 'auto':
-        return 'triton' if on_cuda and triton_available() else 'torch'
+        kernel_dtypes = all(t.dtype in _KERNEL_DTYPES for t in tensors)
+        return 'triton' if on_cuda and kernel_dtypes and triton_available() else 'torch'
     if not triton_available():
         raise RuntimeError('backend "triton" was requested but triton does not import')
     if not on_cuda and not interpreter_on():

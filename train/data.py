@@ -99,7 +99,7 @@ class _ClsDataset(Dataset):
 class DigitsDataset(_ClsDataset):
     """scikit-learn's 1797 real handwritten digits (8x8 grey, 10 classes), upsampled to `img_size` RGB.
 
-    A fixed stratified split (`val_fraction`, `seed`) gives 'train' (1437) and 'val' (360) images; 'all' is both.
+    A fixed stratified split (`val_fraction`, `seed`) gives 'train' (1438) and 'val' (359) images; 'all' is both.
     No download: the data ships inside scikit-learn.
     """
 

@@ -213,7 +213,7 @@ class ConsistencyCheckHook(Hook):
             if classes is not None and len(classes) != num_classes:
                 split = name.strip('_').replace('_loop', '')
                 raise ConfigError(
-                    f'model.num_classes is {num_classes} but the {split} dataset ({type(dataset).__name__}) has '
+                    f'{runner.cfg.filename or "<config>"}: model.num_classes is {num_classes} but the {split} dataset ({type(dataset).__name__}) has '
                     f'{len(classes)} classes: {list(classes)[:10]}{" ..." if len(classes) > 10 else ""}')
 
 

@@ -30,8 +30,9 @@ class TopKAccuracy(BaseMetric):
             raise ConfigError(f'val_evaluator.topk: expected positive integers, got {topk}')
         self.topk = topk
 
-    def process(self, data_batch: dict, data_samples: torch.Tensor) -> None:
-        logits = data_samples
+    def process(self, data_batch: dict, data_samples) -> None:
+        # mmengine's Evaluator hands the (B, K) logits over as a list of per-sample rows
+        logits = torch.stack(list(data_samples)) if not torch.is_tensor(data_samples) else data_samples
         labels = data_batch['labels']
         k = min(max(self.topk), logits.shape[1])
         top = logits.topk(k, dim=1).indices.cpu()

@@ -336,6 +336,9 @@ class TimmDetector(_RecipeModel):
                 raise ConfigError(f'model.anchor_sizes: expected one tuple per feature level ({len(strides)} levels, '
                                   f'strides {strides}), got {len(anchor_sizes)}')
         if head == 'fcos':
+            if fpn_channels % 32 or fpn_channels < 64:
+                raise ConfigError(f'model.fpn_channels: the FCOS head normalises with GroupNorm(32), so it needs a '
+                                  f'multiple of 32 that is at least 64, got {fpn_channels}')
             sizes = anchor_sizes or tuple((float(s),) for s in strides)
             if any(len(level) != 1 for level in sizes):
                 raise ConfigError('model.anchor_sizes: FCOS takes exactly one size per level')
@@ -389,8 +392,9 @@ class TimmDetector(_RecipeModel):
 
 
 def _gn_groups(channels: int) -> int:
+    # at least 2 channels per group, so a single image's 1x1 top level still normalises
     for g in (32, 16, 8, 4, 2):
-        if channels % g == 0:
+        if channels % g == 0 and channels // g >= 2:
             return g
     return 1
 

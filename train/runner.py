@@ -5,6 +5,7 @@ import glob
 import logging
 import os
 import re
+import uuid
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -68,30 +69,15 @@ def parse_opts(opts: Optional[Sequence[str]]) -> Dict[str, Any]:
     return out
 
 
-def _flat_keys(d: Any, prefix: str = '') -> List[str]:
-    keys = []
-    if isinstance(d, dict):
-        for k, v in d.items():
-            keys.append(prefix + str(k))
-            keys += _flat_keys(v, prefix + str(k) + '.')
-    elif isinstance(d, (list, tuple)):
-        for i, v in enumerate(d):
-            keys += _flat_keys(v, prefix + str(i) + '.')
-    return keys
-
-
 def _check_opt_key(cfg: Config, key: str, where: str) -> None:
-    """Every part of an override path must exist, except the last one inside a dict of keyword arguments."""
-    node: Any = cfg._cfg_dict if isinstance(cfg, Config) else cfg
+    """An override path may add keys (check_config then validates them) but not index into values or past
+    the end of lists."""
+    node: Any = cfg._cfg_dict
     parts = key.split('.')
     for i, part in enumerate(parts):
-        last = i == len(parts) - 1
         if isinstance(node, dict):
             if part not in node:
-                if last and i > 0:
-                    return  # a new argument of an existing component; check_config validates it
-                raise ConfigError(f"{where}: --opts {key}: no entry {'.'.join(parts[:i + 1])!r} in the config"
-                                  f"{suggest('.'.join(parts[:i + 1]), _flat_keys(cfg._cfg_dict))}")
+                return
             node = node[part]
         elif isinstance(node, (list, tuple)):
             if not part.isdigit() or int(part) >= len(node):
@@ -99,7 +85,8 @@ def _check_opt_key(cfg: Config, key: str, where: str) -> None:
                                   f"{'.'.join(parts[:i])} (length {len(node)})")
             node = node[int(part)]
         else:
-            raise ConfigError(f"{where}: --opts {key}: {'.'.join(parts[:i])} is a value, not a dict")
+            raise ConfigError(f"{where}: --opts {key}: {'.'.join(parts[:i])} is {node!r}, not a dict; "
+                              f"set it whole, e.g. --opts \"{'.'.join(parts[:i])}={{'{parts[i]}': ...}}\"")
 
 
 def load_config(path: str, opts: Optional[Sequence[str]] = None) -> Config:
@@ -370,14 +357,17 @@ def prepare_config(cfg: Config, work_dir: Optional[str] = None, launcher: str = 
     name = cfg.filename or '<config>'
     if work_dir:
         cfg.work_dir = work_dir
+    stem = os.path.splitext(os.path.basename(cfg.filename or 'run'))[0]
     if not cfg.get('work_dir'):
-        stem = os.path.splitext(os.path.basename(cfg.filename or 'run'))[0]
         cfg.work_dir = os.path.join('work_dirs', stem)
+    # mmengine keys its logger and message hub by experiment name + second; keep runs in one process apart
+    cfg.experiment_name = f"{cfg.get('experiment_name') or stem}_{uuid.uuid4().hex[:6]}"
     cfg.launcher = init_distributed(cfg.get('launcher', launcher) if launcher == 'auto' else launcher)
 
     custom = list(cfg.get('custom_hooks') or [])
-    custom += [dict(type='ConsistencyCheckHook'), dict(type='EpochSeedHook'), dict(type='PlainCheckpointHook'),
-               dict(type='TrainingCurvesHook', plot=bool(cfg.get('plot_curves', True)))]
+    custom += [dict(type='ConsistencyCheckHook'), dict(type='EpochSeedHook'), dict(type='PlainCheckpointHook')]
+    if cfg.get('train_dataloader'):
+        custom.append(dict(type='TrainingCurvesHook', plot=bool(cfg.get('plot_curves', True))))
     if cfg.get('lr_schedule'):
         custom.append(dict(type='TimmSchedulerHook', **cfg.lr_schedule))
     if cfg.get('model_ema'):
@@ -388,6 +378,8 @@ def prepare_config(cfg: Config, work_dir: Optional[str] = None, launcher: str = 
     ckpt = dict(hooks.get('checkpoint') or dict(type='CheckpointHook', interval=1))
     if ckpt.get('type') in ('CheckpointHook', None):
         ckpt['type'] = 'ZooCheckpointHook'
+    if not cfg.get('param_scheduler'):
+        ckpt.setdefault('save_param_scheduler', False)  # the timm schedule is a function of the update count
     hooks['checkpoint'] = ckpt
     if cfg.get('lr_schedule'):
         hooks['param_scheduler'] = None

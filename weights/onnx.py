@@ -55,6 +55,17 @@ def onnx_run(path: str, x: torch.Tensor) -> List[np.ndarray]:
     return session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
 
 
+def _describe(exc: BaseException) -> str:
+    """One line per link of the exception chain (the exporters wrap the real cause)."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen and len(parts) < 4:
+        seen.add(id(exc))
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        parts.append(f'{type(exc).__name__}: {lines[0][:300] if lines else ""}')
+        exc = exc.__cause__ or exc.__context__
+    return ' <- caused by '.join(parts)
+
+
 def _second_size(h: int, w: int) -> Tuple[int, int]:
     # different in both dims and not square, still a multiple of 32 when the export size is
     return h + 32, w + 64
@@ -139,10 +150,9 @@ def export_onnx(
                     use_dynamo=exporter == 'dynamo', input_names=['input'], output_names=output_names,
                     external_data=False)
             except Exception as e:
-                msg = str(e).strip().splitlines()[0][:500] if str(e).strip() else ''
                 raise OnnxExportError(
                     f'ONNX export of {type(model).__name__} with the {exporter} exporter '
-                    f'(dynamic={dynamic}) failed: {type(e).__name__}: {msg}', report) from e
+                    f'(dynamic={dynamic}) failed: {_describe(e)}', report) from e
             import onnx
             proto = onnx.load(tmp, load_external_data=False)
             report['opset'] = next((o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')), None)

@@ -18,7 +18,7 @@ randomness = dict(seed=0, deterministic=False)
 load_from = None
 resume = False
 amp = 'auto'          # mixed precision where the device supports it (CUDA); float32 on CPU
-model_ema = None      # e.g. dict(decay=0.999, use_warmup=True) for timm's ModelEmaV3
-wandb = None          # e.g. dict(project='zoo', mode='offline')
+# model_ema = dict(decay=0.999, use_warmup=True)  # timm's ModelEmaV3 (off when absent)
+# wandb = dict(project='zoo', mode='offline')      # wandb logging (off when absent)
 plot_curves = True    # work_dir/curves.png at the end of training
 sync_bn = None        # 'torch' converts BatchNorm to SyncBatchNorm under DDP (GPU only)

@@ -50,6 +50,21 @@ def _static_sizes(H, W) -> Optional[Tuple[int, int]]:
         return int(H), int(W)
 
 
+def _untraced(fn):
+    """Run a table builder outside any TorchScript trace, so the legacy ONNX exporter sees constants."""
+    @functools.wraps(fn)
+    def wrapper(*args):
+        state = torch._C._get_tracing_state()
+        if state is None:
+            return fn(*args)
+        torch._C._set_tracing_state(None)
+        try:
+            return fn(*args)
+        finally:
+            torch._C._set_tracing_state(state)
+    return wrapper
+
+
 def _div(a, b):
     return torch.div(a, b, rounding_mode='floor')
 
@@ -75,7 +90,7 @@ def _build_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, 
     return key_index, bias_index
 
 
-_cached_tables = functools.lru_cache(maxsize=64)(_build_tables)
+_cached_tables = functools.lru_cache(maxsize=64)(_untraced(_build_tables))
 
 
 def na_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device=None) -> Tuple[
@@ -92,9 +107,13 @@ class NATileTables(NamedTuple):
     """Index tables of the gather path; tokens index the flattened map, N means 'zero padding token'."""
     query_index: torch.Tensor  # (tiles, T*T) query token of each tile slot
     halo_index: torch.Tensor  # (tiles, halo) key token of each halo slot
-    bias_index: torch.Tensor  # (tiles, T*T, halo) into [rpb.flatten(1), 0 (padding query), -inf (not a neighbor)]
     out_index: torch.Tensor  # (N,) tile slot of each token, to undo the tiling
-    mask: torch.Tensor  # (tiles, T*T, halo) additive 0 / -inf mask (the table without rpb)
+    mask: torch.Tensor  # (tiles, T*T, halo) additive 0 / -inf mask (the bias without rpb)
+    # bias index of each (tile, query slot, halo slot) into [rpb.flatten(1), 0 (padding query), -inf (not a
+    # neighbor)], stored as distinct patterns (P, T*T, halo) and the pattern of each tile (tiles,): interior
+    # tiles share one pattern, so the rpb gather and its gradient scatter touch P << tiles patterns.
+    bias_patterns: torch.Tensor
+    tile_pattern: torch.Tensor
 
 
 def _axis_tiles(length: int, kernel: int, dilation: int, tile: int, device):
@@ -125,7 +144,7 @@ def _axis_tiles(length: int, kernel: int, dilation: int, tile: int, device):
 
 
 def _build_tile_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], tile: int,
-                       device) -> NATileTables:
+                       device, dedup: bool = True) -> NATileTables:
     kh, kw = kernel
     qr, hr, rr, (gr, tr, ar), (Gr, nTr, Tr, Hr) = _axis_tiles(H, kh, dilation[0], tile, device)
     qc, hc, rc, (gc, tc, ac), (Gc, nTc, Tc, Hc) = _axis_tiles(W, kw, dilation[1], tile, device)
@@ -142,12 +161,16 @@ def _build_tile_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[
     bias_index = torch.where((rr == -2) | (rc == -2), nb, bias_index).reshape(Gr * Gc * nTr * nTc, Tr * Tc, Hr * Hc)
     tile_of = ((gr[:, None] * Gc + gc[None, :]) * nTr + tr[:, None]) * nTc + tc[None, :]
     out_index = (tile_of * (Tr * Tc) + ar[:, None] * Tc + ac[None, :]).reshape(N)
-    mask_table = torch.tensor([0.0, float('-inf')], device=device)
-    mask = mask_table[(bias_index > nb).long()]
-    return NATileTables(token(qr, qc), token(hr, hc), bias_index, out_index, mask)
+    mask = torch.where(bias_index > nb, float('-inf'), 0.0)
+    if dedup:
+        patterns, tile_pattern = torch.unique(bias_index.flatten(1), dim=0, return_inverse=True)
+        patterns = patterns.view(-1, *bias_index.shape[1:])
+    else:  # graph capture (torch.export): one pattern per tile, no data-dependent shapes
+        patterns, tile_pattern = bias_index, torch.arange(bias_index.shape[0], device=device)
+    return NATileTables(token(qr, qc), token(hr, hc), out_index, mask, patterns, tile_pattern)
 
 
-_cached_tile_tables = functools.lru_cache(maxsize=64)(_build_tile_tables)
+_cached_tile_tables = functools.lru_cache(maxsize=64)(_untraced(_build_tile_tables))
 
 
 def na_tile_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device=None,
@@ -157,7 +180,7 @@ def na_tile_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int,
     if sizes is not None:
         H, W = sizes
         return _cached_tile_tables(H, W, tuple(kernel), tuple(dilation), tile, torch.device(device or 'cpu'))
-    return _build_tile_tables(H, W, kernel, dilation, tile, device)
+    return _build_tile_tables(H, W, kernel, dilation, tile, device, False)
 
 
 def _build_dense_mask(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device) -> torch.Tensor:
@@ -167,7 +190,7 @@ def _build_dense_mask(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[i
         1, key_index, torch.zeros(key_index.shape, device=device))
 
 
-_cached_dense_mask = functools.lru_cache(maxsize=8)(_build_dense_mask)
+_cached_dense_mask = functools.lru_cache(maxsize=8)(_untraced(_build_dense_mask))
 
 
 def dense_mask(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device=None) -> torch.Tensor:
@@ -222,7 +245,7 @@ def _na_gather(q, k, v, kernel, dilation, rel_pos_bias, scale, tile=TILE):
     else:
         table = torch.cat([rel_pos_bias.flatten(1).to(logits.dtype),
                            logits.new_tensor([0.0, float('-inf')]).expand(nh, 2)], dim=1)
-        logits = logits + table[:, tables.bias_index]
+        logits = logits + table[:, tables.bias_patterns].index_select(1, tables.tile_pattern)
     out = logits.softmax(dim=-1) @ vt  # B, heads, tiles, T*T, d
     out = out.reshape(B, nh, -1, d)[:, :, tables.out_index]  # B, heads, N, d
     return out.transpose(1, 2).reshape(B, H, W, nh, d)

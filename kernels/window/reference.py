@@ -19,6 +19,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..backend import is_exporting
+
 __all__ = ['window_attention_ref', 'window_partition', 'window_reverse', 'window_tables', 'MASK_VALUE']
 
 MASK_VALUE = -100.0
@@ -97,6 +99,98 @@ def window_tables(
     return _build_tables(H, W, window, shift, mode, table_size, device)
 
 
+@functools.lru_cache(maxsize=256)
+def _axis_pieces(size: int, window: int, shift: int) -> Tuple[Tuple[int, int, int, int, int], ...]:
+    """One axis of pad + roll(-shift) + block partition as rectangles ``(win0, win1, off0, off1, src0)``.
+
+    Windows ``win0:win1`` at in-window offsets ``off0:off1`` hold the source positions
+    ``src0 : src0 + (win1 - win0) * (off1 - off0)`` in order, or padding when ``src0 < 0``.
+    """
+    padded = size + _pad_to(size, window)
+    pieces = []
+    for p in range(padded):
+        src = (p + shift) % padded
+        src = src if src < size else -1
+        win, off = divmod(p, window)
+        if pieces:
+            w0, w1, o0, o1, s0 = pieces[-1]
+            n = (w1 - w0) * (o1 - o0)
+            if w1 - w0 == 1 and w0 == win and o1 == off and (s0 < 0) == (src < 0) and (src < 0 or src == s0 + n):
+                pieces[-1] = (w0, w1, o0, off + 1, s0)
+                continue
+        pieces.append((win, win + 1, off, off + 1, src))
+    merged = []  # runs of whole windows with consecutive sources become one piece
+    for w0, w1, o0, o1, s0 in pieces:
+        if merged and o0 == 0 and o1 == window:
+            m0, m1, n0, n1, t0 = merged[-1]
+            if n0 == 0 and n1 == window and m1 == w0 and (t0 < 0) == (s0 < 0) and (
+                    s0 < 0 or s0 == t0 + (m1 - m0) * window):
+                merged[-1] = (m0, w1, 0, window, t0)
+                continue
+        merged.append((w0, w1, o0, o1, s0))
+    return tuple(merged)
+
+
+def _pieces_2d(H: int, W: int, window: Tuple[int, int], shift: Tuple[int, int]):
+    for hp in _axis_pieces(H, window[0], shift[0]):
+        for wp in _axis_pieces(W, window[1], shift[1]):
+            yield hp, wp
+
+
+def _to_windows(t: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int], mode: str) -> torch.Tensor:
+    """Pad + roll + partition in one copy: (B, H, W, heads, d) -> (B, nW, heads, wh * ww, d), contiguous."""
+    B, H, W, nh, d = t.shape
+    wh, ww = window
+    Hp, Wp = H + _pad_to(H, wh), W + _pad_to(W, ww)
+    if mode == 'grid' or is_exporting():
+        if Hp != H or Wp != W:
+            t = F.pad(t, (0, 0, 0, 0, 0, Wp - W, 0, Hp - H))
+        if any(shift):
+            t = torch.roll(t, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        if mode == 'block':
+            t = t.reshape(B, Hp // wh, wh, Wp // ww, ww, nh, d).permute(0, 1, 3, 5, 2, 4, 6)
+        else:
+            t = t.reshape(B, wh, Hp // wh, ww, Wp // ww, nh, d).permute(0, 2, 4, 5, 1, 3, 6)
+        return t.reshape(B, -1, nh, wh * ww, d)
+    out = t.new_empty(B, Hp // wh, Wp // ww, nh, wh, ww, d)
+    for (h0, h1, i0, i1, r0), (w0, w1, j0, j1, c0) in _pieces_2d(H, W, window, shift):
+        dst = out[:, h0:h1, w0:w1, :, i0:i1, j0:j1]
+        if r0 < 0 or c0 < 0:
+            dst.zero_()
+        else:
+            nr, nc = (h1 - h0) * (i1 - i0), (w1 - w0) * (j1 - j0)
+            src = t[:, r0:r0 + nr, c0:c0 + nc].reshape(B, h1 - h0, i1 - i0, w1 - w0, j1 - j0, nh, d)
+            dst.copy_(src.permute(0, 1, 3, 5, 2, 4, 6))
+    return out.view(B, -1, nh, wh * ww, d)
+
+
+def _from_windows(
+        t: torch.Tensor, hw: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int], mode: str,
+) -> torch.Tensor:
+    """Inverse of `_to_windows` with the padding cropped: (B, nW, heads, wh * ww, d) -> (B, H, W, heads, d)."""
+    B, _, nh, _, d = t.shape
+    H, W = hw
+    wh, ww = window
+    Hp, Wp = H + _pad_to(H, wh), W + _pad_to(W, ww)
+    t = t.reshape(B, Hp // wh, Wp // ww, nh, wh, ww, d)
+    if mode == 'grid' or is_exporting():
+        if mode == 'block':
+            t = t.permute(0, 1, 4, 2, 5, 3, 6)
+        else:
+            t = t.permute(0, 4, 1, 5, 2, 3, 6)
+        t = t.reshape(B, Hp, Wp, nh, d)
+        if any(shift):
+            t = torch.roll(t, shifts=shift, dims=(1, 2))
+        return t[:, :H, :W] if Hp != H or Wp != W else t
+    out = t.new_empty(B, H, W, nh, d)
+    for (h0, h1, i0, i1, r0), (w0, w1, j0, j1, c0) in _pieces_2d(H, W, window, shift):
+        if r0 >= 0 and c0 >= 0:
+            nr, nc = (h1 - h0) * (i1 - i0), (w1 - w0) * (j1 - j0)
+            dst = out[:, r0:r0 + nr, c0:c0 + nc].view(B, h1 - h0, i1 - i0, w1 - w0, j1 - j0, nh, d)
+            dst.copy_(t[:, h0:h1, w0:w1, :, i0:i1, j0:j1].permute(0, 1, 4, 2, 5, 3, 6))
+    return out
+
+
 def window_attention_ref(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -111,29 +205,18 @@ def window_attention_ref(
     B, H, W, nh, d = q.shape
     wh, ww = window_size
     scale = d ** -0.5 if scale is None else scale
-    pad_h, pad_w = _pad_to(H, wh), _pad_to(W, ww)
     table_size = (window_size if rel_pos_bias is None else
                   ((rel_pos_bias.shape[-2] + 1) // 2, (rel_pos_bias.shape[-1] + 1) // 2))
     bias_index, mask = window_tables(H, W, (wh, ww), shift, mode, table_size, q.device)
 
-    def split(t: torch.Tensor) -> torch.Tensor:
-        if pad_h or pad_w:
-            t = F.pad(t, (0, 0, 0, 0, 0, pad_w, 0, pad_h))
-        if any(shift):
-            t = torch.roll(t, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        return window_partition(t, (wh, ww), mode).transpose(2, 3)  # B, nW, heads, WA, d
-
-    qw, kw, vw = split(q * scale), split(k), split(v)
-    attn = qw @ kw.transpose(-2, -1)  # B, nW, heads, WA, WA
+    qw, kw, vw = (_to_windows(t, (wh, ww), shift, mode) for t in (q, k, v))  # B, nW, heads, WA, d
+    attn = (qw * scale) @ kw.transpose(-2, -1)  # B, nW, heads, WA, WA
+    bias = None
     if rel_pos_bias is not None:
-        attn = attn + rel_pos_bias.flatten(1)[:, bias_index].to(attn.dtype)
+        bias = rel_pos_bias.flatten(1)[:, bias_index].to(attn.dtype)
     if mask is not None:
-        attn = attn + mask[:, None].to(attn.dtype)
+        bias = mask[:, None].to(attn.dtype) if bias is None else bias + mask[:, None].to(attn.dtype)
+    if bias is not None:
+        attn = attn + bias
     attn = attn.softmax(dim=-1)
-    out = (attn @ vw).transpose(2, 3)  # B, nW, WA, heads, d
-    out = window_reverse(out, (wh, ww), (H + pad_h, W + pad_w), mode)
-    if any(shift):
-        out = torch.roll(out, shifts=shift, dims=(1, 2))
-    if pad_h or pad_w:
-        out = out[:, :H, :W]
-    return out
+    return _from_windows(attn @ vw, (H, W), (wh, ww), shift, mode)

@@ -1,6 +1,6 @@
 """Window attention in Triton: fused forward and backward, same semantics as `reference.py`.
 
-One program per (window, batch * head) in the forward. Each program computes the map address of
+One program per (batch, head, window) in the forward. Each program computes the map address of
 every window token from its window index (block windows rolled by the shift, or the strided
 grid), loads q, k, v straight from the strided ``(B, H, W, heads, d)`` tensors (no pad, roll or
 partition copies; tokens of the padding are masked loads), keeps the whole score tile on chip,
@@ -131,13 +131,14 @@ def _window_fwd_kernel(
         svb, svy, svx, svh, svd,
         sob, soy, sox, soh, sod,
         st_h, st_r, st_c,
-        heads, H, W, Hp, Wp, D, MH, MW, scale,
+        heads, H, W, Hp, Wp, D, MH, MW, scale, num_windows,
         WH: tl.constexpr, WW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GRID: tl.constexpr, HAS_BIAS: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    w = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(0)  # one flat axis: grid axes 1 and 2 stop at 65535
+    w = pid % num_windows
+    bh = pid // num_windows
     b = bh // heads
     head = bh % heads
     y, x, inside, region = _token_coords(w, H, W, Hp, Wp, WH, WW, SH, SW, BLOCK_N, GRID)
@@ -174,9 +175,11 @@ def _window_bwd_kernel(
         NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # dq, dk, dv are contiguous (B, H, W, heads, d) tensors sharing the strides sg*
-    w_start = tl.program_id(0) * windows_per_program
+    pid = tl.program_id(0)
+    n_groups = tl.cdiv(num_windows, windows_per_program)
+    w_start = (pid % n_groups) * windows_per_program
     w_end = tl.minimum(w_start + windows_per_program, num_windows)
-    bh = tl.program_id(1)
+    bh = pid // n_groups
     b = bh // heads
     head = bh % heads
     base = _bias_tile(table_ptr, head, st_h, st_r, st_c, MH, MW, WH, WW, BLOCK_N, HAS_BIAS)  # same for all windows
@@ -229,7 +232,9 @@ def _launch_config(q: torch.Tensor, window: Tuple[int, int]) -> dict:
         precision = 'ieee'  # unused for 16-bit inputs
     return dict(Hp=Hp, Wp=Wp, num_windows=(Hp // wh) * (Wp // ww), block_n=block_n, block_d=block_d,
                 precision=precision, upcast=q.dtype == torch.bfloat16 and not q.is_cuda,
-                num_warps=4 if block_n <= 32 else 8)
+                num_warps=4 if block_n <= 32 else 8,
+                # pipelining the backward's window loop multi-buffers its loads (104 KB of shared memory in fp32)
+                bwd_stages=1)
 
 
 def _strides(t: torch.Tensor) -> Tuple[int, ...]:
@@ -247,11 +252,11 @@ class _WindowAttention(torch.autograd.Function):
         table_arg = table if has_bias else q  # never read without HAS_BIAS
         st = table.stride() if has_bias else (0, 0, 0)
         MH, MW = ((table.shape[1] + 1) // 2, (table.shape[2] + 1) // 2) if has_bias else window
-        grid = (cfg['num_windows'], B * nh)
+        grid = (cfg['num_windows'] * B * nh,)
         _window_fwd_kernel[grid](
             q, k, v, out, table_arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *st,
-            nh, H, W, cfg['Hp'], cfg['Wp'], d, MH, MW, float(scale),
+            nh, H, W, cfg['Hp'], cfg['Wp'], d, MH, MW, float(scale), cfg['num_windows'],
             WH=window[0], WW=window[1], SH=shift[0], SW=shift[1],
             BLOCK_N=cfg['block_n'], BLOCK_D=cfg['block_d'], GRID=mode == 'grid', HAS_BIAS=has_bias,
             PRECISION=cfg['precision'], UPCAST=cfg['upcast'], num_warps=cfg['num_warps'],
@@ -279,7 +284,7 @@ class _WindowAttention(torch.autograd.Function):
         dtable = (torch.zeros(table.shape, dtype=torch.float32, device=q.device) if need_dbias else
                   torch.empty(1, dtype=torch.float32, device=q.device))
         per_program = min(_WINDOWS_PER_PROGRAM, cfg['num_windows']) if need_dbias else 1
-        grid = (triton.cdiv(cfg['num_windows'], per_program), B * nh)
+        grid = (triton.cdiv(cfg['num_windows'], per_program) * B * nh,)
         _window_bwd_kernel[grid](
             q, k, v, out, grad_out, dq, dk, dv, table_arg, dtable,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq), *st,
@@ -287,7 +292,7 @@ class _WindowAttention(torch.autograd.Function):
             WH=window[0], WW=window[1], SH=shift[0], SW=shift[1],
             BLOCK_N=cfg['block_n'], BLOCK_D=cfg['block_d'], GRID=mode == 'grid', HAS_BIAS=has_bias,
             NEED_DBIAS=need_dbias, PRECISION=cfg['precision'], UPCAST=cfg['upcast'], num_warps=cfg['num_warps'],
-            num_stages=1,  # pipelining the window loop multi-buffers the loads: 104 KB of shared memory in fp32
+            num_stages=cfg['bwd_stages'],
         )
         dtable = dtable.to(table.dtype) if need_dbias else None
         return dq, dk, dv, dtable, None, None, None, None

@@ -57,11 +57,15 @@ def test_cbam_matches_formula_and_order_matters():
         m.SpatialGate.spatial.conv.weight.normal_(0, 1.0)
     m.eval()
     x = torch.randn(2, 48, 9, 13)
+    x_copy = x.clone()
     with torch.no_grad():
-        out = m(x)
+        out = m(x)  # the inference path (in-place spatial multiply on its own intermediate)
         want = _cbam_formula(x, *_formula_args(m))
         swapped = _cbam_formula(x, *_formula_args(m), spatial_order=('mean', 'max'))
+    assert torch.equal(x, x_copy)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    out_grad = m(x.clone().requires_grad_())  # the autograd path
+    torch.testing.assert_close(out_grad.detach(), want, rtol=1e-5, atol=1e-6)
     assert (out - swapped).abs().max() > 1e-2  # (mean, max), timm's order, gives a different result
 
 
@@ -196,12 +200,12 @@ def test_official_checkpoint_round_trip(name, tmp_path):
     dst.load_state_dict(checkpoint_filter_fn(ckpt, dst), strict=True)
     with torch.no_grad():
         assert torch.equal(dst(x), want)
-    # through timm's pretrained path with a local file
-    path = tmp_path / 'official.pth.tar'
-    torch.save(ckpt, path)
-    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(x), want)
+    if name == 'cbam_resnet18':  # through timm's pretrained path with a local file
+        path = tmp_path / 'official.pth.tar'
+        torch.save(ckpt, path)
+        loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(x), want)
     # an unknown official key is reported by strict loading
     ckpt['state_dict']['module.layer5.0.conv1.weight'] = torch.zeros(1)
     with pytest.raises(RuntimeError, match='layer5|stages.4'):
@@ -215,8 +219,13 @@ def test_any_input_size_feature_strides():
     with torch.no_grad():
         feats = model(torch.randn(1, 3, 97, 131))
     assert [tuple(f.shape[-2:]) for f in feats] == [(25, 33), (13, 17), (7, 9), (4, 5)]
-    full = timm.create_model('cbam_resnet50', num_classes=10).eval()
+    full = timm.create_model('cbam_resnet18', num_classes=10).eval()
     with torch.no_grad():
         out = full(torch.randn(2, 3, 97, 131))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
-    assert full.pretrained_cfg['url'] == '' and 'drive.google.com' in ' '.join(full.pretrained_cfg['notes'])
+
+
+def test_pretrained_cfg_has_no_fake_url():
+    cfg = timm.models.get_pretrained_cfg('cbam_resnet50').to_dict()
+    assert cfg['url'] == '' and not cfg.get('hf_hub_id')
+    assert 'drive.google.com' in ' '.join(cfg['notes']) and cfg['crop_pct'] == 0.875

@@ -1,4 +1,4 @@
-# scikit-learn's 1797 real 8x8 handwritten digits (no download), upsampled; fixed stratified 1437 / 360 split.
+# scikit-learn's 1797 real 8x8 handwritten digits (no download), upsampled; fixed stratified 1438 / 359 split.
 _aug = dict(scale=(0.7, 1.0), ratio=(0.85, 1.15), hflip=0.0, color_jitter=0.2, auto_augment='rand-m5-n2-mstd0.5',
             re_prob=0.1, re_mode='pixel', interpolation='bicubic')
 train_dataloader = dict(

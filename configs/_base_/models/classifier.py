@@ -8,6 +8,6 @@ model = dict(
     drop_rate=0.0,
     drop_path_rate=0.0,
     grad_checkpointing=False,
-    mixup=None,               # e.g. dict(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+    # mixup=dict(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1),  # timm Mixup/CutMix (off when absent)
     label_smoothing=0.0,
 )

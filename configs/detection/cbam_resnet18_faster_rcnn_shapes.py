@@ -1,0 +1,10 @@
+# Faster R-CNN + FPN over CBAM-ResNet-18 on the generated shapes set.
+_base_ = ['../_base_/models/faster_rcnn.py', '../_base_/datasets/shapes.py', '../_base_/schedules/adamw_cosine.py',
+          '../_base_/default_runtime.py']
+model = dict(backbone='cbam_resnet18', num_classes=3, fpn_channels=64, min_size=128, max_size=160, anchor_scale=4.0,
+             box_representation_size=256,
+             head_kwargs=dict(rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
+                              rpn_post_nms_top_n_test=150, box_batch_size_per_image=128))
+optim_wrapper = dict(optimizer=dict(lr=1e-3, weight_decay=0.05), clip_grad=dict(max_norm=10.0))
+lr_schedule = dict(warmup_epochs=1)
+train_cfg = dict(max_epochs=12, val_interval=3)
