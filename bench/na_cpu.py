@@ -16,9 +16,10 @@ Methods:
   natten       natten.na2d (natten >= 0.20: Flex backend on CPU, forward only, no RPB, O(N^2) memory);
                skipped above --natten-max-tokens
 
-Peak memory is the rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs)
-over the resident set before the call, measured after all timings with a fixed glibc mmap threshold so
-freed buffers go back to the OS between measurements. Linux/glibc only (else reported as null).
+Peak memory: the peak of live tensor bytes allocated during the call (a TorchDispatchMode tracks every op
+output's storage until it is freed; exact and allocator-independent). natten's Flex higher-order op
+cannot run under that mode, so natten's figure is the rise of peak RSS (VmHWM, reset through
+/proc/self/clear_refs) during one call in a fresh child process (Linux/glibc; null elsewhere), marked RSS.
 """
 import argparse
 import ctypes
@@ -27,15 +28,52 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import warnings
+import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from kernels.neighborhood import neighborhood_attention
 from kernels.neighborhood.reference import DENSE_MAX_TOKENS, neighborhood_attention_ref
+
+class TensorPeak(TorchDispatchMode):
+    """Peak bytes of live tensor storages created by ops while active (inputs and earlier tensors excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: Dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._free, key)  # storages keep their PyObject until freed
+        return out
+
+
+def tensor_peak_mb(fn: Callable[[], object]) -> float:
+    with TensorPeak() as mode:
+        result = fn()
+        del result
+    return mode.peak / 2 ** 20
+
 
 def _read_status_kb(field: str) -> Optional[int]:
     try:
@@ -48,17 +86,13 @@ def _read_status_kb(field: str) -> Optional[int]:
     return None
 
 
-def _trim() -> None:
+def rss_peak_mb(fn: Callable[[], object]) -> Optional[float]:
+    """Rise of peak RSS over the RSS before `fn()`, in MiB (None where /proc is unavailable)."""
     gc.collect()
     try:
         ctypes.CDLL('libc.so.6').malloc_trim(0)
     except OSError:
         pass
-
-
-def peak_memory_mb(fn: Callable[[], object]) -> Optional[float]:
-    """Rise of peak RSS over the RSS before `fn()`, in MiB (None where /proc is unavailable)."""
-    _trim()
     before = _read_status_kb('VmRSS')
     try:
         with open('/proc/self/clear_refs', 'w') as f:
@@ -71,6 +105,36 @@ def peak_memory_mb(fn: Callable[[], object]) -> Optional[float]:
     if before is None or peak is None:
         return None
     return max(peak - before, 0) / 1024
+
+
+def _rss_peak_in_child(method: str, size: int, mode: str, args) -> Optional[float]:
+    """`rss_peak_mb` of one call, in a fresh process whose glibc returns large buffers to the OS."""
+    cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', f'{method}:{size}:{mode}',
+           '--kernel', str(args.kernel), '--heads', str(args.heads), '--head-dim', str(args.head_dim),
+           '--batch', str(args.batch)] + (['--threads', str(args.threads)] if args.threads else [])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])['peak_mb']
+    except (IndexError, ValueError, KeyError):
+        print(f'memory child failed: {proc.stderr[-500:]}', file=sys.stderr)
+        return None
+
+
+def _inputs(size: int, args):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(args.batch, size, size, args.heads, args.head_dim, requires_grad=True) for _ in range(3))
+    rpb = (0.1 * torch.randn(args.heads, 2 * args.kernel - 1, 2 * args.kernel - 1)).requires_grad_()
+    return q, k, v, rpb
+
+
+def _memory_child(spec: str, args) -> None:
+    method, size, mode = spec.split(':')
+    fn = build_methods(args.kernel)[method]['fn']
+    q, k, v, rpb = _inputs(int(size), args)
+    call = (lambda: _no_grad(fn, q, k, v, rpb)) if mode == 'fwd' else (lambda: _fwd_bwd(fn, q, k, v, rpb))
+    call()  # warm-up (caches, lazy init)
+    print(json.dumps(dict(peak_mb=rss_peak_mb(call))))
 
 
 def _natten_na2d():
@@ -112,13 +176,10 @@ def _fwd_bwd(fn, q, k, v, rpb):
 
 def run(args) -> List[dict]:
     methods = build_methods(args.kernel)
-    rows, memory_tasks = [], []
+    rows = []
     for size in args.sizes:
         N = size * size
-        torch.manual_seed(0)
-        q, k, v = (torch.randn(args.batch, size, size, args.heads, args.head_dim, requires_grad=True)
-                   for _ in range(3))
-        rpb = (0.1 * torch.randn(args.heads, 2 * args.kernel - 1, 2 * args.kernel - 1)).requires_grad_()
+        q, k, v, rpb = _inputs(size, args)
         active = {}
         for name, m in methods.items():
             limit = {'dense': args.dense_max_tokens, 'natten': args.natten_max_tokens}.get(name)
@@ -149,24 +210,17 @@ def run(args) -> List[dict]:
                     row[f'{mode}_ms'] = 1e3 * statistics.median(times[(name, mode)])
                     row[f'{mode}_ms_all'] = [round(1e3 * t, 3) for t in times[(name, mode)]]
                     row[f'{mode}_cpu_ms'] = 1e3 * statistics.median(cpu_times[(name, mode)])
+            for n, mode, f in tasks:
+                if n != name:
+                    continue
+                try:
+                    row[f'{mode}_peak_mb'] = tensor_peak_mb(f)
+                except RuntimeError:  # natten's Flex higher-order op does not run under dispatch modes
+                    row[f'{mode}_peak_mb'] = _rss_peak_in_child(name, size, mode, args)
+                    row[f'{mode}_peak_kind'] = 'rss'
             rows.append(row)
-            memory_tasks.append((row, [(mode, f) for n, mode, f in tasks if n == name]))
-        print(f'{size}x{size} timed', file=sys.stderr, flush=True)
-    # memory after all timings: a fixed mmap threshold makes large buffers go back to the OS on free (so
-    # each call's peak RSS is its own) but also makes every call page-fault its buffers, which would
-    # distort the timings
-    _fixed_mmap_threshold()
-    for row, fns in memory_tasks:
-        for mode, f in fns:
-            row[f'{mode}_peak_mb'] = peak_memory_mb(f)
+        print(f'{size}x{size} done', file=sys.stderr, flush=True)
     return rows
-
-
-def _fixed_mmap_threshold(nbytes: int = 256 * 1024) -> None:
-    try:
-        ctypes.CDLL('libc.so.6').mallopt(-3, nbytes)  # M_MMAP_THRESHOLD (glibc)
-    except (OSError, AttributeError):
-        pass
 
 
 def _no_grad(fn, q, k, v, rpb):
@@ -178,13 +232,19 @@ def _fmt(x: Optional[float], digits: int = 1) -> str:
     return '-' if x is None else f'{x:.{digits}f}'
 
 
+def _peak(row: dict, mode: str) -> str:
+    text = _fmt(row.get(f'{mode}_peak_mb'))
+    return text + ' (RSS)' if row.get(f'{mode}_peak_kind') == 'rss' and text != '-' else text
+
+
 def markdown(rows: List[dict], args) -> str:
     by = {(r['size'], r['method']): r for r in rows}
     lines = [
         f'Neighborhood attention on CPU: kernel {args.kernel}, batch {args.batch}, {args.heads} heads x '
         f'{args.head_dim}, fp32, {torch.get_num_threads()} threads, median of {args.repeats} interleaved repeats. '
-        'Wall-clock ms and process CPU ms (all threads); peak = rise of peak RSS during the call (MiB). '
-        'natten: forward only, no RPB. Speed-up = natten fwd wall / this fwd wall.',
+        'Wall-clock ms and process CPU ms (all threads); peak = peak live tensor MiB allocated by the call '
+        '(RSS: rise of peak RSS in a fresh process). natten: forward only, no RPB. '
+        'Speed-up = natten fwd wall / this fwd wall.',
         '',
         '| map | method | fwd ms | fwd+bwd ms | fwd CPU ms | fwd+bwd CPU ms | fwd peak MiB | fwd+bwd peak MiB '
         '| speed-up vs natten |',
@@ -202,7 +262,7 @@ def markdown(rows: List[dict], args) -> str:
             ratio = '-' if natten_fwd is None or method == 'natten' else f'{natten_fwd / r["fwd_ms"]:.0f}x'
             lines.append(f'| {size}x{size} | {method} | {_fmt(r.get("fwd_ms"), 2)} | {_fmt(r.get("fwd_bwd_ms"), 2)} | '
                          f'{_fmt(r.get("fwd_cpu_ms"), 2)} | {_fmt(r.get("fwd_bwd_cpu_ms"), 2)} | '
-                         f'{_fmt(r.get("fwd_peak_mb"))} | {_fmt(r.get("fwd_bwd_peak_mb"))} | {ratio} |')
+                         f'{_peak(r, "fwd")} | {_peak(r, "fwd_bwd")} | {ratio} |')
     return '\n'.join(lines)
 
 
@@ -219,9 +279,13 @@ def main(argv=None) -> None:
     parser.add_argument('--natten-max-tokens', type=int, default=3136,
                         help='natten is O(N^2) on CPU: 112x112 takes about a minute and 5 GB per call')
     parser.add_argument('--out', default='bench/results/na_cpu', help='output path without extension')
+    parser.add_argument('--memory-child', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_child:
+        _memory_child(args.memory_child, args)
+        return
 
     rows = run(args)
     table = markdown(rows, args)

@@ -96,7 +96,8 @@ def run(args, device: torch.device, stages) -> List[dict]:
                 torch.manual_seed(0)
                 shape = (args.batch, size, size, heads, args.head_dim)
                 q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-                rpb = (0.1 * torch.randn(heads, 2 * args.kernel - 1, 2 * args.kernel - 1, device=device)).requires_grad_()
+                table = (heads, 2 * args.kernel - 1, 2 * args.kernel - 1)
+                rpb = (0.1 * torch.randn(table, device=device)).requires_grad_()
                 grad = torch.randn(shape, device=device, dtype=dtype)
                 ker, dil, scale = (args.kernel, args.kernel), (dilation, dilation), args.head_dim ** -0.5
                 refs = {}
@@ -134,7 +135,8 @@ def _no_grad(fn, *args):
 
 
 def markdown(rows: List[dict]) -> str:
-    lines = ['| dtype | map | heads | dilation | method | fwd ms | fwd+bwd ms | note |', '|---|---|---|---|---|---|---|---|']
+    lines = ['| dtype | map | heads | dilation | method | fwd ms | fwd+bwd ms | note |',
+             '|---|---|---|---|---|---|---|---|']
     for r in rows:
         note = r.get('error', '')
         if 'max_abs_diff_vs_triton' in r:

@@ -184,10 +184,16 @@ def _memory_server(names: Sequence[str], img_size: int, batch_size: int, threads
         proc = ctx.Process(target=_probe_child, args=(name, img_size, batch_size, threads, send))
         proc.start()
         send.close()
-        results[name] = recv.recv() if recv.poll(_PROBE_TIMEOUT) else dict(error='timed out')
+        try:
+            results[name] = recv.recv() if recv.poll(_PROBE_TIMEOUT) else dict(error='timed out')
+        except EOFError:
+            results[name] = None
         proc.join(10)
         if proc.is_alive():
             proc.kill()
+            proc.join()
+        if results[name] is None:
+            results[name] = dict(error=f'probe process died (exit code {proc.exitcode})')
     return results
 
 

@@ -186,4 +186,4 @@ def test_onnx_parity(name, tmp_path):
     model = _create(name).eval()
     size = _small_size(model)
     report = export_onnx(model, tmp_path / f'{name}.onnx', img_size=(size, size), atol=1e-4)
-    assert max(report['max_abs_err'].values()) <= 1e-4, report
+    assert report['checks'] and report['max_abs_err'] <= 1e-4, report

@@ -151,9 +151,18 @@ class TimmClassifier(_RecipeModel):
         self.model = timm.create_model(model_name, pretrained=use_timm_source, num_classes=num_classes,
                                        drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
         if isinstance(pretrained, str):
+            from weights import IncompatibleKeysError
             head = _classifier_prefix(self.model)
-            unused = load_backbone_weights(self.model, pretrained, allow_unexpected=new_head,
-                                           skip_prefixes=(head,) if (new_head and head) else ())
+            try:
+                unused = load_backbone_weights(self.model, pretrained, allow_unexpected=new_head,
+                                               skip_prefixes=(head,) if (new_head and head) else ())
+            except IncompatibleKeysError as e:
+                if head and any(m.startswith(head + '.') for m in e.mismatched):
+                    raise IncompatibleKeysError(
+                        f'{e}; its classifier does not have model.num_classes={num_classes} outputs: set '
+                        f'model.new_head=True to fine-tune with a new head', e.missing, e.unexpected,
+                        e.mismatched) from None
+                raise
             print_log(f'Loaded {pretrained} into {model_name}'
                       f'{" with a new " + str(num_classes) + "-class head" if new_head else ""}'
                       f'{f" ({len(unused)} unused entries)" if unused else ""}', logger='current')

@@ -6,7 +6,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS
 
-from ._utils import ConfigError, check_kwargs
+from ._utils import ConfigError
 
 
 class _ReportBaseLr:

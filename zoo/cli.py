@@ -258,13 +258,15 @@ def cmd_check(args: argparse.Namespace) -> int:
             target['errors'].append('ONNX: the model did not build / run, so it was not exported')
         else:
             from weights.onnx import OnnxExportError, export_onnx
-            print(f'exporting {target["model"]} to ONNX (dynamo, dynamic batch/H/W) ...', file=sys.stderr, flush=True)
+            mode = f'{args.onnx_exporter}, dynamic batch' + ('' if args.onnx_static else ' + H/W')
+            print(f'exporting {target["model"]} to ONNX ({mode}) ...', file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 try:
                     report = export_onnx(target['model_obj'], os.path.join(tmp, f'{target["model"]}.onnx'),
-                                         example_input=target['batch'], dynamic=True, exporter='dynamo')
+                                         example_input=target['batch'], dynamic=not args.onnx_static,
+                                         exporter=args.onnx_exporter)
                     target['onnx_err'] = report['max_abs_err']
-                    target['notes'].append('ONNX (dynamo, dynamic) checked in onnxruntime at ' + ', '.join(
+                    target['notes'].append(f'ONNX ({mode}) checked in onnxruntime at ' + ', '.join(
                         'x'.join(map(str, c['input_shape'])) for c in report['checks']))
                 except (OnnxExportError, ValueError) as e:
                     target['onnx_err'] = 'FAIL'
@@ -344,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', nargs='+', type=int, metavar='SIZE',
                    help='input size H [W] (default: the pretrained cfg)')
     p.add_argument('--onnx-model', metavar='MODEL', help='model to export (default: the smallest that passed)')
+    p.add_argument('--onnx-exporter', choices=('dynamo', 'legacy'), default='dynamo')
+    p.add_argument('--onnx-static', action='store_true', help='export with a static H/W (batch stays dynamic)')
     p.add_argument('--no-onnx', action='store_true', help='skip the ONNX export')
     p.add_argument('--no-flops', action='store_true', help='skip FLOP counting')
     p.set_defaults(func=cmd_check)

@@ -14,8 +14,8 @@ and the log-sum-exp.
 The backward recomputes P from the LSE per query tile and writes dQ directly (tiles partition
 the queries). Halos of neighboring tiles overlap, so dK and dV are accumulated with fp32
 ``tl.atomic_add`` into fp32 buffers, and dRPB with fp32 atomics into a per-program partial table
-that is summed afterwards (less contention than one shared table). Results are deterministic up to
-the order of fp32 atomic additions.
+that is summed afterwards (less contention than one shared table). The order of those fp32 atomic
+additions varies between runs, so dK, dV and dRPB are not bitwise deterministic.
 """
 from typing import Optional, Tuple
 

@@ -218,5 +218,5 @@ def window_attention_ref(
         bias = mask[:, None].to(attn.dtype) if bias is None else bias + mask[:, None].to(attn.dtype)
     if bias is not None:
         attn = attn + bias
-    attn = attn.softmax(dim=-1)
+    attn = attn.softmax(dim=-1, dtype=torch.float32).to(vw.dtype)  # fp32 softmax for 16-bit inputs (TF MaxViT)
     return _from_windows(attn @ vw, (H, W), (wh, ww), shift, mode)

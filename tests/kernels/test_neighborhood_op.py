@@ -1,6 +1,5 @@
 """Neighborhood attention op: reference (gather + dense) against natten and a brute-force oracle, gradients,
 the Triton kernels (interpreter), ONNX export with both exporters, linear memory, error messages."""
-import io
 import warnings
 
 import pytest
