@@ -66,7 +66,7 @@ class WindowAttention(nn.Module):
         if num_heads < 1 or (head_dim is None and dim % num_heads):
             raise ValueError(f'num_heads: expected a positive divisor of dim={dim}, got {num_heads}')
         if attn_drop:
-            raise ValueError(f'attn_drop: the window attention op has no attention dropout, expected 0, got {attn_drop}')
+            raise ValueError(f'attn_drop: the window attention op has no dropout, expected 0, got {attn_drop}')
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = head_dim or dim // num_heads
@@ -101,7 +101,8 @@ class WindowAttention(nn.Module):
         return self.proj_drop(x)
 
     def extra_repr(self) -> str:
-        return f'dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, shift_size={self.shift_size}'
+        return (f'dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, '
+                f'shift_size={self.shift_size}')
 
 
 class SwinBlock(nn.Module):
@@ -164,9 +165,9 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """Concatenate each 2x2 patch (official Swin order), norm, project. (B, H, W, dim) -> (B, ceil(H/2), ceil(W/2), out_dim).
+    """Concatenate each 2x2 patch (official Swin order), norm, project.
 
-    Odd H or W is zero-padded at the bottom / right first.
+    (B, H, W, dim) -> (B, ceil(H / 2), ceil(W / 2), out_dim); odd H or W is zero-padded at the bottom / right.
     """
 
     def __init__(self, dim: int, out_dim: Optional[int] = None, norm_layer: Type[nn.Module] = nn.LayerNorm):

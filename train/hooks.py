@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-from mmengine.dist import all_reduce, get_world_size, is_distributed, is_main_process
+from mmengine.dist import all_reduce, is_distributed, is_main_process
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
@@ -213,7 +213,8 @@ class ConsistencyCheckHook(Hook):
             if classes is not None and len(classes) != num_classes:
                 split = name.strip('_').replace('_loop', '')
                 raise ConfigError(
-                    f'{runner.cfg.filename or "<config>"}: model.num_classes is {num_classes} but the {split} dataset ({type(dataset).__name__}) has '
+                    f'{runner.cfg.filename or "<config>"}: model.num_classes is {num_classes} but the {split} '
+                    f'dataset ({type(dataset).__name__}) has '
                     f'{len(classes)} classes: {list(classes)[:10]}{" ..." if len(classes) > 10 else ""}')
 
 
@@ -315,7 +316,8 @@ def plot_curves(history: dict, path: str) -> str:
     rows = [r for r in epochs if 'train_loss' in r]
     if rows and its:
         per_epoch = max(1, its[-1]['iter'] // max(1, its[-1]['epoch']))
-        ax.plot([r['epoch'] * per_epoch for r in rows], [r['train_loss'] for r in rows], 'o-', label='loss (epoch mean)')
+        ax.plot([r['epoch'] * per_epoch for r in rows], [r['train_loss'] for r in rows], 'o-',
+                label='loss (epoch mean)')
     ax.set_xlabel('iteration')
     ax.set_title('training loss')
     ax.legend()

@@ -392,7 +392,8 @@ class TimmDetector(_RecipeModel):
             results = []
             for out, sample in zip(outputs, data_samples or [{}] * len(outputs)):
                 results.append(dict(boxes=out['boxes'].detach().float().cpu(), scores=out['scores'].detach().cpu(),
-                                    labels=out['labels'].detach().cpu() + self.label_offset, image_id=sample.get('image_id')))
+                                    labels=out['labels'].detach().cpu() + self.label_offset,
+                                    image_id=sample.get('image_id')))
             return results
         if mode == 'tensor':
             images, _ = self.detector.transform(list(inputs))

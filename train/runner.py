@@ -6,11 +6,11 @@ import logging
 import os
 import re
 import uuid
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
-from mmengine.config import Config, ConfigDict
-from mmengine.dist import get_rank, is_distributed, master_only
+from mmengine.config import Config
+from mmengine.dist import master_only
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import (DATA_SAMPLERS, DATASETS, FUNCTIONS, HOOKS, LOOPS, METRICS, MODELS,
@@ -210,7 +210,7 @@ def _check_config(cfg: Config) -> None:
 
 
 def _check_timm_optimizer(opt_cfg: dict) -> None:
-    from timm.optim import create_optimizer_v2, list_optimizers
+    from timm.optim import list_optimizers
     name = opt_cfg.get('opt', 'adamw')
     if name.lower().split('_')[-1] not in list_optimizers():
         raise ConfigError(f"optim_wrapper.optimizer.opt: unknown timm optimizer {name!r}"

@@ -5,6 +5,8 @@ model = dict(backbone='cbam_resnet18', num_classes=3, fpn_channels=64, min_size=
              box_representation_size=256,
              head_kwargs=dict(rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
                               rpn_post_nms_top_n_test=150, box_batch_size_per_image=128))
-optim_wrapper = dict(optimizer=dict(lr=1e-3, weight_decay=0.05), clip_grad=dict(max_norm=10.0))
+train_dataloader = dict(dataset=dict(num_images=200))
+val_dataloader = dict(dataset=dict(num_images=50))
+optim_wrapper = dict(optimizer=dict(lr=2e-3, weight_decay=0.05), clip_grad=dict(max_norm=10.0))
 lr_schedule = dict(warmup_epochs=1)
-train_cfg = dict(max_epochs=12, val_interval=3)
+train_cfg = dict(max_epochs=8, val_interval=4)

@@ -60,7 +60,8 @@ def _region_ids(size: int, padded: int, window: int, shift: int, device) -> torc
     """Per rolled position along one axis: Swin's shift region (0, 1, 2), or -1 for padding."""
     pos = torch.arange(padded, device=device)
     region = (pos >= padded - window).long() + (pos >= padded - shift).long() if shift else torch.zeros_like(pos)
-    orig = (pos + shift) % padded
+    orig = pos + shift  # (pos + shift) % padded without a modulo by a symbolic size, which ONNX export can't lower
+    orig = torch.where(orig >= padded, orig - padded, orig)
     return torch.where(orig < size, region, torch.full_like(region, -1))
 
 
@@ -138,21 +139,52 @@ def _pieces_2d(H: int, W: int, window: Tuple[int, int], shift: Tuple[int, int]):
 
 
 def _to_windows(t: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int], mode: str) -> torch.Tensor:
-    """Pad + roll + partition in one copy: (B, H, W, heads, d) -> (B, nW, heads, wh * ww, d), contiguous."""
+    """Pad + roll + partition: (B, H, W, heads, d) -> (B, nW, heads, wh * ww, d), contiguous.
+
+    Eager block mode does it in one pass of slice copies; export / compile and grid mode pad, roll, reshape.
+    """
     B, H, W, nh, d = t.shape
     wh, ww = window
+    if mode == 'block' and not is_exporting():
+        return _ToWindows.apply(t, window, shift).view(B, -1, nh, wh * ww, d)
     Hp, Wp = H + _pad_to(H, wh), W + _pad_to(W, ww)
-    if mode == 'grid' or is_exporting():
-        if Hp != H or Wp != W:
-            t = F.pad(t, (0, 0, 0, 0, 0, Wp - W, 0, Hp - H))
-        if any(shift):
-            t = torch.roll(t, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        if mode == 'block':
-            t = t.reshape(B, Hp // wh, wh, Wp // ww, ww, nh, d).permute(0, 1, 3, 5, 2, 4, 6)
-        else:
-            t = t.reshape(B, wh, Hp // wh, ww, Wp // ww, nh, d).permute(0, 2, 4, 5, 1, 3, 6)
-        return t.reshape(B, -1, nh, wh * ww, d)
-    out = t.new_empty(B, Hp // wh, Wp // ww, nh, wh, ww, d)
+    if Hp != H or Wp != W:
+        t = F.pad(t, (0, 0, 0, 0, 0, Wp - W, 0, Hp - H))
+    if any(shift):
+        t = torch.roll(t, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    if mode == 'block':
+        t = t.reshape(B, Hp // wh, wh, Wp // ww, ww, nh, d).permute(0, 1, 3, 5, 2, 4, 6)
+    else:
+        t = t.reshape(B, wh, Hp // wh, ww, Wp // ww, nh, d).permute(0, 2, 4, 5, 1, 3, 6)
+    return t.reshape(B, -1, nh, wh * ww, d)
+
+
+def _from_windows(
+        t: torch.Tensor, hw: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int], mode: str,
+) -> torch.Tensor:
+    """Inverse of `_to_windows`, padding cropped: (B, nW, heads, wh * ww, d) -> (B, H, W, heads, d)."""
+    B, _, nh, _, d = t.shape
+    H, W = hw
+    wh, ww = window
+    Hp, Wp = H + _pad_to(H, wh), W + _pad_to(W, ww)
+    t = t.reshape(B, Hp // wh, Wp // ww, nh, wh, ww, d)
+    if mode == 'block' and not is_exporting():
+        return _FromWindows.apply(t, (H, W), window, shift)
+    if mode == 'block':
+        t = t.permute(0, 1, 4, 2, 5, 3, 6)
+    else:
+        t = t.permute(0, 4, 1, 5, 2, 3, 6)
+    t = t.reshape(B, Hp, Wp, nh, d)
+    if any(shift):
+        t = torch.roll(t, shifts=shift, dims=(1, 2))
+    return t[:, :H, :W] if Hp != H or Wp != W else t
+
+
+def _to_windows_copies(t: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int]) -> torch.Tensor:
+    """(B, H, W, heads, d) -> (B, Hp / wh, Wp / ww, heads, wh, ww, d): one slice copy (or zero fill) per piece."""
+    B, H, W, nh, d = t.shape
+    wh, ww = window
+    out = t.new_empty(B, -(-H // wh), -(-W // ww), nh, wh, ww, d)
     for (h0, h1, i0, i1, r0), (w0, w1, j0, j1, c0) in _pieces_2d(H, W, window, shift):
         dst = out[:, h0:h1, w0:w1, :, i0:i1, j0:j1]
         if r0 < 0 or c0 < 0:
@@ -161,27 +193,15 @@ def _to_windows(t: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int]
             nr, nc = (h1 - h0) * (i1 - i0), (w1 - w0) * (j1 - j0)
             src = t[:, r0:r0 + nr, c0:c0 + nc].reshape(B, h1 - h0, i1 - i0, w1 - w0, j1 - j0, nh, d)
             dst.copy_(src.permute(0, 1, 3, 5, 2, 4, 6))
-    return out.view(B, -1, nh, wh * ww, d)
+    return out
 
 
-def _from_windows(
-        t: torch.Tensor, hw: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int], mode: str,
+def _from_windows_copies(
+        t: torch.Tensor, hw: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int],
 ) -> torch.Tensor:
-    """Inverse of `_to_windows` with the padding cropped: (B, nW, heads, wh * ww, d) -> (B, H, W, heads, d)."""
-    B, _, nh, _, d = t.shape
+    """(B, Hp / wh, Wp / ww, heads, wh, ww, d) -> (B, H, W, heads, d), dropping the padding."""
+    B, nh, d = t.shape[0], t.shape[3], t.shape[6]
     H, W = hw
-    wh, ww = window
-    Hp, Wp = H + _pad_to(H, wh), W + _pad_to(W, ww)
-    t = t.reshape(B, Hp // wh, Wp // ww, nh, wh, ww, d)
-    if mode == 'grid' or is_exporting():
-        if mode == 'block':
-            t = t.permute(0, 1, 4, 2, 5, 3, 6)
-        else:
-            t = t.permute(0, 4, 1, 5, 2, 3, 6)
-        t = t.reshape(B, Hp, Wp, nh, d)
-        if any(shift):
-            t = torch.roll(t, shifts=shift, dims=(1, 2))
-        return t[:, :H, :W] if Hp != H or Wp != W else t
     out = t.new_empty(B, H, W, nh, d)
     for (h0, h1, i0, i1, r0), (w0, w1, j0, j1, c0) in _pieces_2d(H, W, window, shift):
         if r0 >= 0 and c0 >= 0:
@@ -189,6 +209,31 @@ def _from_windows(
             dst = out[:, r0:r0 + nr, c0:c0 + nc].view(B, h1 - h0, i1 - i0, w1 - w0, j1 - j0, nh, d)
             dst.copy_(t[:, h0:h1, w0:w1, :, i0:i1, j0:j1].permute(0, 1, 4, 2, 5, 3, 6))
     return out
+
+
+class _ToWindows(torch.autograd.Function):
+    """The piecewise partition; its backward is the piecewise reverse (its adjoint) and vice versa, so
+    autograd records one node instead of a full-size CopySlices per piece."""
+
+    @staticmethod
+    def forward(ctx, t, window, shift):
+        ctx.hw, ctx.window, ctx.shift = tuple(t.shape[1:3]), window, shift
+        return _to_windows_copies(t, window, shift)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _FromWindows.apply(grad, ctx.hw, ctx.window, ctx.shift), None, None
+
+
+class _FromWindows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, hw, window, shift):
+        ctx.window, ctx.shift = window, shift
+        return _from_windows_copies(t, hw, window, shift)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ToWindows.apply(grad, ctx.window, ctx.shift), None, None, None
 
 
 def window_attention_ref(
@@ -218,5 +263,6 @@ def window_attention_ref(
         bias = mask[:, None].to(attn.dtype) if bias is None else bias + mask[:, None].to(attn.dtype)
     if bias is not None:
         attn = attn + bias
-    attn = attn.softmax(dim=-1, dtype=torch.float32).to(vw.dtype)  # fp32 softmax for 16-bit inputs (TF MaxViT)
+    # fp32 softmax for 16-bit inputs (TF MaxViT); fp32 / fp64 keep their own precision
+    attn = attn.softmax(dim=-1, dtype=torch.float32 if attn.element_size() < 4 else None).to(vw.dtype)
     return _from_windows(attn @ vw, (H, W), (wh, ww), shift, mode)

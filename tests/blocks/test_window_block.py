@@ -138,3 +138,14 @@ def test_reference_fused_copies_match_export_path(hw, window, mode, shift, table
         results.append([out] + list(torch.autograd.grad(out, inputs, grad)))
     for a, b in zip(*results):
         assert (a - b).abs().max().item() < 1e-12
+
+
+def test_reference_fused_copies_gradgradcheck():
+    q, k, v = (torch.randn(1, 5, 6, 1, 2, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    tab = torch.randn(1, 7, 7, dtype=torch.float64, requires_grad=True)
+
+    def fn(q, k, v, tab):
+        return window_ref.window_attention_ref(q, k, v, (4, 4), 'block', (2, 1), tab, None)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, tab))
+    assert torch.autograd.gradgradcheck(fn, (q, k, v, tab))

@@ -55,6 +55,17 @@ def _isolated(tmp_path, monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """One intra-op thread: these tiny models gain little from two, and a shared or xdist-loaded CPU makes
+    OpenMP threads spin-wait (several times slower)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def cls_config(recipe):
     return recipe.cls_config

@@ -5,7 +5,7 @@ import os
 import pytest
 from mmengine.registry import MODELS
 
-import train
+import train  # noqa: F401
 from train import ConfigError, load_config
 from train.runner import parse_opts
 
@@ -78,3 +78,14 @@ def test_bad_head_kwargs(det_config):
     with pytest.raises(ConfigError, match=r"head_kwargs.score_tresh: not an argument of torchvision FCOS.*"
                                           r"'score_thresh'"):
         MODELS.build(cfg.model)
+
+
+def test_cli_reports_bad_data_before_training(cls_config, tmp_path, capsys):
+    from train.cli import main
+    missing = tmp_path / 'nope'
+    opts = ['model.model_name=test_convnext',
+            f"train_dataloader.dataset={{'type': 'ImageFolderDataset', 'root': '{missing}', '_delete_': True}}"]
+    assert main(['train', cls_config, '--work-dir', str(tmp_path / 'w'), '--opts', *opts]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('zoo train: error: ') and "root: directory '" in err and "nope' does not exist" in err
+    assert not list((tmp_path / 'w').glob('epoch_*.pth'))

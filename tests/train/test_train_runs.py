@@ -77,6 +77,10 @@ def test_classification_metric_comes_from_the_model_predictions(cls_run):
     with torch.no_grad():
         top1 = 100.0 * (model(x, mode='predict').argmax(1) == y).float().mean().item()
     assert top1 == pytest.approx(result['metrics']['accuracy/top1'], abs=1e-4)
+    # the recipe's own checkpoint fine-tunes into a new 4-class model (weights-only load, prefix stripped)
+    from train.models import TimmClassifier
+    tuned = TimmClassifier('test_convnext', num_classes=4, pretrained=result['checkpoint'])
+    torch.testing.assert_close(tuned.model.stem[0].weight, model.model.stem[0].weight, rtol=0, atol=0)
 
 
 def test_eval_cli_and_class_count_mismatch(cls_run, recipe, tmp_path, capsys):
@@ -160,11 +164,12 @@ def test_other_detection_heads_train_and_predict(head, tmp_path):
 def test_killed_run_resumes_to_the_same_result(recipe, tmp_path):
     """A subprocess is SIGKILLed once its first checkpoint exists; resuming gives the weights (and EMA) of an
     uninterrupted run, with Mixup/CutMix, EMA, warmup + cosine and per-epoch augmentation seeds in play."""
-    opts = recipe.tiny_cls + ['train_cfg.max_epochs=4', 'lr_schedule.warmup_epochs=1',
+    opts = recipe.tiny_cls + ['train_cfg.max_epochs=3', 'lr_schedule.warmup_epochs=1',
                               "model.mixup={'mixup_alpha': 0.4, 'cutmix_alpha': 1.0, 'label_smoothing': 0.1}",
                               "model_ema={'decay': 0.8}", 'plot_curves=False']
     killed = tmp_path / 'killed'
-    env = dict(os.environ, PYTHONPATH=recipe.repo + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    env = dict(os.environ, OMP_NUM_THREADS='1',
+               PYTHONPATH=recipe.repo + os.pathsep + os.environ.get('PYTHONPATH', ''))
     proc = subprocess.Popen([sys.executable, '-m', 'train', 'train', recipe.cls_config, '--work-dir', str(killed),
                              '--opts', *opts], cwd=str(tmp_path), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -179,7 +184,7 @@ def test_killed_run_resumes_to_the_same_result(recipe, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not (killed / 'epoch_4.pth').exists()
+    assert not (killed / 'epoch_3.pth').exists()
     for path in glob.glob(str(killed / 'epoch_*.pth')):  # whatever the kill left behind is complete
         read_checkpoint(path)
 
@@ -187,12 +192,12 @@ def test_killed_run_resumes_to_the_same_result(recipe, tmp_path):
     resumed = run_train(cfg, work_dir=str(killed), resume='auto')
     straight = run_train(cfg, work_dir=str(tmp_path / 'straight'))
     a, b = read_checkpoint(resumed['checkpoint']), read_checkpoint(straight['checkpoint'])
-    assert a['meta']['epoch'] == b['meta']['epoch'] == 4
+    assert a['meta']['epoch'] == b['meta']['epoch'] == 3
     for key in ('state_dict', 'state_dict_ema'):
         for name, tensor in b[key].items():
             torch.testing.assert_close(a[key][name], tensor, rtol=0, atol=1e-6, msg=f'{key} {name}')
     assert resumed['metrics']['accuracy/top1'] == pytest.approx(straight['metrics']['accuracy/top1'])
-    assert [e['epoch'] for e in resumed['history']['epochs']] == [1, 2, 3, 4]
+    assert [e['epoch'] for e in resumed['history']['epochs']] == [1, 2, 3]
     np.testing.assert_allclose([r['loss'] for r in resumed['history']['iters']],
                                [r['loss'] for r in straight['history']['iters']], rtol=1e-5)
 
@@ -233,7 +238,8 @@ def test_finetune_from_weight_files(tmp_path):
         for name, tensor in src.model.state_dict().items():
             if not name.startswith('head.fc.'):
                 torch.testing.assert_close(dst.model.state_dict()[name], tensor, rtol=0, atol=0)
-    with pytest.raises(IncompatibleKeysError, match=r"src.safetensors.*shape mismatch 2 \(first: head.fc.*new_head=True"):
+    with pytest.raises(IncompatibleKeysError, match=r"src.safetensors.*shape mismatch 2 \(first: head.fc.*"
+                                                    r"new_head=True"):
         TimmClassifier('test_convnext', num_classes=4, pretrained=st, new_head=False)
     with pytest.raises(IncompatibleKeysError, match=r"model.pretrained: weight file .*src.safetensors' does not fit"):
         TimmClassifier('test_resnet', num_classes=4, pretrained=st)
