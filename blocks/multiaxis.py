@@ -162,7 +162,7 @@ class PartitionAttention(nn.Module):
         elif num_heads < 1 or dim % num_heads:
             raise ValueError(f'num_heads: expected a positive divisor of dim={dim}, got {num_heads}')
         if attn_drop:
-            raise ValueError(f'attn_drop: the window attention op has no attention dropout, expected 0, got {attn_drop}')
+            raise ValueError(f'attn_drop: the window attention op has no dropout, expected 0, got {attn_drop}')
         self.partition_size = to_2tuple(partition_size)
         if min(self.partition_size) < 1:
             raise ValueError(f'partition_size: expected positive sizes, got {self.partition_size}')

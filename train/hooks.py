@@ -309,6 +309,11 @@ def plot_curves(history: dict, path: str) -> str:
     its = history['iters']
     epochs = history['epochs']
     metric_keys = sorted({k for row in epochs for k in row if k not in ('epoch', 'train_loss')})
+    # skip metrics without data (COCO's -1) and keep the headline ones when there are many
+    metric_keys = [k for k in metric_keys if any(r.get(k, -1) >= 0 for r in epochs)]
+    headline = [k for k in metric_keys if k.split('/')[-1] in ('AP', 'AP50', 'AP75', 'top1', 'top5')]
+    if len(metric_keys) > 4 and headline:
+        metric_keys = headline
     n = 2 + (1 if metric_keys else 0)
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6))
     ax = axes[0]

@@ -95,7 +95,7 @@ class _RecipeModel(BaseModel):
         loss, log_vars = super().parse_losses(losses)
         if not torch.isfinite(loss).all():
             hub = MessageHub.get_current_instance()
-            parts = ', '.join(f'{k}={float(v):.4g}' for k, v in log_vars.items())
+            parts = ', '.join(f'{k}={float(v.detach()):.4g}' for k, v in log_vars.items())
             raise FloatingPointError(
                 f"Loss is not finite at epoch {hub.get_info('epoch', 0) + 1}, iteration {hub.get_info('iter', 0) + 1} "
                 f"({parts}); training stopped before this step updated the weights. Lower optim_wrapper.optimizer.lr, "

@@ -160,10 +160,14 @@ def export_onnx(
                 try:
                     got = onnx_run(tmp, x)
                 except Exception as e:
+                    hint = '' if x is example_input else (
+                        '; the graph looks specialised to the export shape: a size was baked in, or the model takes '
+                        'another code path at this size (e.g. windows clamped to small maps, padding only at some '
+                        'sizes). Export and check at sizes of the same regime, or use dynamic=False')
                     raise OnnxExportError(
                         f'onnxruntime failed on the {exporter} export at input {tuple(x.shape)} '
-                        f'(exported at {tuple(example_input.shape)}; a size baked in at export?): '
-                        f'{type(e).__name__}: {str(e)[:400]}', report) from e
+                        f'(exported at {tuple(example_input.shape)}): {type(e).__name__}: {str(e)[:400]}{hint}',
+                        report) from e
                 if len(got) != len(want) or any(g.shape != e.shape for g, e in zip(got, want)):
                     raise OnnxExportError(
                         f'onnxruntime output shapes {[g.shape for g in got]} differ from PyTorch '

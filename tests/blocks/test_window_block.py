@@ -147,5 +147,5 @@ def test_reference_fused_copies_gradgradcheck():
     def fn(q, k, v, tab):
         return window_ref.window_attention_ref(q, k, v, (4, 4), 'block', (2, 1), tab, None)
 
-    assert torch.autograd.gradcheck(fn, (q, k, v, tab))
-    assert torch.autograd.gradgradcheck(fn, (q, k, v, tab))
+    assert torch.autograd.gradcheck(fn, (q, k, v, tab), fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, (q, k, v, tab), fast_mode=True)

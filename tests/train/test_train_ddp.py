@@ -27,7 +27,7 @@ def test_two_process_ddp_matches_one_process(recipe, tmp_path):
            '--opts', *base, 'train_dataloader.batch_size=8', 'val_dataloader.batch_size=60']
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    log = open(glob.glob(str(tmp_path / 'two' / '*' / '*.log'))[0]).read()
+    log = open(glob.glob(str(tmp_path / 'two' / '2*_*' / '2*_*.log'))[0]).read()
     assert 'Distributed launcher: pytorch' in log and 'GPU number: 2' in log  # mmengine's name for world size
 
     two = json.load(open(tmp_path / 'two' / 'history.json'))

@@ -52,7 +52,7 @@ def test_classification_run_learns_logs_and_plots(cls_run):
     assert epochs[-1]['train_loss'] < epochs[0]['train_loss'] - 0.1
     assert result['metrics']['accuracy/top1'] > 30.0  # chance is 10%
     # per-interval log lines with lr, eta and loss; scalars in the local log; wandb offline run files
-    log = open(glob.glob(os.path.join(work, '*', '*.log'))[0]).read()
+    log = open(glob.glob(os.path.join(work, '2*_*', '2*_*.log'))[0]).read()  # mmengine's <timestamp>/<timestamp>.log
     train_lines = [ln for ln in log.splitlines() if 'Epoch(train)' in ln]
     assert len(train_lines) >= 9 and all(k in train_lines[0] for k in ('lr:', 'eta:', 'loss:'))
     scalars = open(glob.glob(os.path.join(work, '*', 'vis_data', 'scalars.json'))[0]).read()
@@ -110,34 +110,39 @@ def test_eval_cli_and_class_count_mismatch(cls_run, recipe, tmp_path, capsys):
 
 
 def test_detection_run_computes_ap_from_predictions(recipe, tmp_path):
-    opts = recipe.tiny_det(str(tmp_path / 'shapes')) + ["model.head_kwargs={'score_thresh': 0.0}"]
-    cfg = load_config(recipe.det_config, opts)
+    cfg = load_config(recipe.det_config, recipe.tiny_det(str(tmp_path / 'shapes')))
     result = run_train(cfg, work_dir=str(tmp_path / 'run'))
     epochs = result['history']['epochs']
-    assert epochs[-1]['train_loss'] < epochs[0]['train_loss']
+    assert epochs[-1]['train_loss'] < epochs[0]['train_loss'] - 0.5
     reported = result['metrics']
     assert {'coco/AP', 'coco/AP50', 'coco/AP75', 'coco/APs', 'coco/APm', 'coco/APl'} <= set(reported)
 
     # the same numbers from the checkpoint's own predictions, evaluated independently with pycocotools
-    model = MODELS.build(cfg.model).eval()
-    model.load_state_dict(_state(result['checkpoint']))
     val = DATASETS.build(cfg.val_dataloader.dataset)
-    dets, n_boxes = [], 0
-    with torch.no_grad():
-        for i in range(len(val)):
-            item = val[i]
-            out = model([item['inputs']], [item['data_samples']], mode='predict')[0]
-            h, w = item['inputs'].shape[-2:]
-            assert (out['boxes'][:, 2] <= w + 1e-3).all() and (out['boxes'][:, 3] <= h + 1e-3).all()
-            n_boxes += len(out['boxes'])
-            for b, s, lab in zip(out['boxes'].tolist(), out['scores'].tolist(), out['labels'].tolist()):
-                dets.append(dict(image_id=out['image_id'], category_id=val.cat_ids[lab - 1],
-                                 bbox=[b[0], b[1], b[2] - b[0], b[3] - b[1]], score=s))
-    assert n_boxes > 0
-    mine = coco_evaluate(val.ann_file, dets, backend='pycocotools')
+
+    def evaluate(model):
+        dets = []
+        with torch.no_grad():
+            for i in range(len(val)):
+                item = val[i]
+                out = model([item['inputs']], [item['data_samples']], mode='predict')[0]
+                h, w = item['inputs'].shape[-2:]
+                assert (out['boxes'][:, 2] <= w + 1e-3).all() and (out['boxes'][:, 3] <= h + 1e-3).all()
+                for b, s, lab in zip(out['boxes'].tolist(), out['scores'].tolist(), out['labels'].tolist()):
+                    dets.append(dict(image_id=out['image_id'], category_id=val.cat_ids[lab - 1],
+                                     bbox=[b[0], b[1], b[2] - b[0], b[3] - b[1]], score=s))
+        assert dets
+        return coco_evaluate(val.ann_file, dets, backend='pycocotools')
+
+    # the same numbers from the checkpoint's own predictions, evaluated independently with pycocotools
+    model = MODELS.build(cfg.model).eval()
+    untrained = evaluate(model)
+    model.load_state_dict(_state(result['checkpoint']))
+    mine = evaluate(model)
     for key in ('AP', 'AP50', 'AP75', 'AR100'):
         assert reported[f'coco/{key}'] == pytest.approx(mine[key], abs=1e-9)
-    assert mine['AR100'] > 0
+    # well above chance: an untrained detector of the same config finds (next to) nothing
+    assert mine['AP50'] > 0.08 and mine['AP50'] > untrained['AP50'] + 0.08
 
 
 @pytest.mark.parametrize('head', ['retinanet', 'faster_rcnn'])
@@ -222,7 +227,7 @@ def test_gradient_accumulation_and_clipping(recipe, tmp_path):
     assert steps == {2}  # 4 iterations, one optimizer step per 2
     lrs = [r['lr'] for r in result['history']['iters']]
     assert lrs[0] == lrs[1] and lrs[2] == lrs[3] and lrs[1] != lrs[2]
-    log = open(glob.glob(os.path.join(result['work_dir'], '*', '*.log'))[0]).read()
+    log = open(glob.glob(os.path.join(result['work_dir'], '2*_*', '2*_*.log'))[0]).read()
     assert 'grad_norm:' in log
 
 
