@@ -9,6 +9,9 @@ os.environ.setdefault('WANDB_SILENT', 'true')
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(1)  # one thread per xdist worker: the workers share the cores
+
 
 @pytest.fixture(autouse=True)
 def _seed():

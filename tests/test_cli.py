@@ -76,7 +76,8 @@ def test_export_errors(tmp_path, capsys):
     out = tmp_path / 'm.onnx'
     assert main(['export', MODEL, '-o', str(out), '--img-size', '64', '--checkpoint', str(ckpt)]) == 1
     err = capsys.readouterr().err
-    assert '--checkpoint' in err and 'shape mismatches: 2 (head.fc.weight: checkpoint (10, 512) vs model (1000, 512)' in err
+    assert '--checkpoint' in err
+    assert 'shape mismatches: 2 (head.fc.weight: checkpoint (10, 512) vs model (1000, 512)' in err
     assert main(['export', MODEL, '-o', str(tmp_path / 'm.onnx.bak'), '--img-size', '64']) == 2
     assert "path: expected a file name ending in '.onnx'" in capsys.readouterr().err
     assert main(['export', MODEL, '-o', str(out), '--img-size', '64', '-1']) == 2

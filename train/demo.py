@@ -75,9 +75,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--opts', nargs='+', default=[], metavar='KEY=VALUE',
                         help='config overrides, e.g. model.model_name=swin_tiny train_cfg.max_epochs=3')
     parser.add_argument('--no-export', action='store_true', help='skip the safetensors / ONNX step')
+    parser.add_argument('--threads', type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice); 1 is much faster on a busy CPU")
     args = parser.parse_args(argv)
 
     import torch
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f'--threads: expected >= 1, got {args.threads}')
+        torch.set_num_threads(args.threads)
 
     from . import ConfigError, DatasetError, load_config, run_train
     work_dir = os.path.abspath(args.work_dir or os.path.join('work_dirs', f'demo_{args.task}'))

@@ -330,14 +330,20 @@ def find_resume_checkpoint(work_dir: str) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------------------------- building
-def init_distributed(launcher: str) -> str:
-    """'auto' -> 'pytorch' under torchrun (WORLD_SIZE > 1), else 'none'. Initialises the process group itself
-    (gloo on CPU, nccl on CUDA) because mmengine's own init assumes CUDA."""
+def resolve_launcher(launcher: str) -> str:
+    """'auto' -> 'pytorch' under torchrun (WORLD_SIZE > 1), else 'none'."""
     if launcher == 'auto':
         launcher = 'pytorch' if int(os.environ.get('WORLD_SIZE', '1')) > 1 else 'none'
     if launcher not in ('none', 'pytorch'):
         raise ConfigError(f"launcher: expected 'none', 'pytorch' or 'auto', got {launcher!r} (use torchrun for "
                           f"several processes; slurm/mpi: start them with torchrun-style env variables)")
+    return launcher
+
+
+def init_distributed(launcher: str) -> str:
+    """Initialise the process group for launcher 'pytorch' (gloo on CPU, nccl on CUDA) because mmengine's own
+    init assumes CUDA."""
+    launcher = resolve_launcher(launcher)
     if launcher == 'pytorch' and not torch.distributed.is_initialized():
         for var in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
             if var not in os.environ:
@@ -362,7 +368,11 @@ def prepare_config(cfg: Config, work_dir: Optional[str] = None, launcher: str = 
         cfg.work_dir = os.path.join('work_dirs', stem)
     # mmengine keys its logger and message hub by experiment name + second; keep runs in one process apart
     cfg.experiment_name = f"{cfg.get('experiment_name') or stem}_{uuid.uuid4().hex[:6]}"
-    cfg.launcher = init_distributed(cfg.get('launcher', launcher) if launcher == 'auto' else launcher)
+    cfg.launcher = resolve_launcher(cfg.get('launcher', launcher) if launcher == 'auto' else launcher)
+    if cfg.launcher == 'pytorch' and cfg.get('sync_bn') and not torch.cuda.is_available():
+        raise ConfigError(f"{name}: sync_bn='torch': torch's SyncBatchNorm only runs on GPUs; unset it for CPU "
+                          f"training")
+    init_distributed(cfg.launcher)
 
     custom = list(cfg.get('custom_hooks') or [])
     custom += [dict(type='ConsistencyCheckHook'), dict(type='EpochSeedHook'), dict(type='PlainCheckpointHook')]
@@ -400,9 +410,6 @@ def prepare_config(cfg: Config, work_dir: Optional[str] = None, launcher: str = 
             ow['type'] = 'ZooOptimWrapper'
 
     if cfg.launcher == 'pytorch':
-        if cfg.get('sync_bn') and not torch.cuda.is_available():
-            raise ConfigError(f"{name}: sync_bn='torch': torch's SyncBatchNorm only runs on GPUs; unset it for CPU "
-                              f"training")
         wrapper = dict(cfg.get('model_wrapper_cfg') or dict(type='MMDistributedDataParallel'))
         wrapper.setdefault('broadcast_buffers', False)
         wrapper.setdefault('find_unused_parameters', bool(cfg.get('find_unused_parameters', False)))

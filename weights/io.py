@@ -168,8 +168,8 @@ def save_weights(
                 meta[_ALIASES_META] = json.dumps(aliases)
             save_file(tensors, tmp, metadata=meta)
         else:
-            torch.save(OrderedDict(state_dict) if metadata is None else {'state_dict': state_dict, 'metadata': metadata},
-                       tmp)
+            payload = {'state_dict': state_dict, 'metadata': metadata} if metadata else OrderedDict(state_dict)
+            torch.save(payload, tmp)
     return path
 
 
@@ -179,7 +179,8 @@ def _check_safetensors_header(path: str) -> None:
     with open(path, 'rb') as f:
         head = f.read(8)
         if len(head) < 8:
-            raise WeightsFileError(f'{path}: corrupt safetensors file: {size} bytes, too short for the 8-byte header length')
+            raise WeightsFileError(
+                f'{path}: corrupt safetensors file: {size} bytes, too short for the 8-byte header length')
         (n,) = struct.unpack('<Q', head)
         if n > size - 8:
             raise WeightsFileError(
@@ -222,12 +223,13 @@ def _read_torch(path: str, map_location: Any) -> Any:
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         if not lines or not lines[0].lower().startswith('weights only load failed'):
-            raise WeightsFileError(f'{path}: corrupt or truncated torch checkpoint ({_first_sentence(str(e))})') from None
+            raise WeightsFileError(
+                f'{path}: corrupt or truncated torch checkpoint ({_first_sentence(str(e))})') from None
         reason = next((ln for ln in lines if 'global' in ln.lower()), lines[-1])
         raise WeightsFileError(
-            f'{path}: refused to load: torch.load(weights_only=True) rejected it ({_first_sentence(reason)}). The file holds '
-            f'pickled objects other than tensors and plain containers, or it is corrupt. Weight files are never '
-            f'unpickled unsafely; convert a trusted checkpoint to .safetensors first.') from None
+            f'{path}: refused to load: torch.load(weights_only=True) rejected it ({_first_sentence(reason)}). '
+            f'The file holds pickled objects other than tensors and plain containers, or it is corrupt. '
+            f'Weight files are never unpickled unsafely; convert a trusted checkpoint to .safetensors first.') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise WeightsFileError(
             f'{path}: corrupt or truncated torch checkpoint ({type(e).__name__}: {_first_sentence(str(e))})') from None
@@ -266,7 +268,11 @@ def _unwrap(checkpoint: Any, path: str, use_ema: bool) -> Dict[str, torch.Tensor
     return state_dict
 
 
-def load_weights(path: PathLike, map_location: Union[str, torch.device] = 'cpu', use_ema: bool = False) -> Dict[str, torch.Tensor]:
+def load_weights(
+        path: PathLike,
+        map_location: Union[str, torch.device] = 'cpu',
+        use_ema: bool = False,
+) -> Dict[str, torch.Tensor]:
     """Read a state dict from a ``.safetensors`` file or a weights-only torch checkpoint.
 
     Unwraps the usual containers ({'state_dict': ...}, {'model': ...}, and with `use_ema` timm's

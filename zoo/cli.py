@@ -20,6 +20,7 @@ _FORWARDED = {
     'bench': ('bench.run', 'benchmarks: speed, memory, FLOPs, resolution scaling (arguments go to bench.run)'),
     'train': ('train.cli', 'train from a config: zoo train CONFIG [--opts k=v ...] [--resume]'),
     'eval': ('train.cli', 'evaluate a checkpoint: zoo eval CONFIG CHECKPOINT'),
+    'demo': ('train.demo', 'the main job: fine-tune on the embedded data, evaluate, export to ONNX (train/demo.py)'),
 }
 
 
@@ -328,7 +329,8 @@ def _forward(command: str, argv: List[str]) -> int:
 # ------------------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='zoo', description='Vision attention backbone zoo (models registered in timm).')
+    parser = argparse.ArgumentParser(
+        prog='zoo', description='Vision attention backbone zoo (models registered in timm).')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     sub.required = True
 

@@ -89,3 +89,20 @@ def test_cli_reports_bad_data_before_training(cls_config, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith('zoo train: error: ') and "root: directory '" in err and "nope' does not exist" in err
     assert not list((tmp_path / 'w').glob('epoch_*.pth'))
+
+
+def test_sync_bn_and_launcher_checks(cls_config, monkeypatch):
+    from train.runner import prepare_config
+    cfg = load_config(cls_config, ['sync_bn=torch'])
+    monkeypatch.setenv('WORLD_SIZE', '2')  # as under torchrun
+    if not __import__('torch').cuda.is_available():
+        with pytest.raises(ConfigError, match="sync_bn='torch': torch's SyncBatchNorm only runs on GPUs"):
+            prepare_config(cfg)
+    cfg = load_config(cls_config)
+    monkeypatch.delenv('MASTER_ADDR', raising=False)
+    with pytest.raises(ConfigError, match="launcher='pytorch' needs torchrun's environment variable"):
+        prepare_config(cfg)
+    with pytest.raises(ConfigError, match="launcher: expected 'none', 'pytorch' or 'auto', got 'slurm'"):
+        prepare_config(cfg, launcher='slurm')
+    with pytest.raises(ConfigError, match="sync_bn: expected None or 'torch', got 'mmcv'"):
+        load_config(cls_config, ['sync_bn=mmcv'])

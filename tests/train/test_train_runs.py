@@ -252,3 +252,37 @@ def test_finetune_from_weight_files(tmp_path):
     body = det.detector.backbone.body.model.state_dict()
     for name, tensor in body.items():
         torch.testing.assert_close(tensor, src.model.state_dict()[name], rtol=0, atol=0)
+
+
+def _smallest_zoo_models():
+    import zoo
+    import timm
+    picks = []
+    for module in zoo.FAMILY_MODULES:
+        names = timm.list_models(module=module)
+        small = [n for n in names if n.endswith(('mini', 'tiny', '18'))]
+        if small or names:
+            picks.append(sorted(small or names)[0])
+    return picks
+
+
+@pytest.mark.parametrize('backbone', _smallest_zoo_models())
+def test_zoo_backbones_train_and_predict_in_the_detector(backbone):
+    """Every zoo family's multi-scale NCHW features feed the FPN: a training step and a prediction on a batch of two
+    differently sized images."""
+    model = MODELS.build(dict(type='TimmDetector', backbone=backbone, num_classes=3, fpn_channels=64, min_size=96,
+                              max_size=128, head_kwargs=dict(score_thresh=0.0)))
+    assert model.detector.backbone.strides == [8, 16, 32, 64, 128]
+    images = [torch.rand(3, 100, 140), torch.rand(3, 120, 96)]
+    targets = [dict(boxes=torch.tensor([[10., 10., 50., 60.]]), labels=torch.tensor([1]), image_id=1),
+               dict(boxes=torch.tensor([[5., 20., 40., 90.]]), labels=torch.tensor([2]), image_id=2)]
+    loss, _ = model.parse_losses(model(images, targets, mode='loss'))
+    loss.backward()
+    body = model.detector.backbone.body
+    assert all(p.grad is not None for p in body.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        outs = model(images, targets, mode='predict')
+    for out, img in zip(outs, images):
+        assert len(out['boxes']) > 0
+        assert (out['boxes'][:, 2] <= img.shape[2] + 1e-3).all() and (out['boxes'][:, 3] <= img.shape[1] + 1e-3).all()
