@@ -186,9 +186,11 @@ def test_onnx_parity(name, tmp_path):
     size = _small_size(model)
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        scale = max(1.0, model(x).abs().max().item())  # random-init logits can reach 1e3 (maxvit_base)
-    report = export_onnx(model, tmp_path / f'{name}.onnx', example_input=x, exporter='legacy', atol=1e-4 * scale)
-    assert report['checks'] and report['max_abs_err'] <= 1e-4 * scale, report
+        feat_max = model.forward_features(x).abs().max().item()
+    # 1e-4 absolute, or fp32 rounding of the feature scale where random init lets it grow (maxvit_base: ~1e3)
+    atol = max(1e-4, 1e-6 * feat_max)
+    report = export_onnx(model, tmp_path / f'{name}.onnx', example_input=x, exporter='legacy', atol=atol)
+    assert report['checks'] and report['max_abs_err'] <= atol, report
 
 
 FAMILY_REPRESENTATIVES = ['swin_tiny', 'maxvit_tiny', 'cbam_resnet18', 'nat_mini', 'dinat_s_tiny']
