@@ -19,8 +19,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, LayerNorm2d, PatchEmbed, calculate_drop_path_rates, trunc_normal_
+from timm.layers import ClassifierHead, LayerNorm2d, PatchEmbed, calculate_drop_path_rates
 from timm.models import generate_default_cfgs, register_model
+from timm.models.vision_transformer import init_weights_vit_timm
 
 from blocks.neighborhood import NATBlock
 from blocks.window import PatchMerging
@@ -169,14 +170,7 @@ class NAT(HierarchicalBackbone):
             in_chans=in_chans,
             num_features=dims[-1],
         )
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(partial(init_weights_vit_timm, needs_reset=False))  # trunc-normal Linear, zero bias
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: NAT) -> Dict[str, torch.Tensor]:

@@ -8,13 +8,15 @@ and window attention pads and masks. `checkpoint_filter_fn` loads both timm's Sw
 official release files.
 """
 import re
+from functools import partial
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, LayerNorm2d, calculate_drop_path_rates, to_2tuple, trunc_normal_
+from timm.layers import ClassifierHead, LayerNorm2d, calculate_drop_path_rates, to_2tuple
 from timm.models import generate_default_cfgs, register_model
+from timm.models.vision_transformer import init_weights_vit_timm
 
 from blocks.window import PatchMerging, SwinBlock
 
@@ -134,14 +136,7 @@ class SwinTransformer(HierarchicalBackbone):
             in_chans=in_chans,
             num_features=dims[-1],
         )
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(partial(init_weights_vit_timm, needs_reset=False))  # trunc-normal Linear, zero bias
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
