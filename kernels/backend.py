@@ -14,13 +14,14 @@ from typing import Iterator, Optional
 
 import torch
 
+from ._args import KERNEL_DTYPES
+
 __all__ = ['BACKENDS', 'ENV_VAR', 'get_backend', 'set_backend', 'use_backend', 'resolve_backend', 'is_exporting']
 
 BACKENDS = ('auto', 'torch', 'triton')
 ENV_VAR = 'ZOO_KERNEL_BACKEND'
 
 _override: Optional[str] = None
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check(name: str, where: str) -> str:
@@ -89,7 +90,7 @@ def resolve_backend(backend: Optional[str], *tensors: torch.Tensor) -> str:
         return 'torch'
     on_cuda = all(t.is_cuda for t in tensors)
     if name == 'auto':
-        kernel_dtypes = all(t.dtype in _KERNEL_DTYPES for t in tensors)
+        kernel_dtypes = all(t.dtype in KERNEL_DTYPES for t in tensors)
         return 'triton' if on_cuda and kernel_dtypes and triton_available() else 'torch'
     if not triton_available():
         raise RuntimeError('backend "triton" was requested but triton does not import')

@@ -1,27 +1,16 @@
 """Neighborhood attention op (NAT's NA and DiNAT's dilated NA) with relative-position bias."""
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional
 
 import torch
 
+from .._args import IntOr2 as _IntOr2
+from .._args import pair as _pair
 from ..backend import resolve_backend
 from .reference import DENSE_MAX_TOKENS, na_axis_tables, na_tables, neighborhood_attention_ref
 
 __all__ = ['neighborhood_attention', 'neighborhood_attention_ref', 'na_axis_tables', 'na_tables',
            'DENSE_MAX_TOKENS']
 
-_IntOr2 = Union[int, Sequence[int]]
-
-
-def _pair(value: _IntOr2, name: str) -> Tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    try:
-        pair = tuple(int(v) for v in value)
-    except TypeError:
-        raise TypeError(f'{name}: expected an int or a pair of ints, got {value!r}') from None
-    if len(pair) != 2:
-        raise ValueError(f'{name}: expected an int or a pair of ints, got {value!r}')
-    return pair
 
 
 def _check_inputs(q, k, v, kernel, dilation, rel_pos_bias) -> None:

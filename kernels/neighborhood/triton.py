@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._args import check_kernel_tensors
+
 __all__ = ['neighborhood_attention_triton', 'tile_shape']
 
 
@@ -276,12 +278,7 @@ def neighborhood_attention_triton(
     q, k, v may be non-contiguous views. `tile` overrides the query tile (sub-grid positions), for tests.
     CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``.
     """
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f'q, k, v: expected one dtype among float32/float16/bfloat16, got '
-                        f'{q.dtype}, {k.dtype}, {v.dtype}')
-    if not (q.device == k.device == v.device) or (rel_pos_bias is not None and rel_pos_bias.device != q.device):
-        devices = [str(t.device) for t in (q, k, v, rel_pos_bias) if t is not None]
-        raise ValueError(f'q, k, v, rel_pos_bias: expected one device, got {devices}')
+    check_kernel_tensors(q, k, v, rel_pos_bias)
     kernel = (int(kernel_size[0]), int(kernel_size[1]))
     dilation = (int(dilation[0]), int(dilation[1]))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

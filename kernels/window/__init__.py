@@ -1,24 +1,16 @@
 """Window attention op (Swin W-MSA / SW-MSA, MaxViT block and grid attention)."""
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional
 
 import torch
 
+from .._args import IntOr2 as _IntOr2
+from .._args import pair as _pair
 from ..backend import resolve_backend
 from .reference import MASK_VALUE, window_attention_ref, window_partition, window_reverse, window_tables
 
 __all__ = ['window_attention', 'window_attention_ref', 'window_partition', 'window_reverse', 'window_tables',
            'MASK_VALUE']
 
-_IntOr2 = Union[int, Sequence[int]]
-
-
-def _pair(value: _IntOr2, name: str) -> Tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    value = tuple(int(v) for v in value)
-    if len(value) != 2:
-        raise ValueError(f'{name}: expected an int or a pair of ints, got {value!r}')
-    return value
 
 
 def window_attention(

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._args import check_kernel_tensors
+
 __all__ = ['window_attention_triton']
 
 MASK_VALUE = tl.constexpr(-100.0)  # reference.MASK_VALUE (Swin's shift mask)
@@ -313,12 +315,7 @@ def window_attention_triton(
     Arguments as `window_attention_ref` (validated by `kernels.window.window_attention`); q, k, v
     may be non-contiguous views. CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``.
     """
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f'q, k, v: expected one dtype among float32/float16/bfloat16, got '
-                        f'{q.dtype}, {k.dtype}, {v.dtype}')
-    if not (q.device == k.device == v.device) or (rel_pos_bias is not None and rel_pos_bias.device != q.device):
-        devices = [str(t.device) for t in (q, k, v, rel_pos_bias) if t is not None]
-        raise ValueError(f'q, k, v, rel_pos_bias: expected one device, got {devices}')
+    check_kernel_tensors(q, k, v, rel_pos_bias)
     window = (int(window_size[0]), int(window_size[1]))
     shift = (int(shift[0]), int(shift[1]))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

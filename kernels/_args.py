@@ -1,0 +1,31 @@
+"""Argument checks shared by the ops: int-or-pair sizes, and what the Triton kernels accept."""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+IntOr2 = Union[int, Sequence[int]]
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def pair(value: IntOr2, name: str) -> Tuple[int, int]:
+    """An int or a pair of ints -> (int, int); a clear error naming `name` otherwise."""
+    if isinstance(value, int):
+        return value, value
+    try:
+        result = tuple(int(v) for v in value)
+    except TypeError:
+        raise TypeError(f'{name}: expected an int or a pair of ints, got {value!r}') from None
+    if len(result) != 2:
+        raise ValueError(f'{name}: expected an int or a pair of ints, got {value!r}')
+    return result
+
+
+def check_kernel_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """q, k, v share one kernel dtype (fp32/fp16/bf16); q, k, v and the bias table share one device."""
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f'q, k, v: expected one dtype among float32/float16/bfloat16, got '
+                        f'{q.dtype}, {k.dtype}, {v.dtype}')
+    if not (q.device == k.device == v.device) or (bias is not None and bias.device != q.device):
+        devices = [str(t.device) for t in (q, k, v, bias) if t is not None]
+        raise ValueError(f'q, k, v, rel_pos_bias: expected one device, got {devices}')
