@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from kernels.window.reference import window_partition, window_reverse, window_tables
+from zoo.kernels.window.reference import window_partition, window_reverse, window_tables
 
 # Swin-T at 224: (map size, heads)
 SWIN_T_STAGES = [(56, 3), (28, 6), (14, 12), (7, 24)]
@@ -54,8 +54,8 @@ def sdpa_window_attention(q, k, v, window, shift, table, scale):
 
 
 def _methods() -> Dict[str, Callable]:
-    from kernels.window.reference import window_attention_ref
-    from kernels.window.triton import window_attention_triton
+    from zoo.kernels.window.reference import window_attention_ref
+    from zoo.kernels.window.triton import window_attention_triton
     return {
         'triton': lambda q, k, v, win, sh, tab, sc: window_attention_triton(q, k, v, win, 'block', sh, tab, sc),
         'reference': lambda q, k, v, win, sh, tab, sc: window_attention_ref(q, k, v, win, 'block', sh, tab, sc),
@@ -95,7 +95,7 @@ def bench_case(fn, size, heads, shift, dtype, batch, warmup, rep, ref_out=None) 
 
 
 def fp32_reference_output(size, heads, shift, dtype, batch) -> torch.Tensor:
-    from kernels.window.reference import window_attention_ref
+    from zoo.kernels.window.reference import window_attention_ref
     torch.manual_seed(0)
     qkv = torch.randn(batch, size, size, 3, heads, HEAD_DIM, device='cuda', dtype=dtype).float()
     table = torch.randn(heads, 2 * WINDOW - 1, 2 * WINDOW - 1, device='cuda')

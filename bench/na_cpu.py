@@ -39,8 +39,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from kernels.neighborhood import neighborhood_attention
-from kernels.neighborhood.reference import DENSE_MAX_TOKENS, neighborhood_attention_ref
+from zoo.kernels.neighborhood import neighborhood_attention
+from zoo.kernels.neighborhood.reference import DENSE_MAX_TOKENS, neighborhood_attention_ref
 
 class TensorPeak(TorchDispatchMode):
     """Peak bytes of live tensor storages created by ops while active (inputs and earlier tensors excluded)."""

@@ -39,7 +39,7 @@ HEAD_DIM = 32
 
 def sdpa_neighborhood_attention(q, k, v, kernel, dilation, rpb, scale):
     """Dense SDPA over all tokens with a (heads, N, N) float mask: RPB on the neighborhood, -inf elsewhere."""
-    from kernels.neighborhood.reference import na_tables
+    from zoo.kernels.neighborhood.reference import na_tables
     B, H, W, nh, d = q.shape
     N = H * W
     key_index, bias_index = na_tables(H, W, kernel, dilation, q.device)
@@ -56,8 +56,8 @@ def sdpa_neighborhood_attention(q, k, v, kernel, dilation, rpb, scale):
 
 
 def _methods() -> Dict[str, Callable]:
-    from kernels.neighborhood.reference import neighborhood_attention_ref
-    from kernels.neighborhood.triton import neighborhood_attention_triton
+    from zoo.kernels.neighborhood.reference import neighborhood_attention_ref
+    from zoo.kernels.neighborhood.triton import neighborhood_attention_triton
     methods = {
         'triton': lambda q, k, v, ker, dil, rpb, sc: neighborhood_attention_triton(q, k, v, ker, dil, rpb, sc),
         'triton_norpb': lambda q, k, v, ker, dil, rpb, sc: neighborhood_attention_triton(q, k, v, ker, dil, None, sc),

@@ -1,7 +1,7 @@
 """CPU benchmark of zoo models against their timm anchors: throughput, peak memory, FLOPs, params.
 
-    python -m bench.run                                   # the foundation pairs (see DEFAULT_PAIRS)
-    python -m bench.run --models swin_tiny --anchors swin_tiny_patch4_window7_224 \\
+    python -m zoo.bench.run                                   # the foundation pairs (see DEFAULT_PAIRS)
+    python -m zoo.bench.run --models swin_tiny --anchors swin_tiny_patch4_window7_224 \\
         --pairs swin_tiny=swin_tiny_patch4_window7_224 --img-size 224 --batch-size 8 --repeats 5 \\
         --out bench/results/swin
 
@@ -45,7 +45,7 @@ DEFAULT_PAIRS: Tuple[Tuple[str, str], ...] = (
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog or 'python -m bench.run',
+        prog=prog or 'python -m zoo.bench.run',
         description='CPU throughput, peak memory, FLOPs and params of zoo models vs timm anchors.')
     p.add_argument('--models', nargs='+', default=None, metavar='NAME',
                    help='models to measure (zoo or timm names); default: the foundation pairs')

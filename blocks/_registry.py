@@ -1,29 +1,144 @@
-"""The mixer registry: any stage of any backbone can take any token mixer by name."""
-from typing import Callable, Dict, List
+"""The mixer and gate registries: any stage of any backbone takes any token mixer (or conv gate) by name.
+
+Mixer contract (checked for every registered mixer by tests/blocks/test_mixers.py)::
+
+    create_mixer(name, dim, *, num_heads=None, head_dim=None, qkv_bias=True, attn_drop=0., proj_drop=0.,
+                 **family_kwargs)  ->  module: (B, H, W, dim) -> (B, H, W, dim) for any H, W
+
+Heads come from one resolver (`resolve_heads`); a mixer owns its parameter init and names its
+no-weight-decay parameters in `no_weight_decay_keys`. Gates (CBAM, SE, ECA) are conv-stage modules,
+(B, C, H, W) -> (B, C, H, W), built by `create_gate(name, channels, **kwargs)`.
+"""
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
-__all__ = ['register_mixer', 'create_mixer', 'list_mixers']
+__all__ = [
+    'MixerInfo', 'register_mixer', 'create_mixer', 'list_mixers', 'mixer_info',
+    'register_gate', 'create_gate', 'list_gates', 'gate_info', 'resolve_heads', 'DEFAULT_HEAD_DIM',
+]
 
-_MIXERS: Dict[str, Callable[..., nn.Module]] = {}
+DEFAULT_HEAD_DIM = 32
 
 
-def register_mixer(name: str) -> Callable:
-    """Decorator: register a mixer class or factory `fn(dim, num_heads=..., **kw) -> nn.Module`."""
-    def _register(fn: Callable) -> Callable:
-        if name in _MIXERS and _MIXERS[name] is not fn:
-            raise ValueError(f'mixer {name!r} is already registered to {_MIXERS[name]!r}')
-        _MIXERS[name] = fn
+@dataclass(frozen=True)
+class MixerInfo:
+    """What a registered mixer or gate is: its paper, cost in tokens N, and which paths it has."""
+    name: str
+    fn: Callable[..., nn.Module]
+    paper: str
+    cost: str
+    triton: bool
+    onnx_dynamic: bool
+
+    @property
+    def arguments(self) -> str:
+        """The family arguments with their defaults (those of the shared contract left out)."""
+        shared = {'self', 'dim', 'channels', 'num_heads', 'head_dim', 'qkv_bias', 'attn_drop', 'proj_drop'}
+        params = inspect.signature(self.fn).parameters.values()
+        return ', '.join(
+            p.name if p.default is inspect.Parameter.empty else f'{p.name}={p.default!r}'
+            for p in params if p.name not in shared and p.kind is p.POSITIONAL_OR_KEYWORD)
+
+
+_MIXERS: Dict[str, MixerInfo] = {}
+_GATES: Dict[str, MixerInfo] = {}
+
+
+def _register(table: Dict[str, MixerInfo], kind: str, name: str, **info) -> Callable:
+    def _add(fn: Callable) -> Callable:
+        other = _MIXERS.get(name) or _GATES.get(name)
+        if other is not None and other.fn is not fn:
+            raise ValueError(f'{kind} {name!r} is already registered to {other.fn!r}')
+        table[name] = MixerInfo(name=name, fn=fn, **info)
         return fn
-    return _register
+    return _add
+
+
+def register_mixer(name: str, *, paper: str, cost: str, triton: bool = False, onnx_dynamic: bool = True) -> Callable:
+    """Decorator: register a channels-last token mixer class or factory under `name`.
+
+    `paper` cites the method, `cost` is its time in tokens N (e.g. 'O(N k^2)'), `triton` says whether a
+    Triton path exists, `onnx_dynamic` whether one ONNX export runs at any H x W.
+    """
+    return _register(_MIXERS, 'mixer', name, paper=paper, cost=cost, triton=triton, onnx_dynamic=onnx_dynamic)
+
+
+def register_gate(name: str, *, paper: str, cost: str = 'O(N)') -> Callable:
+    """Decorator: register a conv-stage gate `fn(channels, **kwargs)`, (B, C, H, W) -> (B, C, H, W)."""
+    return _register(_GATES, 'gate', name, paper=paper, cost=cost, triton=False, onnx_dynamic=True)
 
 
 def list_mixers() -> List[str]:
+    """Names of the registered token mixers."""
     return sorted(_MIXERS)
 
 
-def create_mixer(name: str, dim: int, **kwargs) -> nn.Module:
-    """Build a registered mixer. Attention mixers map (B, H, W, dim) -> (B, H, W, dim)."""
+def list_gates() -> List[str]:
+    """Names of the registered conv-stage gates."""
+    return sorted(_GATES)
+
+
+def mixer_info(name: str) -> MixerInfo:
     if name not in _MIXERS:
-        raise KeyError(f'unknown mixer {name!r}; expected one of {list_mixers()}')
-    return _MIXERS[name](dim, **kwargs)
+        hint = f' ({name!r} is a gate for conv stages: use create_gate)' if name in _GATES else ''
+        raise KeyError(f'unknown mixer {name!r}{hint}; expected one of {list_mixers()}')
+    return _MIXERS[name]
+
+
+def gate_info(name: str) -> MixerInfo:
+    if name not in _GATES:
+        hint = f' ({name!r} is a token mixer: use create_mixer)' if name in _MIXERS else ''
+        raise KeyError(f'unknown gate {name!r}{hint}; expected one of {list_gates()}')
+    return _GATES[name]
+
+
+def create_mixer(
+        name: str,
+        dim: int,
+        *,
+        num_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.,
+        proj_drop: float = 0.,
+        **family_kwargs,
+) -> nn.Module:
+    """Build the registered mixer `name`: (B, H, W, dim) -> (B, H, W, dim)."""
+    fn = mixer_info(name).fn
+    return fn(dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias, attn_drop=attn_drop,
+              proj_drop=proj_drop, **family_kwargs)
+
+
+def create_gate(name: str, channels: int, **kwargs) -> nn.Module:
+    """Build the registered gate `name`: (B, channels, H, W) -> (B, channels, H, W)."""
+    return gate_info(name).fn(channels, **kwargs)
+
+
+def resolve_heads(
+        dim: int,
+        num_heads: Optional[int] = None,
+        head_dim: Optional[int] = None,
+        default_head_dim: int = DEFAULT_HEAD_DIM,
+) -> Tuple[int, int]:
+    """(num_heads, head_dim) of an attention mixer over `dim` channels.
+
+    Given one of the two, the other is dim divided by it (it must divide dim); given both, the attention
+    width num_heads * head_dim may differ from dim; given neither, head_dim is `default_head_dim`.
+    """
+    for arg, value in (('num_heads', num_heads), ('head_dim', head_dim)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f'{arg}: expected a positive int, got {value!r}')
+    if num_heads is not None and head_dim is not None:
+        return num_heads, head_dim
+    if num_heads is not None:
+        if dim % num_heads:
+            raise ValueError(f'num_heads: expected a divisor of dim={dim}, got {num_heads}')
+        return num_heads, dim // num_heads
+    head_dim = head_dim or default_head_dim
+    if dim % head_dim:
+        raise ValueError(f'head_dim: expected a divisor of dim={dim}, got {head_dim}'
+                         f'{" (the default)" if head_dim == default_head_dim else ""}; pass num_heads or head_dim')
+    return dim // head_dim, head_dim

@@ -14,9 +14,9 @@ from typing import Callable, Dict, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import ConvNormAct
+from timm.layers import ConvNormAct, EcaModule, SEModule
 
-from ._registry import register_mixer
+from ._registry import register_gate
 
 __all__ = ['ChannelGate', 'SpatialGate', 'CBAM']
 
@@ -103,9 +103,9 @@ class SpatialGate(nn.Module):
         return x * self.attention(x)
 
 
-@register_mixer('cbam')
+@register_gate('cbam', paper='CBAM (Woo et al., ECCV 2018)')
 class CBAM(nn.Module):
-    """Channel gate then spatial gate. A conv-attention module: (B, C, H, W) -> (B, C, H, W), any H, W.
+    """Channel gate then spatial gate. A conv-stage gate: (B, C, H, W) -> (B, C, H, W), any H, W.
 
     Args:
         dim: channels C.
@@ -114,8 +114,6 @@ class CBAM(nn.Module):
         no_spatial: drop the spatial gate.
         kernel_size: spatial-gate conv size.
     """
-    input_fmt = 'NCHW'  # unlike the channels-last attention mixers in the registry
-
     def __init__(
             self,
             dim: int,
@@ -142,3 +140,15 @@ class CBAM(nn.Module):
         if _inplace_ok(x):
             return x.mul_(gate)  # x is our own channel-gated tensor: saves an allocation in inference
         return x * gate
+
+
+@register_gate('se', paper='Squeeze-and-Excitation (Hu et al., CVPR 2018)')
+def se_gate(channels: int, rd_ratio: float = 1. / 16, **kwargs) -> nn.Module:
+    """timm's SEModule: x * sigmoid(MLP(avgpool(x))). (B, C, H, W) -> (B, C, H, W)."""
+    return SEModule(channels, rd_ratio=rd_ratio, **kwargs)
+
+
+@register_gate('eca', paper='ECA-Net (Wang et al., CVPR 2020)')
+def eca_gate(channels: int, **kwargs) -> nn.Module:
+    """timm's EcaModule: x * sigmoid(conv1d(avgpool(x))). (B, C, H, W) -> (B, C, H, W)."""
+    return EcaModule(channels, **kwargs)

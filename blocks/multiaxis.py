@@ -5,8 +5,9 @@ Official code: https://github.com/google-research/maxvit (TF); the semantics and
 timm's port of the TF models (`timm/models/maxxvit.py`, ``maxvit_*_tf_*``) so its checkpoints load with one
 key rename.
 
-Attention mixers are channels-last (B, H, W, C); MBConv is NCHW. Any H and W work: the partition shrinks
-to the map on axes smaller than it, and the window attention op pads and masks whatever is left over.
+Attention mixers are channels-last (B, H, W, C); MBConv is NCHW. Any H and W work: the window attention op
+pads the map to partition multiples and masks the padding (on a map smaller than P that is exactly
+attention over the whole map, for 'block' and 'grid' alike), so nothing depends on the runtime size.
 """
 from functools import partial
 from typing import Callable, Optional, Tuple, Union
@@ -16,7 +17,6 @@ import torch.nn as nn
 from timm.layers import (
     DropPath,
     LayerNorm,
-    Mlp,
     SEModule,
     create_conv2d,
     create_pool2d,
@@ -26,22 +26,15 @@ from timm.layers import (
     to_2tuple,
 )
 
-from kernels.window import window_attention
+from zoo.kernels.window import window_attention
 
-from ._registry import register_mixer
+from ._registry import register_mixer, resolve_heads
+from .block import MixerBlock
 
-__all__ = [
-    'MbConvBlock', 'ShortcutDownsample', 'PartitionAttention', 'PartitionBlock', 'MaxVitBlock',
-    'effective_partition',
-]
+__all__ = ['MbConvBlock', 'ShortcutDownsample', 'PartitionAttention', 'MaxVitBlock']
 
 _int_or_tuple_2_t = Union[int, Tuple[int, int]]
 _layer_t = Union[str, Callable[..., nn.Module]]
-
-
-def effective_partition(size: Tuple[int, int], partition_size: Tuple[int, int]) -> Tuple[int, int]:
-    """Partition used on a map of `size`: an axis smaller than the partition is one partition."""
-    return min(partition_size[0], size[0]), min(partition_size[1], size[1])
 
 
 class ShortcutDownsample(nn.Module):
@@ -132,20 +125,21 @@ class PartitionAttention(nn.Module):
 
     Args:
         dim: input and output channels.
-        num_heads: attention heads (dim // head_dim if None).
-        head_dim: channels per head.
+        num_heads: attention heads (see `resolve_heads`).
+        head_dim: channels per head (see `resolve_heads`; 32 in MaxViT).
         partition_size: P, the window ('block') or grid ('grid') size.
         partition_type: 'block' or 'grid'.
         qkv_bias: bias in the qkv projection.
         attn_drop: attention dropout; the window op has none, so only 0 is accepted.
         proj_drop: dropout after the output projection.
     """
+    no_weight_decay_keys = ('relative_position_bias_table',)
 
     def __init__(
             self,
             dim: int,
             num_heads: Optional[int] = None,
-            head_dim: int = 32,
+            head_dim: Optional[int] = None,
             partition_size: _int_or_tuple_2_t = 7,
             partition_type: str = 'block',
             qkv_bias: bool = True,
@@ -155,25 +149,19 @@ class PartitionAttention(nn.Module):
         super().__init__()
         if partition_type not in ('block', 'grid'):
             raise ValueError(f"partition_type: expected 'block' or 'grid', got {partition_type!r}")
-        if num_heads is None:
-            if head_dim < 1 or dim % head_dim:
-                raise ValueError(f'head_dim: expected a positive divisor of dim={dim}, got {head_dim}')
-            num_heads = dim // head_dim
-        elif num_heads < 1 or dim % num_heads:
-            raise ValueError(f'num_heads: expected a positive divisor of dim={dim}, got {num_heads}')
         if attn_drop:
             raise ValueError(f'attn_drop: the window attention op has no dropout, expected 0, got {attn_drop}')
         self.partition_size = to_2tuple(partition_size)
         if min(self.partition_size) < 1:
             raise ValueError(f'partition_size: expected positive sizes, got {self.partition_size}')
         self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
+        attn_dim = self.num_heads * self.head_dim
         self.partition_type = partition_type
         ph, pw = self.partition_size
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_heads, 2 * ph - 1, 2 * pw - 1))
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, attn_dim * 3, bias=qkv_bias)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(self.num_heads, 2 * ph - 1, 2 * pw - 1))
+        self.proj = nn.Linear(attn_dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.normal_(self.relative_position_bias_table, std=.02)
 
@@ -183,76 +171,27 @@ class PartitionAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
         x = window_attention(
             q, k, v,
-            effective_partition((H, W), self.partition_size),
+            self.partition_size,
             mode=self.partition_type,
             rel_pos_bias=self.relative_position_bias_table,
         )
-        return self.proj_drop(self.proj(x.reshape(B, H, W, C)))
+        return self.proj_drop(self.proj(x.reshape(B, H, W, -1)))
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, partition_size={self.partition_size}, '
                 f'partition_type={self.partition_type!r}')
 
 
-@register_mixer('block')
+@register_mixer('block', paper='MaxViT (Tu et al., ECCV 2022)', cost='O(N P^2), partition P', triton=True)
 def block_attention(dim: int, **kwargs) -> PartitionAttention:
     """MaxViT block attention (contiguous P x P windows)."""
     return PartitionAttention(dim, partition_type='block', **kwargs)
 
 
-@register_mixer('grid')
+@register_mixer('grid', paper='MaxViT (Tu et al., ECCV 2022)', cost='O(N P^2), grid P', triton=True)
 def grid_attention(dim: int, **kwargs) -> PartitionAttention:
     """MaxViT grid attention (P x P tokens strided over the whole map)."""
     return PartitionAttention(dim, partition_type='grid', **kwargs)
-
-
-class PartitionBlock(nn.Module):
-    """Pre-norm transformer block around a partition attention: x + attn(norm1(x)), x + mlp(norm2(x)).
-
-    (B, H, W, dim) -> (B, H, W, dim).
-
-    Args:
-        dim: channels.
-        partition_type: 'block' or 'grid'.
-        partition_size: P.
-        head_dim: channels per head.
-        mlp_ratio: MLP hidden width / dim.
-        proj_drop: dropout after the attention projection and in the MLP.
-        drop_path: stochastic depth rate.
-        act_layer: MLP activation.
-        norm_eps: LayerNorm epsilon.
-    """
-
-    def __init__(
-            self,
-            dim: int,
-            partition_type: str = 'block',
-            partition_size: _int_or_tuple_2_t = 7,
-            head_dim: int = 32,
-            mlp_ratio: float = 4.,
-            proj_drop: float = 0.,
-            drop_path: float = 0.,
-            act_layer: _layer_t = 'gelu_tanh',
-            norm_eps: float = 1e-5,
-    ):
-        super().__init__()
-        self.norm1 = LayerNorm(dim, eps=norm_eps)
-        self.attn = PartitionAttention(
-            dim,
-            head_dim=head_dim,
-            partition_size=partition_size,
-            partition_type=partition_type,
-            proj_drop=proj_drop,
-        )
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=get_act_layer(act_layer), drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x
 
 
 class MaxVitBlock(nn.Module):
@@ -307,16 +246,17 @@ class MaxVitBlock(nn.Module):
             drop_path=drop_path,
         )
         attn_kwargs = dict(
-            partition_size=partition_size,
             head_dim=head_dim,
+            mixer_kwargs=dict(partition_size=partition_size),
             mlp_ratio=mlp_ratio,
             proj_drop=proj_drop,
             drop_path=drop_path,
             act_layer=act_layer,
+            norm_layer=LayerNorm,
             norm_eps=norm_eps,
         )
-        self.attn_block = PartitionBlock(dim_out, 'block', **attn_kwargs)
-        self.attn_grid = PartitionBlock(dim_out, 'grid', **attn_kwargs)
+        self.attn_block = MixerBlock(dim_out, 'block', **attn_kwargs)
+        self.attn_grid = MixerBlock(dim_out, 'grid', **attn_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x).permute(0, 2, 3, 1)

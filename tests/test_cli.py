@@ -48,7 +48,7 @@ def test_unknown_model_lists_close_matches(capsys):
 
 
 def test_export_with_checkpoint(tmp_path, capsys):
-    from weights import onnx_run, save_weights
+    from zoo.weights import onnx_run, save_weights
     src = timm.create_model(MODEL, num_classes=10).eval()
     with torch.no_grad():
         for p in src.parameters():
@@ -71,7 +71,7 @@ def test_export_with_checkpoint(tmp_path, capsys):
 
 def test_export_errors(tmp_path, capsys):
     ckpt = tmp_path / 'w.pth'
-    from weights import save_weights
+    from zoo.weights import save_weights
     save_weights(timm.create_model(MODEL, num_classes=10), ckpt)
     out = tmp_path / 'm.onnx'
     assert main(['export', MODEL, '-o', str(out), '--img-size', '64', '--checkpoint', str(ckpt)]) == 1
@@ -113,12 +113,12 @@ def test_image_batch_is_the_sklearn_photos():
 
 def test_forwarding(monkeypatch):
     calls = []
-    fake_bench = types.ModuleType('bench.run')
+    fake_bench = types.ModuleType('zoo.bench.run')
     fake_bench.main = lambda argv: calls.append(('bench', argv)) or 0
-    fake_train = types.ModuleType('train.cli')
+    fake_train = types.ModuleType('zoo.train.cli')
     fake_train.main = lambda argv: calls.append(('train', argv)) or 3
-    monkeypatch.setitem(sys.modules, 'bench.run', fake_bench)
-    monkeypatch.setitem(sys.modules, 'train.cli', fake_train)
+    monkeypatch.setitem(sys.modules, 'zoo.bench.run', fake_bench)
+    monkeypatch.setitem(sys.modules, 'zoo.train.cli', fake_train)
     assert main(['bench', '--models', 'swin_tiny', '--help']) == 0
     assert main(['train', 'configs/x.py', '--opts', 'a=1', '--resume']) == 3
     assert main(['eval', 'configs/x.py', 'ckpt.safetensors']) == 3
@@ -128,7 +128,7 @@ def test_forwarding(monkeypatch):
 
 
 def test_forwarding_missing_module(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, 'train.cli', None)  # import of train.cli raises ImportError
+    monkeypatch.setitem(sys.modules, 'zoo.train.cli', None)  # import of train.cli raises ImportError
     assert main(['train', 'cfg.py']) == 1
     assert '`zoo train` needs train.cli, which does not import' in capsys.readouterr().err
 

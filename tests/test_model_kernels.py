@@ -3,9 +3,9 @@ import pytest
 import timm
 import torch
 
-import kernels
-import kernels.neighborhood
-import kernels.window
+import zoo.kernels as kernels
+import zoo.kernels.neighborhood
+import zoo.kernels.window
 import zoo  # noqa: F401
 
 # one model per family whose blocks have a Triton kernel; small inputs keep the interpreter quick

@@ -181,7 +181,7 @@ def test_unknown_model_name():
 @pytest.mark.parametrize('name', MODELS)
 def test_onnx_parity(name, tmp_path):
     """Every model through the TorchScript exporter (fast); tests/weights covers dynamo on each family."""
-    from weights.onnx import export_onnx
+    from zoo.weights.onnx import export_onnx
     model = _create(name).eval()
     size = _small_size(model)
     x = torch.randn(2, 3, size, size)
@@ -199,7 +199,7 @@ FAMILY_REPRESENTATIVES = ['swin_tiny', 'maxvit_tiny', 'cbam_resnet18', 'nat_mini
 @pytest.mark.parametrize('name', FAMILY_REPRESENTATIVES)
 def test_onnx_parity_dynamo(name, tmp_path):
     """One model per family through the dynamo exporter (the torch default), batch 2 example."""
-    from weights.onnx import export_onnx
+    from zoo.weights.onnx import export_onnx
     model = _create(name).eval()
     size = _small_size(model)
     report = export_onnx(model, tmp_path / f'{name}.onnx', img_size=(size, size), exporter='dynamo', atol=1e-4)

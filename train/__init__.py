@@ -1,7 +1,7 @@
 """The shared training recipe on mmengine: classification and detection over any timm / zoo backbone.
 
-`python -m train train CONFIG [--opts k=v ...] [--resume [CKPT]]`, `python -m train eval CONFIG CKPT`,
-`python -m train.demo` (the embedded end-to-end job). Configs live in configs/<task>/<model>_<data>.py.
+`python -m zoo.train train CONFIG [--opts k=v ...] [--resume [CKPT]]`, `python -m zoo.train eval CONFIG CKPT`,
+`python -m zoo.train.demo` (the embedded end-to-end job). Configs live in configs/<task>/<model>_<data>.py.
 Importing this package registers its datasets, models, metrics, hooks and optimizer constructor in mmengine.
 """
 import warnings

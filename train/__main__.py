@@ -1,4 +1,4 @@
-"""`python -m train train CONFIG ...` / `python -m train eval CONFIG CKPT` (see train/cli.py)."""
+"""`python -m zoo.train train CONFIG ...` / `python -m zoo.train eval CONFIG CKPT` (see train/cli.py)."""
 import sys
 
 from .cli import main

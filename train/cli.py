@@ -1,6 +1,6 @@
 """Command line of the recipe: ``zoo train CONFIG [--opts key=value ...] [--resume [CKPT]]`` and
-``zoo eval CONFIG CHECKPOINT``. The ``zoo`` console command forwards here; ``python -m train`` works too,
-and so does ``torchrun --nproc_per_node=N -m train train CONFIG`` (DDP; gloo on CPU, nccl on GPU).
+``zoo eval CONFIG CHECKPOINT``. The ``zoo`` console command forwards here; ``python -m zoo.train`` works too,
+and so does ``torchrun --nproc_per_node=N -m zoo.train train CONFIG`` (DDP; gloo on CPU, nccl on GPU).
 """
 import argparse
 import json
@@ -39,7 +39,7 @@ def main(argv: Optional[List[str]] = None, prog: str = 'zoo') -> int:
     """
     args = build_parser(prog).parse_args(argv)
     from mmengine.dist import is_main_process
-    from weights import IncompatibleKeysError
+    from zoo.weights import IncompatibleKeysError
     from . import ConfigError, DatasetError, load_config, run_eval, run_train
     try:
         cfg = load_config(args.config, args.opts)

@@ -1,4 +1,4 @@
-"""The main job, end to end on a CPU with no download (``python -m train.demo``, ``zoo demo``).
+"""The main job, end to end on a CPU with no download (``python -m zoo.train.demo``, ``zoo demo``).
 
 Classification (default): train a small zoo backbone on scikit-learn's 1797 real handwritten digits
 (configs/classification/cbam_resnet18_digits.py), evaluate top-1/top-5 on the 359 held-out digits, save the weights as
@@ -32,7 +32,7 @@ def _export_classifier(cfg, result: dict, work_dir: str) -> Dict[str, object]:
     import numpy as np
     import torch
     from mmengine.registry import DATASETS, MODELS
-    from weights import export_onnx, onnx_run, save_weights
+    from zoo.weights import export_onnx, onnx_run, save_weights
 
     from .runner import read_checkpoint
     checkpoint = read_checkpoint(result['checkpoint'])

@@ -153,7 +153,7 @@ class ZooCheckpointHook(CheckpointHook):
     (mmengine deletes the oldest first, so a kill in between could leave 'last_checkpoint' pointing nowhere.)"""
 
     def _save_checkpoint_with_step(self, runner, step, meta):
-        from weights import atomic_write
+        from zoo.weights import atomic_write
         ckpt_filename = self.filename_tmpl.format(step)
         self.last_ckpt = self.file_backend.join_path(self.out_dir, ckpt_filename)
         runner.message_hub.update_info('last_ckpt', self.last_ckpt)
@@ -278,7 +278,7 @@ class TrainingCurvesHook(Hook):
     def _write(self, runner) -> None:
         if not is_main_process():
             return
-        from weights import atomic_write
+        from zoo.weights import atomic_write
         with atomic_write(os.path.join(runner.work_dir, 'history.json')) as tmp:
             with open(tmp, 'w') as f:
                 json.dump(self.history, f, indent=1)
@@ -305,7 +305,7 @@ def plot_curves(history: dict, path: str) -> str:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from weights import atomic_write
+    from zoo.weights import atomic_write
     its = history['iters']
     epochs = history['epochs']
     metric_keys = sorted({k for row in epochs for k in row if k not in ('epoch', 'train_loss')})

@@ -49,7 +49,7 @@ def load_backbone_weights(
     checkpoints when their keys do not match directly. EMA weights are preferred when the file has them.
     Returns the file's keys that were not used.
     """
-    from weights import IncompatibleKeysError, load_weights
+    from zoo.weights import IncompatibleKeysError, load_weights
     state_dict = load_weights(path, use_ema=True)
     state_dict = _strip_prefix(state_dict, ('model.', 'backbone.'))
     own = model.state_dict()
@@ -151,7 +151,7 @@ class TimmClassifier(_RecipeModel):
         self.model = timm.create_model(model_name, pretrained=use_timm_source, num_classes=num_classes,
                                        drop_rate=drop_rate, drop_path_rate=drop_path_rate, **kwargs)
         if isinstance(pretrained, str):
-            from weights import IncompatibleKeysError
+            from zoo.weights import IncompatibleKeysError
             head = _classifier_prefix(self.model)
             try:
                 unused = load_backbone_weights(self.model, pretrained, allow_unexpected=new_head,

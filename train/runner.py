@@ -236,7 +236,7 @@ class ZooRunner(Runner):
 
     @master_only
     def save_checkpoint(self, out_dir: str, filename: str, *args, **kwargs):
-        from weights import atomic_write
+        from zoo.weights import atomic_write
         with atomic_write(os.path.join(out_dir, filename)) as tmp:
             super().save_checkpoint(out_dir, os.path.basename(tmp), *args, **kwargs)
 
@@ -285,7 +285,7 @@ def read_checkpoint(filename: str, map_location='cpu') -> dict:
 
 def check_state_dict(model: torch.nn.Module, state_dict: dict, filename: str, cfg: Optional[Config] = None) -> None:
     """Raise IncompatibleKeysError naming the file and the first bad entries when `state_dict` does not fit."""
-    from weights import IncompatibleKeysError
+    from zoo.weights import IncompatibleKeysError
     own = model.state_dict()
     sd = {re.sub(r'^module\.', '', k): v for k, v in state_dict.items()}
     missing = [k for k in own if k not in sd]
@@ -348,7 +348,7 @@ def init_distributed(launcher: str) -> str:
         for var in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
             if var not in os.environ:
                 raise ConfigError(f"launcher='pytorch' needs torchrun's environment variable {var}; start with "
-                                  f"`torchrun --nproc_per_node=N -m train train CONFIG`")
+                                  f"`torchrun --nproc_per_node=N -m zoo.train train CONFIG`")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
             torch.distributed.init_process_group('nccl')

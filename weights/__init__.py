@@ -1,4 +1,5 @@
 """Weight files and deployment: atomic safetensors / weights-only torch I/O, ONNX export with onnxruntime checks."""
+from .keymap import KeyMap, KeyRule, check_state_dict, make_filter, remap_state_dict
 from .io import (
     IncompatibleKeysError, LoadResult, WeightsFileError, atomic_write, load_into, load_weights, save_weights,
 )
@@ -7,4 +8,5 @@ from .onnx import OnnxExportError, export_onnx, onnx_run
 __all__ = [
     'IncompatibleKeysError', 'LoadResult', 'WeightsFileError', 'atomic_write', 'load_into', 'load_weights',
     'save_weights', 'OnnxExportError', 'export_onnx', 'onnx_run',
+    'KeyMap', 'KeyRule', 'check_state_dict', 'make_filter', 'remap_state_dict',
 ]

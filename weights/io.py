@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Opt
 import torch
 import torch.nn as nn
 
+from .keymap import IncompatibleKeysError, check_state_dict
+
 __all__ = [
     'WeightsFileError', 'IncompatibleKeysError', 'LoadResult',
     'atomic_write', 'save_weights', 'load_weights', 'load_into',
@@ -35,14 +37,6 @@ PathLike = Union[str, os.PathLike]
 
 class WeightsFileError(ValueError):
     """A weight file that cannot be read: corrupt, truncated, unsafe or of an unknown kind."""
-
-
-class IncompatibleKeysError(RuntimeError):
-    """A checkpoint whose keys or shapes do not match the model."""
-
-    def __init__(self, message: str, missing: List[str], unexpected: List[str], mismatched: List[str]):
-        super().__init__(message)
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
 
 
 class LoadResult(NamedTuple):
@@ -291,11 +285,6 @@ def load_weights(
     return _unwrap(checkpoint, path, use_ema)
 
 
-def _listing(names: Sequence[str], n: int = 5) -> str:
-    shown = ', '.join(names[:n])
-    return f'{len(names)} ({shown}{", ..." if len(names) > n else ""})'
-
-
 def load_into(
         model: nn.Module,
         path: PathLike,
@@ -313,22 +302,6 @@ def load_into(
     state_dict = load_weights(path, use_ema=use_ema)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-                  for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
-    if mismatched or (strict and (missing or unexpected)):
-        parts = []
-        if missing:
-            parts.append(f'missing keys: {_listing(missing)}')
-        if unexpected:
-            parts.append(f'unexpected keys: {_listing(unexpected)}')
-        if mismatched:
-            parts.append(f'shape mismatches: {_listing(mismatched)}')
-        raise IncompatibleKeysError(
-            f'{path} does not match {type(model).__name__} '
-            f'({len(state_dict)} tensors in the file, {len(own)} in the model): ' + '; '.join(parts),
-            missing, unexpected, mismatched)
+    missing, unexpected = check_state_dict(model, state_dict, path, classifier=(), strict=strict)
     model.load_state_dict(state_dict, strict=False)
     return LoadResult(missing, unexpected)

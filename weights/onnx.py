@@ -96,7 +96,7 @@ def export_onnx(
     Raises OnnxExportError on a failed export, checker error, onnxruntime error or max abs error > `atol`.
     Returns {path, exporter, dynamic, opset, file_size, checks: [{input_shape, max_abs_err}], max_abs_err}.
     """
-    from kernels.backend import use_backend
+    from zoo.kernels.backend import use_backend
     from timm.utils.onnx import onnx_export
 
     if exporter not in EXPORTERS:

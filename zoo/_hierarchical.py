@@ -1,7 +1,7 @@
-"""Shared scaffolding of every zoo backbone: stages, the timm model interface, the builder.
+"""Shared scaffolding of every zoo backbone: stage specs, stages, the timm model interface, the builder.
 
-A family builds a stem, a list of `Stage`s, a final norm and a head, then calls
-`HierarchicalBackbone.init_backbone`. Everything timm expects of a model (forward_features,
+A family is a stem, a list of `StageSpec`s (turned into `Stage`s by `build_stages`), a final norm, a head
+and a key map; it calls `HierarchicalBackbone.init_backbone`. Everything timm expects of a model (forward_features,
 forward_head, reset_classifier, feature_info, forward_intermediates, prune_intermediate_layers,
 grad checkpointing, group_matcher, no_weight_decay) is implemented here once.
 
@@ -9,15 +9,70 @@ Layout contract: images and every stage boundary are NCHW (so `features_only` li
 wrapper and forward_features all give NCHW). A stage whose blocks mix channels-last (B, H, W, C)
 declares ``fmt='NHWC'``; the permutes it needs are views, no copies.
 """
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import calculate_drop_path_rates
 from timm.models import build_model_with_cfg, checkpoint_seq
 from timm.models._features import feature_take_indices
+from timm.models.resnet import BasicBlock, downsample_conv
 
-__all__ = ['Stage', 'HierarchicalBackbone', 'build_backbone', 'default_cfg']
+from zoo.blocks import MixerBlock, create_gate, list_gates
+from zoo.blocks.block import create_downsample
+from zoo.weights.keymap import KeyMap, make_filter
+
+__all__ = ['StageSpec', 'Stage', 'build_stages', 'HierarchicalBackbone', 'build_backbone', 'default_cfg']
+
+
+@dataclass
+class StageSpec:
+    """One stage, declaratively: an optional stride-2 downsample, then `depth` blocks of width `dim`.
+
+    Args:
+        depth: number of blocks.
+        dim: channels of the stage.
+        mixer: registered mixer name (attention stage of `MixerBlock`s, channels-last), or registered gate name
+            (conv stage of ResNet basic blocks with that gate, NCHW); or one name per block (of one kind).
+        mixer_kwargs: the mixers' family arguments, shared by the blocks or one mapping per block.
+        num_heads, head_dim: the mixer contract's heads (see `zoo.blocks.resolve_heads`).
+        mlp_ratio, mlp_layer, layer_scale, pos_embed: `MixerBlock` arguments.
+        downsample: 'patch_merging' or 'conv' for attention stages; for conv stages any non-None value makes
+            the first block stride 2. None: no downsample.
+    """
+    depth: int
+    dim: int
+    mixer: Union[str, Sequence[str]] = 'window'
+    mixer_kwargs: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]] = field(default_factory=dict)
+    num_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    mlp_ratio: float = 4.
+    mlp_layer: str = 'mlp'
+    layer_scale: Optional[float] = None
+    pos_embed: int = 0
+    downsample: Optional[str] = None
+
+    def per_block(self) -> List[Tuple[str, Dict[str, Any]]]:
+        """(mixer name, mixer kwargs) of each block."""
+        names = [self.mixer] * self.depth if isinstance(self.mixer, str) else list(self.mixer)
+        kwargs = [dict(self.mixer_kwargs)] * self.depth if isinstance(self.mixer_kwargs, Mapping) \
+            else [dict(k) for k in self.mixer_kwargs]
+        if len(names) != self.depth or len(kwargs) != self.depth:
+            raise ValueError(f'StageSpec: expected one mixer and one mixer_kwargs per block (depth={self.depth}), '
+                             f'got {len(names)} mixers and {len(kwargs)} mixer_kwargs')
+        return list(zip(names, kwargs))
+
+    @property
+    def is_conv(self) -> bool:
+        """A conv stage (gates) rather than an attention stage (mixers)."""
+        names = {n for n, _ in self.per_block()}
+        gates = names & set(list_gates())
+        if gates and gates != names:
+            raise ValueError(f'StageSpec: a stage is all gates (conv) or all mixers (attention), got {sorted(names)}')
+        return bool(gates)
 
 
 class Stage(nn.Module):
@@ -51,11 +106,61 @@ class Stage(nn.Module):
         return x
 
 
+def build_stages(
+        specs: Sequence[StageSpec],
+        in_dim: int,
+        reduction: int,
+        drop_path_rate: float = 0.,
+        **block_kwargs,
+) -> Tuple[List[Stage], List[Dict[str, Any]]]:
+    """Stages and their feature_info from specs; `in_dim` / `reduction` are those of the stem's output.
+
+    `block_kwargs` go to every `MixerBlock` (qkv_bias, attn_drop, proj_drop, act_layer, norm_layer, norm_eps,
+    ...); `downsample_kwargs` in them go to the downsamples. Drop path rises stage-wise to `drop_path_rate`.
+    """
+    downsample_kwargs = block_kwargs.pop('downsample_kwargs', {})
+    dpr = calculate_drop_path_rates(drop_path_rate, [s.depth for s in specs], stagewise=True)
+    stages, feature_info = [], []
+    for i, spec in enumerate(specs):
+        if spec.downsample is not None:
+            reduction *= 2
+        if spec.is_conv:
+            blocks = []
+            for j, (gate, gate_kwargs) in enumerate(spec.per_block()):
+                stride = 2 if j == 0 and spec.downsample is not None else 1
+                shortcut = None
+                if stride != 1 or in_dim != spec.dim:
+                    shortcut = downsample_conv(in_dim, spec.dim, kernel_size=1, stride=stride)
+                blocks.append(BasicBlock(
+                    in_dim, spec.dim, stride=stride, downsample=shortcut,
+                    attn_layer=partial(create_gate, gate, **gate_kwargs)))
+                in_dim = spec.dim
+            stages.append(Stage(blocks, fmt='NCHW'))
+        else:
+            downsample = None
+            if spec.downsample is not None:
+                downsample = create_downsample(spec.downsample, in_dim, spec.dim, **downsample_kwargs)
+            elif in_dim != spec.dim:
+                raise ValueError(f'StageSpec {i}: dim changes from {in_dim} to {spec.dim} without a downsample')
+            blocks = [
+                MixerBlock(
+                    spec.dim, mixer, mixer_kwargs, num_heads=spec.num_heads, head_dim=spec.head_dim,
+                    mlp_ratio=spec.mlp_ratio, mlp_layer=spec.mlp_layer, layer_scale=spec.layer_scale,
+                    pos_embed=spec.pos_embed, drop_path=dpr[i][j], **block_kwargs)
+                for j, (mixer, mixer_kwargs) in enumerate(spec.per_block())
+            ]
+            stages.append(Stage(blocks, downsample, fmt='NHWC'))
+            in_dim = spec.dim
+        feature_info.append(dict(num_chs=spec.dim, reduction=reduction, module=f'stages.{i}'))
+    return stages, feature_info
+
+
 class HierarchicalBackbone(nn.Module):
     """Base class: stem -> stages -> norm -> head, with timm's full model interface.
 
-    Subclasses set `no_weight_decay_keys` (leaf parameter names excluded from weight decay) and
-    `min_input_size` (smallest H, W accepted), build their parts and call `init_backbone`.
+    Subclasses set `min_input_size` (smallest H, W accepted), build their parts and call `init_backbone`.
+    Parameters excluded from weight decay are those each module names in its `no_weight_decay_keys`
+    (mixers name their position tables) plus the model's own `no_weight_decay_keys`.
     """
     output_fmt = 'NCHW'
     no_weight_decay_keys: Tuple[str, ...] = ()
@@ -111,7 +216,12 @@ class HierarchicalBackbone(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        return {n for n, _ in self.named_parameters() if n.rsplit('.', 1)[-1] in self.no_weight_decay_keys}
+        names = set()
+        for prefix, module in self.named_modules():
+            for leaf in getattr(module, 'no_weight_decay_keys', ()):
+                if isinstance(getattr(module, leaf, None), nn.Parameter):
+                    names.add(f'{prefix}.{leaf}' if prefix else leaf)
+        return names
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -204,11 +314,16 @@ def build_backbone(
         model_cls: Type[nn.Module],
         variant: str,
         pretrained: bool = False,
-        checkpoint_filter_fn: Optional[Callable] = None,
+        checkpoint_filter_fn: Optional[Union[Callable, KeyMap]] = None,
         num_stages: int = 4,
         **kwargs,
 ) -> nn.Module:
-    """`build_model_with_cfg` with the zoo's feature defaults (all stages, NCHW)."""
+    """`build_model_with_cfg` with the zoo's feature defaults (all stages, NCHW).
+
+    `checkpoint_filter_fn` is a family's `KeyMap` (or a filter function); weights load only if they fit.
+    """
+    if isinstance(checkpoint_filter_fn, KeyMap):
+        checkpoint_filter_fn = make_filter(checkpoint_filter_fn)
     out_indices = kwargs.pop('out_indices', tuple(range(num_stages)))
     return build_model_with_cfg(
         model_cls,

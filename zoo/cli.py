@@ -17,10 +17,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 __all__ = ['main']
 
 _FORWARDED = {
-    'bench': ('bench.run', 'benchmarks: speed, memory, FLOPs, resolution scaling (arguments go to bench.run)'),
-    'train': ('train.cli', 'train from a config: zoo train CONFIG [--opts k=v ...] [--resume]'),
-    'eval': ('train.cli', 'evaluate a checkpoint: zoo eval CONFIG CHECKPOINT'),
-    'demo': ('train.demo', 'the main job: fine-tune on the embedded data, evaluate, export to ONNX (train/demo.py)'),
+    'bench': ('zoo.bench.run', 'benchmarks: speed, memory, FLOPs, resolution scaling (arguments go to bench.run)'),
+    'train': ('zoo.train.cli', 'train from a config: zoo train CONFIG [--opts k=v ...] [--resume]'),
+    'eval': ('zoo.train.cli', 'evaluate a checkpoint: zoo eval CONFIG CHECKPOINT'),
+    'demo': ('zoo.train.demo', 'the main job: fine-tune on the embedded data, evaluate, export to ONNX (train/demo.py)'),
 }
 
 
@@ -147,7 +147,7 @@ def _image_batch(model, images, img_size: Optional[Tuple[int, int]]):
 
 def _count_gmacs(model, x) -> Tuple[Optional[float], Optional[str]]:
     try:
-        from bench.flops import count_flops
+        from zoo.bench.flops import count_flops
     except ImportError:
         return None, None
     try:
@@ -258,7 +258,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             target['onnx_err'] = 'FAIL'
             target['errors'].append('ONNX: the model did not build / run, so it was not exported')
         else:
-            from weights.onnx import OnnxExportError, export_onnx
+            from zoo.weights.onnx import OnnxExportError, export_onnx
             mode = f'{args.onnx_exporter}, dynamic batch' + ('' if args.onnx_static else ' + H/W')
             print(f'exporting {target["model"]} to ONNX ({mode}) ...', file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory() as tmp:
@@ -289,8 +289,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------- export
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from weights.io import IncompatibleKeysError, WeightsFileError, load_into
-    from weights.onnx import OnnxExportError, export_onnx
+    from zoo.weights.io import IncompatibleKeysError, WeightsFileError, load_into
+    from zoo.weights.onnx import OnnxExportError, export_onnx
     kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
     model = _create(args.model, **kwargs)
     if args.checkpoint:
@@ -321,7 +321,7 @@ def _forward(command: str, argv: List[str]) -> int:
     except ImportError as e:
         hint = "; the training extras install with: pip install -e '.[train]'" if command != 'bench' else ''
         raise CliError(f'`zoo {command}` needs {module_name}, which does not import ({type(e).__name__}: {e}){hint}')
-    fwd = argv if module_name == 'train.cli' else argv[1:]
+    fwd = argv if module_name == 'zoo.train.cli' else argv[1:]
     ret = module.main(fwd)
     return int(ret or 0)
 

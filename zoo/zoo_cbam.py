@@ -18,10 +18,12 @@ from timm.layers import ClassifierHead, DropPath
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, downsample_conv
 
-from blocks.cbam import CBAM
+from zoo.blocks.cbam import CBAM
+from zoo.weights.keymap import KeyMap, KeyRule, make_filter
+
 from ._hierarchical import HierarchicalBackbone, Stage, build_backbone, default_cfg
 
-__all__ = ['CbamResNet']
+__all__ = ['CbamResNet', 'KEY_MAP', 'checkpoint_filter_fn']
 
 _BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
 
@@ -112,40 +114,21 @@ class CbamResNet(HierarchicalBackbone):
             nn.init.kaiming_normal_(self.head.fc.weight)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Official Jongchan/attention-module ResNet checkpoint -> our keys.
-
-    Accepts the full training checkpoint ({'state_dict': ..., 'optimizer': ...}) or its state dict,
-    with or without the DataParallel `module.` prefix. Official names: conv1, bn1, layer{1-4}.{j}.*
-    (block.cbam.ChannelGate.mlp.{1,3}, block.cbam.SpatialGate.spatial.{conv,bn}), fc. A state dict
-    already in our layout is returned unchanged.
-    """
-    if 'state_dict' in state_dict:
-        state_dict = state_dict['state_dict']
-    if any(k.startswith(('stem.', 'stages.')) for k in state_dict):
-        return state_dict
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith('module.'):
-            k = k[len('module.'):]
-        head, _, rest = k.partition('.')
-        if head == 'conv1':
-            k = 'stem.conv.' + rest
-        elif head == 'bn1':
-            k = 'stem.bn.' + rest
-        elif head == 'fc':
-            k = 'head.fc.' + rest
-        elif head.startswith('layer') and head[5:].isdigit():
-            j, _, rest = rest.partition('.')
-            rest = rest.replace('cbam.', 'se.', 1) if rest.startswith('cbam.') else rest
-            k = f'stages.{int(head[5:]) - 1}.blocks.{j}.{rest}'
-        # anything else is left as is, so strict loading names it
-        out[k] = v
-    return out
+# Official Jongchan/attention-module ResNet checkpoints (the full training checkpoint {'state_dict': ...,
+# 'optimizer': ...} or its state dict, DataParallel `module.` prefix or not): conv1, bn1,
+# layer{1-4}.{j}.* with the block's CBAM at `.cbam` (ChannelGate.mlp.{1,3}, SpatialGate.spatial.{conv,bn}), fc.
+KEY_MAP = KeyMap(rules=(
+    KeyRule(r'^conv1\.', 'stem.conv.'),
+    KeyRule(r'^bn1\.', 'stem.bn.'),
+    KeyRule(r'^fc\.', 'head.fc.'),
+    KeyRule(r'^layer(\d)\.(\d+)\.cbam\.', lambda m: f'layer{m.group(1)}.{m.group(2)}.se.'),
+    KeyRule(r'^layer(\d)\.(\d+)\.', lambda m: f'stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.'),
+))
+checkpoint_filter_fn = make_filter(KEY_MAP)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> CbamResNet:
-    return build_backbone(CbamResNet, variant, pretrained, checkpoint_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_backbone(CbamResNet, variant, pretrained, checkpoint_filter_fn=KEY_MAP, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

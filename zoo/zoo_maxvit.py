@@ -25,11 +25,12 @@ from timm.layers import (
 )
 from timm.models import generate_default_cfgs, named_apply, register_model
 
-from blocks.multiaxis import MaxVitBlock
+from zoo.blocks.multiaxis import MaxVitBlock
+from zoo.weights.keymap import KeyMap, KeyRule, make_filter
 
 from ._hierarchical import HierarchicalBackbone, Stage, build_backbone, default_cfg
 
-__all__ = ['MaxViT', 'checkpoint_filter_fn']
+__all__ = ['MaxViT', 'KEY_MAP', 'checkpoint_filter_fn']
 
 
 class Stem(nn.Module):
@@ -91,7 +92,6 @@ class MaxViT(HierarchicalBackbone):
         drop_path_rate: stochastic depth rate, rising stage-wise to this value.
         img_size: accepted for timm compatibility and ignored (any input size works).
     """
-    no_weight_decay_keys = ('relative_position_bias_table',)
     min_input_size = 1
 
     def __init__(
@@ -169,30 +169,26 @@ class MaxViT(HierarchicalBackbone):
         named_apply(_init_weights, self.stages)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Map a timm ``maxvit_*_tf_*`` checkpoint onto this model.
+def _resize_table(table: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A (heads, 2P-1, 2P-1) bias table of another partition size (the 384 / 512 releases) resized to ours."""
+    shape = target.shape
+    return resize_rel_pos_bias_table(
+        table, new_window_size=((shape[-2] + 1) // 2, (shape[-1] + 1) // 2), new_bias_shape=shape)
 
-    The only rename is ``attn.rel_pos.relative_position_bias_table`` -> ``attn.relative_position_bias_table``
-    (same (heads, 2P-1, 2P-1) TF layout); a table of another partition size (e.g. the 384 / 512 releases) is
-    resized to the model's. A state dict already in this model's layout passes through unchanged.
-    """
-    model_state = model.state_dict()
-    out = {}
-    for k, v in state_dict.items():
-        if k.endswith(('height_lookup', 'width_lookup')):  # non-persistent in timm, dropped if ever saved
-            continue
-        k = k.replace('attn.rel_pos.relative_position_bias_table', 'attn.relative_position_bias_table')
-        if k.endswith('relative_position_bias_table') and k in model_state and v.shape != model_state[k].shape:
-            target = model_state[k].shape
-            v = resize_rel_pos_bias_table(
-                v, new_window_size=((target[-2] + 1) // 2, (target[-1] + 1) // 2), new_bias_shape=target)
-        out[k] = v
-    return out
+
+# timm's ``maxvit_*_tf_*``: one rename, ``attn.rel_pos.relative_position_bias_table`` ->
+# ``attn.relative_position_bias_table`` (same TF layout); timm's non-persistent lookups are dropped if saved.
+KEY_MAP = KeyMap(
+    rules=(KeyRule(r'attn\.rel_pos\.relative_position_bias_table$', 'attn.relative_position_bias_table'),),
+    drop=(r'(height|width)_lookup$',),
+    transforms=((r'relative_position_bias_table$', _resize_table),),
+)
+checkpoint_filter_fn = make_filter(KEY_MAP)
 
 
 def _create_maxvit(variant: str, pretrained: bool = False, **kwargs) -> MaxViT:
     return build_backbone(
-        MaxViT, variant, pretrained, checkpoint_filter_fn=checkpoint_filter_fn,
+        MaxViT, variant, pretrained, checkpoint_filter_fn=KEY_MAP,
         num_stages=len(kwargs.get('depths', (2, 2, 5, 2))), **kwargs)
 
 

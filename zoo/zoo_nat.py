@@ -13,22 +13,20 @@ Any input size works: the stems and downsamplers pad odd sizes, and neighborhood
 than kernel * dilation (as the official NATTEN module did). `checkpoint_filter_fn` loads the official
 release files.
 """
-import re
 from functools import partial
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, LayerNorm2d, PatchEmbed, calculate_drop_path_rates
+from timm.layers import ClassifierHead, LayerNorm2d, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import init_weights_vit_timm
 
-from blocks.neighborhood import NATBlock
-from blocks.window import PatchMerging
+from zoo.weights.keymap import KeyMap, KeyRule, make_filter
 
-from ._hierarchical import HierarchicalBackbone, Stage, build_backbone, default_cfg
+from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, build_stages, default_cfg
 
-__all__ = ['NAT', 'checkpoint_filter_fn']
+__all__ = ['NAT', 'KEY_MAP', 'checkpoint_filter_fn']
 
 _LN_EPS = 1e-5  # nn.LayerNorm's default, used by the official models
 
@@ -46,19 +44,6 @@ class ConvTokenizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x))
-
-
-class ConvDownsampler(nn.Module):
-    """NAT downsampler: 3x3 stride-2 conv (no bias) + LN. (B, H, W, dim) -> (B, ceil(H/2), ceil(W/2), out_dim)."""
-
-    def __init__(self, dim: int, out_dim: int):
-        super().__init__()
-        self.reduction = nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1, bias=False)
-        self.norm = nn.LayerNorm(out_dim, eps=_LN_EPS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.norm(x)
 
 
 class NAT(HierarchicalBackbone):
@@ -85,7 +70,6 @@ class NAT(HierarchicalBackbone):
         drop_path_rate: stochastic depth rate, rising linearly over blocks to this value.
         img_size: accepted for timm compatibility and ignored (any input size works).
     """
-    no_weight_decay_keys = ('rpb',)
 
     def __init__(
             self,
@@ -121,9 +105,15 @@ class NAT(HierarchicalBackbone):
         if layout not in ('nat', 'swin'):
             raise ValueError(f"layout: expected 'nat' or 'swin', got {layout!r}")
         self.dilations = tuple(tuple(int(d) for d in s) for s in dilations)
-        dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
-        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
-
+        specs = [
+            StageSpec(
+                depth=depth, dim=int(embed_dim * 2 ** i), mixer='neighborhood', num_heads=num_heads[i],
+                mixer_kwargs=[dict(kernel_size=kernel_size, dilation=d, qk_scale=qk_scale) for d in self.dilations[i]],
+                mlp_ratio=mlp_ratio, layer_scale=layer_scale,
+                downsample=None if i == 0 else ('conv' if layout == 'nat' else 'patch_merging'))
+            for i, depth in enumerate(depths)
+        ]
+        dims = [spec.dim for spec in specs]
         if layout == 'nat':
             stem, reduction = ConvTokenizer(in_chans, dims[0]), 4
         else:
@@ -132,33 +122,9 @@ class NAT(HierarchicalBackbone):
                 norm_layer=partial(LayerNorm2d, eps=_LN_EPS), output_fmt='NCHW',
                 strict_img_size=False, dynamic_img_pad=True)
             reduction = patch_size
-        stages, feature_info = [], []
-        for i in range(num_stages):
-            downsample = None
-            if i > 0:
-                reduction *= 2
-                if layout == 'nat':
-                    downsample = ConvDownsampler(dims[i - 1], dims[i])
-                else:
-                    downsample = PatchMerging(dims[i - 1], dims[i], norm_layer=nn.LayerNorm)
-            blocks = [
-                NATBlock(
-                    dims[i],
-                    num_heads=num_heads[i],
-                    kernel_size=kernel_size,
-                    dilation=self.dilations[i][j],
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    qk_scale=qk_scale,
-                    proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=dpr[i][j],
-                    layer_scale=layer_scale,
-                )
-                for j in range(depths[i])
-            ]
-            stages.append(Stage(blocks, downsample, fmt='NHWC'))
-            feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f'stages.{i}'))
+        stages, feature_info = build_stages(
+            specs, dims[0], reduction, drop_path_rate, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
+            attn_drop=attn_drop_rate, norm_eps=_LN_EPS)
 
         self.init_backbone(
             stem=stem,
@@ -173,35 +139,21 @@ class NAT(HierarchicalBackbone):
         self.apply(partial(init_weights_vit_timm, needs_reset=False))  # trunc-normal Linear, zero bias
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: NAT) -> Dict[str, torch.Tensor]:
-    """Map an official NAT / DiNAT / DiNAT_s checkpoint onto this model's names.
-
-    Official NAT / DiNAT: `patch_embed.proj.{0,1}`, `patch_embed.norm`, `levels.N.blocks.M.*`,
-    `levels.N.downsample.{reduction,norm}` (at the end of stage N), `norm`, `head`.
-    Official DiNAT_s: `patch_embed.{proj,norm}`, `layers.N.*` (Swin layout, downsample at the end of stage N),
-    `norm`, `head`. Weights wrapped under `state_dict` / `model` are unwrapped; a state dict already in this
-    model's layout passes through unchanged.
-    """
-    for wrapper in ('state_dict_ema', 'state_dict', 'model'):
-        if wrapper in state_dict and not torch.is_tensor(state_dict[wrapper]):
-            state_dict = state_dict[wrapper]
-            break
-    if any(k.startswith('stages.') for k in state_dict):
-        return state_dict
-    out = {}
-    for k, v in state_dict.items():
-        k = re.sub(r'^(levels|layers)\.(\d+)\.downsample\.',
-                   lambda m: f'stages.{int(m.group(2)) + 1}.downsample.', k)
-        k = re.sub(r'^(levels|layers)\.', 'stages.', k)
-        k = re.sub(r'^patch_embed\.', 'stem.', k)
-        k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
-        out[k] = v
-    return out
+# Official NAT / DiNAT: `patch_embed.proj.{0,1}`, `patch_embed.norm`, `levels.N.blocks.M.*`,
+# `levels.N.downsample.{reduction,norm}` (at the end of stage N), `norm`, `head`. Official DiNAT_s:
+# `patch_embed.{proj,norm}`, `layers.N.*` (Swin layout, downsample at the end of stage N), `norm`, `head`.
+KEY_MAP = KeyMap(rules=(
+    KeyRule(r'^(levels|layers)\.(\d+)\.downsample\.', lambda m: f'stages.{int(m.group(2)) + 1}.downsample.'),
+    KeyRule(r'^(levels|layers)\.', 'stages.'),
+    KeyRule(r'^patch_embed\.', 'stem.'),
+    KeyRule(r'^head\.(weight|bias)$', r'head.fc.\1'),
+))
+checkpoint_filter_fn = make_filter(KEY_MAP)
 
 
 def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
     return build_backbone(
-        NAT, variant, pretrained, checkpoint_filter_fn=checkpoint_filter_fn,
+        NAT, variant, pretrained, checkpoint_filter_fn=KEY_MAP,
         num_stages=len(kwargs.get('depths', (3, 4, 6, 5))), **kwargs)
 
 

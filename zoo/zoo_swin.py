@@ -3,26 +3,28 @@
 `Swin Transformer: Hierarchical Vision Transformer using Shifted Windows` - https://arxiv.org/abs/2103.14030
 Official code and weights: https://github.com/microsoft/Swin-Transformer
 
-Any input size works: the image is padded to a multiple of the patch size, patch merging pads odd maps,
-and window attention pads and masks. `checkpoint_filter_fn` loads both timm's Swin checkpoints and the
+A stem, a list of window-attention stage specs and a key map. Any input size works: the image is padded
+to a multiple of the patch size, patch merging pads odd maps, and window attention pads and masks. The
+window and shift of each stage follow Swin's rule for the feature size of `img_size` (fixed at construction,
+as timm does), so one ONNX export runs at every size. `KEY_MAP` loads both timm's Swin checkpoints and the
 official release files.
 """
-import re
 from functools import partial
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, LayerNorm2d, calculate_drop_path_rates, to_2tuple
+from timm.layers import ClassifierHead, LayerNorm2d, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import init_weights_vit_timm
 
-from blocks.window import PatchMerging, SwinBlock
+from zoo.blocks.window import effective_window_shift
+from zoo.weights.keymap import KeyMap, KeyRule, make_filter
 
-from ._hierarchical import HierarchicalBackbone, Stage, build_backbone, default_cfg
+from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, build_stages, default_cfg
 
-__all__ = ['SwinTransformer', 'checkpoint_filter_fn']
+__all__ = ['SwinTransformer', 'KEY_MAP', 'checkpoint_filter_fn', 'swin_stage_specs']
 
 _LN_EPS = 1e-5  # nn.LayerNorm's default, used by the official model
 
@@ -41,10 +43,38 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ph, pw = self.patch_size
-        pad_h, pad_w = -x.shape[-2] % ph, -x.shape[-1] % pw
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = F.pad(x, (0, -x.shape[-1] % pw, 0, -x.shape[-2] % ph))
         return self.norm(self.conv(x))
+
+
+def swin_stage_specs(
+        embed_dim: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        window_size: Union[int, Tuple[int, int]] = 7,
+        img_size: Union[int, Sequence[int]] = 224,
+        patch_size: int = 4,
+        mixer: Union[str, Sequence[Union[str, Sequence[str]]]] = 'window',
+        **spec_kwargs,
+) -> Tuple[StageSpec, ...]:
+    """Swin's stages: widths doubling from `embed_dim`, patch merging between stages, window attention
+    shifted by half a window in every other block. Window and shift per stage follow Swin's rule for the
+    feature size of `img_size`. `mixer` is a name for all blocks, or per stage a name or one name per block
+    (blocks that are not 'window' get no window arguments)."""
+    img_h, img_w = to_2tuple(img_size)
+    window = to_2tuple(window_size)
+    specs = []
+    for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+        size = (-(-img_h // (patch_size * 2 ** i)), -(-img_w // (patch_size * 2 ** i)))
+        win, shift = effective_window_shift(size, window, tuple(w // 2 for w in window))
+        names = mixer if isinstance(mixer, str) else mixer[i]
+        names = [names] * depth if isinstance(names, str) else list(names)
+        kwargs = [dict(window_size=win, shift_size=shift if j % 2 else 0) if n == 'window' else {}
+                  for j, n in enumerate(names)]
+        specs.append(StageSpec(
+            depth=depth, dim=int(embed_dim * 2 ** i), mixer=names, mixer_kwargs=kwargs, num_heads=heads,
+            downsample='patch_merging' if i else None, **spec_kwargs))
+    return tuple(specs)
 
 
 class SwinTransformer(HierarchicalBackbone):
@@ -59,7 +89,8 @@ class SwinTransformer(HierarchicalBackbone):
         num_heads: attention heads per stage.
         head_dim: channels per head (dim // heads if None).
         patch_size: stem patch size.
-        window_size: attention window size M (shift M // 2 in every other block).
+        window_size: attention window size M (shift M // 2 in every other block), clamped per stage to the
+            feature size of `img_size`.
         mlp_ratio: MLP hidden width / dim.
         qkv_bias: bias in the qkv projections.
         init_values: layer-scale init (None: no layer scale, as in the paper).
@@ -67,9 +98,8 @@ class SwinTransformer(HierarchicalBackbone):
         proj_drop_rate: dropout after attention projections and in MLPs.
         attn_drop_rate: attention dropout (must be 0: the window op has none).
         drop_path_rate: stochastic depth rate, rising stage-wise to this value.
-        img_size: accepted for timm compatibility and ignored (any input size works).
+        img_size: the size the windows are chosen for (any input size runs).
     """
-    no_weight_decay_keys = ('relative_position_bias_table',)
 
     def __init__(
             self,
@@ -90,41 +120,19 @@ class SwinTransformer(HierarchicalBackbone):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.1,
             img_size: Optional[Union[int, Sequence[int]]] = None,
+            mixer: Union[str, Sequence[Union[str, Sequence[str]]]] = 'window',
     ):
         super().__init__()
         if len(num_heads) != len(depths):
             raise ValueError(f'num_heads: expected one entry per stage ({len(depths)}), got {tuple(num_heads)}')
-        num_stages = len(depths)
-        dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
-        window_size = to_2tuple(window_size)
-        shift_size = tuple(w // 2 for w in window_size)
-        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
-
+        specs = swin_stage_specs(
+            embed_dim, depths, num_heads, window_size, img_size or 224, patch_size, mixer=mixer,
+            head_dim=head_dim, mlp_ratio=mlp_ratio, layer_scale=init_values)
+        dims = [spec.dim for spec in specs]
         stem = PatchEmbed(in_chans, dims[0], patch_size)
-        stages, feature_info = [], []
-        reduction = patch_size
-        for i in range(num_stages):
-            if i > 0:
-                reduction *= 2
-            blocks = [
-                SwinBlock(
-                    dims[i],
-                    num_heads=num_heads[i],
-                    window_size=window_size,
-                    shift_size=0 if j % 2 == 0 else shift_size,
-                    head_dim=head_dim,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=dpr[i][j],
-                    init_values=init_values,
-                )
-                for j in range(depths[i])
-            ]
-            downsample = PatchMerging(dims[i - 1], dims[i]) if i > 0 else None
-            stages.append(Stage(blocks, downsample, fmt='NHWC'))
-            feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f'stages.{i}'))
+        stages, feature_info = build_stages(
+            specs, dims[0], patch_size, drop_path_rate, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
+            attn_drop=attn_drop_rate, norm_eps=_LN_EPS)
 
         self.init_backbone(
             stem=stem,
@@ -139,39 +147,27 @@ class SwinTransformer(HierarchicalBackbone):
         self.apply(partial(init_weights_vit_timm, needs_reset=False))  # trunc-normal Linear, zero bias
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Map a timm or an official Swin checkpoint onto this model's names.
-
-    timm (`swin_*_patch4_window7_224`): `patch_embed.*`, `layers.N.*` (downsample at the start of stage N),
-    `head.fc.*`. Official (microsoft/Swin-Transformer, weights under `model`): downsample at the end of
-    stage N, `head.*`, plus the `relative_position_index` / `attn_mask` buffers, which are dropped.
-    A state dict already in this model's layout passes through unchanged.
-    """
-    if 'model' in state_dict and not torch.is_tensor(state_dict['model']):
-        state_dict = state_dict['model']
-    if 'state_dict' in state_dict and not torch.is_tensor(state_dict['state_dict']):
-        state_dict = state_dict['state_dict']
-    if 'absolute_pos_embed' in state_dict:
-        raise ValueError('state_dict: absolute position embeddings (ape=True) are not supported by this model')
-    # the official layout puts a downsample at the end of stage 0; timm's never has one there
-    official = 'layers.0.downsample.reduction.weight' in state_dict
-    out = {}
-    for k, v in state_dict.items():
-        if k.endswith(('relative_position_index', 'attn_mask')):
-            continue
-        if official:
-            k = re.sub(r'^layers\.(\d+)\.downsample', lambda m: f'layers.{int(m.group(1)) + 1}.downsample', k)
-            k = re.sub(r'^head\.(weight|bias)$', r'head.fc.\1', k)
-        k = re.sub(r'^patch_embed\.proj\.', 'stem.conv.', k)
-        k = re.sub(r'^patch_embed\.norm\.', 'stem.norm.', k)
-        k = re.sub(r'^layers\.', 'stages.', k)
-        out[k] = v
-    return out
+# timm (`swin_*_patch4_window7_224`): `patch_embed.*`, `layers.N.*` (downsample at the start of stage N),
+# `head.fc.*`. Official (microsoft/Swin-Transformer, weights under `model`): downsample at the end of stage N,
+# `head.*`, and the `relative_position_index` / `attn_mask` buffers. Our own layout passes through.
+_OFFICIAL = r'^layers\.0\.downsample\.'
+KEY_MAP = KeyMap(
+    rules=(
+        KeyRule(r'^layers\.(\d+)\.downsample', lambda m: f'layers.{int(m.group(1)) + 1}.downsample', when=_OFFICIAL),
+        KeyRule(r'^head\.(weight|bias)$', r'head.fc.\1', when=_OFFICIAL),
+        KeyRule(r'^patch_embed\.proj\.', 'stem.conv.'),
+        KeyRule(r'^patch_embed\.norm\.', 'stem.norm.'),
+        KeyRule(r'^layers\.', 'stages.'),
+    ),
+    drop=(r'relative_position_index$', r'attn_mask$'),
+    reject=((r'^absolute_pos_embed$', 'absolute position embeddings (ape=True) are not supported by this model'),),
+)
+checkpoint_filter_fn = make_filter(KEY_MAP)
 
 
 def _create_swin(variant: str, pretrained: bool = False, **kwargs) -> SwinTransformer:
     return build_backbone(
-        SwinTransformer, variant, pretrained, checkpoint_filter_fn=checkpoint_filter_fn,
+        SwinTransformer, variant, pretrained, checkpoint_filter_fn=KEY_MAP,
         num_stages=len(kwargs.get('depths', (2, 2, 6, 2))), **kwargs)
 
 

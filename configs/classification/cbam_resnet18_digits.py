@@ -1,4 +1,4 @@
-# The embedded default (python -m train.demo): CBAM-ResNet-18 on scikit-learn's digits at 32 px, CPU-friendly.
+# The embedded default (python -m zoo.train.demo): CBAM-ResNet-18 on scikit-learn's digits at 32 px, CPU-friendly.
 _base_ = ['../_base_/models/classifier.py', '../_base_/datasets/digits.py', '../_base_/schedules/adamw_cosine.py',
           '../_base_/default_runtime.py']
 model = dict(model_name='cbam_resnet18', num_classes=10)

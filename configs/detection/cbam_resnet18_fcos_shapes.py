@@ -1,4 +1,4 @@
-# FCOS + FPN over CBAM-ResNet-18 on the generated shapes set (python -m train.demo --task detection):
+# FCOS + FPN over CBAM-ResNet-18 on the generated shapes set (python -m zoo.train.demo --task detection):
 # 200 training images of 96-160 px, 8 epochs (200 iterations of 8 images), evaluated on 50 images.
 _base_ = ['../_base_/models/fcos.py', '../_base_/datasets/shapes.py', '../_base_/schedules/adamw_cosine.py',
           '../_base_/default_runtime.py']

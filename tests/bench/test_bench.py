@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils import flop_counter
 
-from bench.flops import count_flops, count_macs, count_params
-from bench.run import main
+from zoo.bench.flops import count_flops, count_macs, count_params
+from zoo.bench.run import main
 
 
 def test_count_flops_conv_linear_exact():

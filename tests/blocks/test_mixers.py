@@ -3,8 +3,8 @@ and the Triton path (interpreter) equal to the reference path, forward and backw
 import pytest
 import torch
 
-import kernels
-from blocks import create_mixer, list_mixers
+import zoo.kernels as kernels
+from zoo.blocks import create_mixer, list_mixers
 
 MIXERS = list_mixers()
 

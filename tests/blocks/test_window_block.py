@@ -7,8 +7,10 @@ import torch
 from timm.models.swin_transformer import PatchMerging as TimmPatchMerging
 
 import kernels.window.reference as window_ref
-from blocks import create_mixer
-from blocks.window import PatchMerging, SwinBlock, WindowAttention, effective_window_shift
+from zoo.blocks import create_mixer
+from zoo.blocks import MixerBlock
+from zoo.blocks.block import PatchMerging
+from zoo.blocks.window import WindowAttention, effective_window_shift
 
 
 def _axis_layout(size: int, window: int, shift: int):
@@ -32,10 +34,8 @@ def _brute_force(mod: WindowAttention, x: torch.Tensor) -> torch.Tensor:
     B, H, W, C = x.shape
     nh, d = mod.num_heads, mod.head_dim
     (Mh, Mw), (Sh, Sw) = mod.window_size, mod.shift_size
-    wh, sh = (H, 0) if H <= Mh else (Mh, Sh)
-    ww, sw = (W, 0) if W <= Mw else (Mw, Sw)
-    Hp, win_h, off_h, reg_h, ok_h = _axis_layout(H, wh, sh)
-    Wp, win_w, off_w, reg_w, ok_w = _axis_layout(W, ww, sw)
+    Hp, win_h, off_h, reg_h, ok_h = _axis_layout(H, Mh, Sh)
+    Wp, win_w, off_w, reg_w, ok_w = _axis_layout(W, Mw, Sw)
     xp = torch.zeros(B, Hp, Wp, C, dtype=x.dtype)
     xp[:, :H, :W] = x
     q, k, v = mod.qkv(xp).view(B, Hp * Wp, 3, nh, d).permute(2, 0, 3, 1, 4)
@@ -62,8 +62,8 @@ def _brute_force(mod: WindowAttention, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize('hw, window, shift', [
     ((13, 17), 7, 3),  # padding and shift on both axes
-    ((5, 9), 7, 3),  # H smaller than the window: one unshifted window row; W padded and shifted
-    ((7, 7), 7, 3),  # map equal to the window: no shift at all
+    ((5, 9), 7, 3),  # H smaller than the window: padded to one window, shifted and masked
+    ((7, 7), 7, 3),  # map equal to the window: the built shift still applies (backbones pick it from img_size)
     ((20, 11), (7, 5), (3, 2)),  # rectangular window
     ((16, 16), 4, 2),
 ])
@@ -110,7 +110,7 @@ def test_mixer_registry_and_errors():
 
 
 def test_swin_block_any_size_and_layer_scale():
-    block = SwinBlock(32, num_heads=2, window_size=7, shift_size=3, init_values=1e-5, drop_path=0.1)
+    block = MixerBlock(32, 'window', dict(window_size=7, shift_size=3), num_heads=2, layer_scale=1e-5, drop_path=0.1)
     x = torch.randn(2, 9, 15, 32, requires_grad=True)
     block(x).sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in block.parameters())

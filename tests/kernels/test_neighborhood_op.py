@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import neighborhood_attention
-from kernels.backend import interpreter_on, triton_available
-from kernels.neighborhood import reference
-from kernels.neighborhood.naive import neighborhood_attention_naive, window_start
-from kernels.neighborhood.reference import (
+from zoo.kernels import neighborhood_attention
+from zoo.kernels.backend import interpreter_on, triton_available
+from zoo.kernels.neighborhood import reference
+from zoo.kernels.neighborhood.naive import neighborhood_attention_naive, window_start
+from zoo.kernels.neighborhood.reference import (
     DENSE_MAX_TOKENS, TILE, na_axis_tables, na_tile_tables, neighborhood_attention_ref, use_dense)
 
 try:
@@ -206,7 +206,7 @@ def _device():
     (8, 7, (3, 5), (2, 1), 24, False, None),  # non-square kernel, head dim not a power of two
 ])
 def test_triton_matches_reference(H, W, kernel, dilation, head_dim, bias, tile):
-    from kernels.neighborhood.triton import neighborhood_attention_triton
+    from zoo.kernels.neighborhood.triton import neighborhood_attention_triton
     dev = _device()
     # q, k, v as strided views of one qkv tensor, like the NAT block produces them
     qkv = torch.randn(1, H, W, 3, 2, head_dim, device=dev)

@@ -3,11 +3,11 @@ backend switch, input errors."""
 import pytest
 import torch
 
-import kernels.backend
-from kernels import use_backend
-from kernels.window import window_attention, window_attention_ref
-from kernels.window.naive import window_attention_naive
-from kernels.window.triton import window_attention_triton
+import zoo.kernels.backend
+from zoo.kernels import use_backend
+from zoo.kernels.window import window_attention, window_attention_ref
+from zoo.kernels.window.naive import window_attention_naive
+from zoo.kernels.window.triton import window_attention_triton
 
 # (H, W, window, mode, shift, table half-size M or None, heads, head_dim)
 CASES = {

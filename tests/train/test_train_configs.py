@@ -6,8 +6,8 @@ import pytest
 from mmengine.registry import MODELS
 
 import train  # noqa: F401
-from train import ConfigError, load_config
-from train.runner import parse_opts
+from zoo.train import ConfigError, load_config
+from zoo.train.runner import parse_opts
 
 CONFIG_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'configs')
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(CONFIG_ROOT, '*', '*.py')) if '_base_' not in p)
@@ -81,7 +81,7 @@ def test_bad_head_kwargs(det_config):
 
 
 def test_cli_reports_bad_data_before_training(cls_config, tmp_path, capsys):
-    from train.cli import main
+    from zoo.train.cli import main
     missing = tmp_path / 'nope'
     opts = ['model.model_name=test_convnext',
             f"train_dataloader.dataset={{'type': 'ImageFolderDataset', 'root': '{missing}', '_delete_': True}}"]
@@ -92,7 +92,7 @@ def test_cli_reports_bad_data_before_training(cls_config, tmp_path, capsys):
 
 
 def test_sync_bn_and_launcher_checks(cls_config, monkeypatch):
-    from train.runner import prepare_config
+    from zoo.train.runner import prepare_config
     cfg = load_config(cls_config, ['sync_bn=torch'])
     monkeypatch.setenv('WORLD_SIZE', '2')  # as under torchrun
     if not __import__('torch').cuda.is_available():

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 import train  # noqa: F401
-from train import ConfigError, DatasetError
-from train.data import CocoDetDataset, DigitsDataset, ImageFolderDataset, det_collate
-from train.shapes import CLASSES, make_shapes_coco
+from zoo.train import ConfigError, DatasetError
+from zoo.train.data import CocoDetDataset, DigitsDataset, ImageFolderDataset, det_collate
+from zoo.train.shapes import CLASSES, make_shapes_coco
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint():

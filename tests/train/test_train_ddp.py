@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 import train  # noqa: F401
-from train import load_config, run_train
-from train.runner import read_checkpoint
+from zoo.train import load_config, run_train
+from zoo.train.runner import read_checkpoint
 
 
 def test_two_process_ddp_matches_one_process(recipe, tmp_path):
@@ -23,7 +23,7 @@ def test_two_process_ddp_matches_one_process(recipe, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1',
                PYTHONPATH=recipe.repo + os.pathsep + os.environ.get('PYTHONPATH', ''))
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           '-m', 'train', 'train', recipe.cls_config, '--work-dir', str(tmp_path / 'two'),
+           '-m', 'zoo.train', 'train', recipe.cls_config, '--work-dir', str(tmp_path / 'two'),
            '--opts', *base, 'train_dataloader.batch_size=8', 'val_dataloader.batch_size=60']
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The main job (python -m train.demo) end to end, shortened: train, evaluate, export to ONNX, check onnxruntime."""
+"""The main job (python -m zoo.train.demo) end to end, shortened: train, evaluate, export to ONNX, check onnxruntime."""
 import json
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 
 import train  # noqa: F401
-from train.demo import main
+from zoo.train.demo import main
 
 
 def test_classification_demo_end_to_end(tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train  # noqa: F401  (registers the recipe)
-from train.metrics import COCO_STATS, CocoMetric, TopKAccuracy, coco_evaluate
+from zoo.train.metrics import COCO_STATS, CocoMetric, TopKAccuracy, coco_evaluate
 
 
 def test_topk_accuracy_perfect_and_known():

@@ -8,8 +8,8 @@ from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 from timm.scheduler import create_scheduler_v2
 
 import train  # noqa: F401
-from train.hooks import TimmSchedulerHook
-from train.models import TimmClassifier, TimmDetector
+from zoo.train.hooks import TimmSchedulerHook
+from zoo.train.models import TimmClassifier, TimmDetector
 
 
 def _build(model, **optimizer):

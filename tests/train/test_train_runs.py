@@ -15,11 +15,11 @@ import torch
 from mmengine.registry import DATASETS, MODELS
 
 import train  # noqa: F401
-from train import load_config, run_train
-from train.cli import main as cli_main
-from train.metrics import coco_evaluate
-from train.runner import read_checkpoint
-from weights import IncompatibleKeysError, save_weights
+from zoo.train import load_config, run_train
+from zoo.train.cli import main as cli_main
+from zoo.train.metrics import coco_evaluate
+from zoo.train.runner import read_checkpoint
+from zoo.weights import IncompatibleKeysError, save_weights
 
 
 def _env(mp, root):
@@ -78,7 +78,7 @@ def test_classification_metric_comes_from_the_model_predictions(cls_run):
         top1 = 100.0 * (model(x, mode='predict').argmax(1) == y).float().mean().item()
     assert top1 == pytest.approx(result['metrics']['accuracy/top1'], abs=1e-4)
     # the recipe's own checkpoint fine-tunes into a new 4-class model (weights-only load, prefix stripped)
-    from train.models import TimmClassifier
+    from zoo.train.models import TimmClassifier
     tuned = TimmClassifier('test_convnext', num_classes=4, pretrained=result['checkpoint'])
     torch.testing.assert_close(tuned.model.stem[0].weight, model.model.stem[0].weight, rtol=0, atol=0)
 
@@ -147,7 +147,7 @@ def test_detection_run_computes_ap_from_predictions(recipe, tmp_path):
 
 @pytest.mark.parametrize('head', ['retinanet', 'faster_rcnn'])
 def test_other_detection_heads_train_and_predict(head, tmp_path):
-    from train.shapes import make_shapes_coco
+    from zoo.train.shapes import make_shapes_coco
     paths = make_shapes_coco(str(tmp_path), 'val', 2, min_size=64, max_size=96)
     ds = DATASETS.build(dict(type='CocoDetDataset', train=True, **paths))
     batch = train.data.det_collate([ds[0], ds[1]])
@@ -175,7 +175,7 @@ def test_killed_run_resumes_to_the_same_result(recipe, tmp_path):
     killed = tmp_path / 'killed'
     env = dict(os.environ, OMP_NUM_THREADS='1',
                PYTHONPATH=recipe.repo + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    proc = subprocess.Popen([sys.executable, '-m', 'train', 'train', recipe.cls_config, '--work-dir', str(killed),
+    proc = subprocess.Popen([sys.executable, '-m', 'zoo.train', 'train', recipe.cls_config, '--work-dir', str(killed),
                              '--opts', *opts], cwd=str(tmp_path), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -232,7 +232,7 @@ def test_gradient_accumulation_and_clipping(recipe, tmp_path):
 
 
 def test_finetune_from_weight_files(tmp_path):
-    from train.models import TimmClassifier, TimmDetector
+    from zoo.train.models import TimmClassifier, TimmDetector
     src = TimmClassifier('test_convnext', num_classes=10)
     st = save_weights(src.model, str(tmp_path / 'src.safetensors'))
     torch.save({'state_dict': {f'model.{k}': v for k, v in src.model.state_dict().items()}, 'meta': {}},

@@ -8,7 +8,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from weights.io import (
+from zoo.weights.io import (
     IncompatibleKeysError, WeightsFileError, atomic_write, load_into, load_weights, save_weights,
 )
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import backend
-from weights.onnx import OnnxExportError, export_onnx, onnx_run
+from zoo.kernels import backend
+from zoo.weights.onnx import OnnxExportError, export_onnx, onnx_run
 
 
 class TinyAttnNet(nn.Module):

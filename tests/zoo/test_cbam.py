@@ -6,9 +6,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import blocks
+import zoo.blocks as blocks
 import zoo  # noqa: F401  (registers the models)
-from blocks.cbam import CBAM, ChannelGate
+from zoo.blocks.cbam import CBAM, ChannelGate
 from zoo.zoo_cbam import checkpoint_filter_fn
 
 
@@ -50,7 +50,7 @@ def _formula_args(m: CBAM):
 
 
 def test_cbam_matches_formula_and_order_matters():
-    m = blocks.create_mixer('cbam', 48)
+    m = blocks.create_gate('cbam', 48)
     assert isinstance(m, CBAM)
     _randomize_bn(m)
     with torch.no_grad():  # larger conv weights so the spatial gate is far from constant

@@ -5,13 +5,15 @@ from dataclasses import replace
 import pytest
 import timm
 import torch
+from timm.layers import LayerNorm
 import torch.nn as nn
 from timm.models.maxxvit import MbConvBlock as TimmMbConv
 from timm.models.maxxvit import PartitionAttentionCl, _tf_cfg
 
 import zoo  # noqa: F401  (registers the models)
-from blocks import create_mixer
-from blocks.multiaxis import MbConvBlock, PartitionAttention, PartitionBlock
+from zoo.blocks import create_mixer
+from zoo.blocks import MixerBlock
+from zoo.blocks.multiaxis import MbConvBlock, PartitionAttention
 from zoo.zoo_maxvit import checkpoint_filter_fn
 
 # ours -> (timm's TF port, paper parameter count)
@@ -162,7 +164,8 @@ def test_mbconv_matches_timm_any_size(stride, in_chs, size):
 def test_partition_block_matches_timm(partition_type):
     cfg = replace(_tf_cfg()['transformer_cfg'], window_size=(7, 7), grid_size=(7, 7))
     ref = _randomise(PartitionAttentionCl(64, partition_type, cfg=cfg))
-    ours = PartitionBlock(64, partition_type, partition_size=7).eval()
+    ours = MixerBlock(64, partition_type, dict(partition_size=7), head_dim=32, act_layer='gelu_tanh',
+                      norm_layer=LayerNorm).eval()
     ours.load_state_dict(checkpoint_filter_fn(ref.state_dict(), ours), strict=True)
     x = torch.randn(2, 14, 21, 64)
     with torch.no_grad():

@@ -8,9 +8,10 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import blocks
+import zoo.blocks as blocks
 import zoo  # noqa: F401  (registers the models)
-from blocks.neighborhood import NATBlock, NeighborhoodAttention2D
+from zoo.blocks import MixerBlock
+from zoo.blocks.neighborhood import NeighborhoodAttention2D
 
 # Official totals (official model code, counted with its natten module: rpb on, no buffers).
 NAT_PARAMS = {'mini': 19.984e6, 'tiny': 27.902e6, 'small': 50.743e6, 'base': 89.770e6}
@@ -268,7 +269,7 @@ def test_module_errors_and_registry():
 
 
 def test_block_layer_scale():
-    blk = NATBlock(32, num_heads=1, kernel_size=3, mlp_ratio=2., layer_scale=1e-5)
+    blk = MixerBlock(32, 'neighborhood', dict(kernel_size=3), num_heads=1, mlp_ratio=2., layer_scale=1e-5)
     assert {n for n, _ in blk.named_parameters() if 'gamma' in n} == {'gamma1', 'gamma2'}
     x = torch.randn(1, 5, 6, 32)
     with torch.no_grad():

@@ -1,0 +1,165 @@
+"""The one pre-norm residual block every attention stage is built from, and the layers around it.
+
+    x = x + pos_embed(x)                                  (optional depthwise conv position embedding)
+    x = x + drop_path(gamma1 * mixer(norm1(x)))           (mixer from `create_mixer`, layer scale optional)
+    x = x + drop_path(gamma2 * mlp(norm2(x)))             (MLP, or MLP with a depthwise conv)
+
+Swin, NAT / DiNAT / DiNAT_s and MaxViT's partition attention are this block with another mixer; per-block
+variation (shift, dilation, window, ...) arrives as mixer kwargs. Parameter names (`norm1`, `attn`,
+`norm2`, `mlp.fc1`, `mlp.fc2`, `gamma1`, `gamma2`) are those of the official Swin / NAT / timm checkpoints.
+Everything channels-last: (B, H, W, C).
+"""
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, get_act_layer
+
+from ._registry import create_mixer
+
+__all__ = ['MixerBlock', 'DwConvMlp', 'ConvPosEmbed', 'PatchMerging', 'ConvDownsample', 'create_downsample']
+
+_layer_t = Union[str, Callable[..., nn.Module]]
+
+
+class ConvPosEmbed(nn.Module):
+    """Conditional position embedding: x + depthwise conv(x). (B, H, W, C) -> (B, H, W, C)."""
+
+    def __init__(self, dim: int, kernel_size: int = 3):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class DwConvMlp(nn.Module):
+    """fc1 -> 3x3 depthwise conv -> act -> fc2 (the PVTv2-style MLP). (B, H, W, C) -> (B, H, W, C)."""
+
+    def __init__(self, in_features: int, hidden_features: int, act_layer: Callable[..., nn.Module] = nn.GELU,
+                 drop: float = 0.):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, padding=1, groups=hidden_features)
+        self.act = act_layer()
+        self.drop = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.fc2(self.drop(self.act(x)))
+
+
+_MLPS = {'mlp': Mlp, 'dwconv_mlp': DwConvMlp}
+
+
+class MixerBlock(nn.Module):
+    """Pre-norm residual block around any registered mixer. (B, H, W, dim) -> (B, H, W, dim).
+
+    Args:
+        dim: channels.
+        mixer: registered mixer name (see `list_mixers()`).
+        mixer_kwargs: the mixer's family arguments (window_size, shift_size, kernel_size, dilation, ...).
+        num_heads, head_dim, qkv_bias, attn_drop: the mixer contract's arguments.
+        proj_drop: dropout after the mixer's projection and in the MLP.
+        mlp_ratio: MLP hidden width / dim.
+        mlp_layer: 'mlp' (Linear-act-Linear) or 'dwconv_mlp' (with a 3x3 depthwise conv).
+        pos_embed: kernel size of a depthwise conv position embedding before the block, 0 for none.
+        layer_scale: init of the per-channel scales `gamma1` / `gamma2`, None for none.
+        drop_path: stochastic depth rate of both branches.
+        act_layer: MLP activation (name or class).
+        norm_layer: norm over channels (class), built as norm_layer(dim, eps=norm_eps).
+        norm_eps: norm epsilon.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            mixer: str = 'window',
+            mixer_kwargs: Optional[Mapping[str, Any]] = None,
+            num_heads: Optional[int] = None,
+            head_dim: Optional[int] = None,
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            mlp_ratio: float = 4.,
+            mlp_layer: str = 'mlp',
+            pos_embed: int = 0,
+            layer_scale: Optional[float] = None,
+            drop_path: float = 0.,
+            act_layer: _layer_t = 'gelu',
+            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+            norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        if mlp_layer not in _MLPS:
+            raise ValueError(f'mlp_layer: expected one of {sorted(_MLPS)}, got {mlp_layer!r}')
+        self.pos_embed = ConvPosEmbed(dim, pos_embed) if pos_embed else None
+        self.norm1 = norm_layer(dim, eps=norm_eps)
+        self.attn = create_mixer(
+            mixer, dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias, attn_drop=attn_drop,
+            proj_drop=proj_drop, **(mixer_kwargs or {}))
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim, eps=norm_eps)
+        act = get_act_layer(act_layer) if isinstance(act_layer, str) else act_layer
+        self.mlp = _MLPS[mlp_layer](dim, int(dim * mlp_ratio), act_layer=act, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        if layer_scale is not None:
+            self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+            self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+        else:
+            self.gamma1 = self.gamma2 = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:
+            x = self.pos_embed(x)
+        y = self.attn(self.norm1(x))
+        x = x + self.drop_path1(y if self.gamma1 is None else self.gamma1 * y)
+        y = self.mlp(self.norm2(x))
+        x = x + self.drop_path2(y if self.gamma2 is None else self.gamma2 * y)
+        return x
+
+
+class PatchMerging(nn.Module):
+    """Swin's downsample: concatenate each 2x2 patch (official order), norm, project.
+
+    (B, H, W, dim) -> (B, ceil(H / 2), ceil(W / 2), out_dim); odd H or W is zero-padded at the bottom / right.
+    """
+
+    def __init__(self, dim: int, out_dim: Optional[int] = None, norm_layer: Callable[..., nn.Module] = nn.LayerNorm):
+        super().__init__()
+        self.dim = dim
+        self.out_dim = out_dim or 2 * dim
+        self.norm = norm_layer(4 * dim)
+        self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        # channel blocks ordered (row 0, col 0), (row 1, col 0), (row 0, col 1), (row 1, col 1)
+        x = x.reshape(B, (H + 1) // 2, 2, (W + 1) // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduction(self.norm(x))
+
+
+class ConvDownsample(nn.Module):
+    """NAT's downsample: 3x3 stride-2 conv (no bias) + LayerNorm. (B, H, W, dim) -> (B, ceil(H/2), ceil(W/2), out_dim)."""
+
+    def __init__(self, dim: int, out_dim: Optional[int] = None, norm_layer: Callable[..., nn.Module] = nn.LayerNorm):
+        super().__init__()
+        self.reduction = nn.Conv2d(dim, out_dim or 2 * dim, kernel_size=3, stride=2, padding=1, bias=False)
+        self.norm = norm_layer(out_dim or 2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+_DOWNSAMPLES = {'patch_merging': PatchMerging, 'conv': ConvDownsample}
+
+
+def create_downsample(name: str, dim: int, out_dim: int, **kwargs) -> nn.Module:
+    """A channels-last stride-2 downsample by name ('patch_merging' or 'conv')."""
+    if name not in _DOWNSAMPLES:
+        raise ValueError(f'downsample: expected one of {sorted(_DOWNSAMPLES)}, got {name!r}')
+    return _DOWNSAMPLES[name](dim, out_dim, **kwargs)
