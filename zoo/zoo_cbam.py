@@ -150,19 +150,23 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# shallow, same structure (the ResNet widths are fixed; see zoo.reduced_args)
+REDUCED_ARGS = {'cbam_resnet*': dict(layers=(1, 1, 1, 1))}
+
+
 @register_model
 def cbam_resnet18(pretrained: bool = False, **kwargs) -> CbamResNet:
     """ResNet-18 + CBAM (11.78M params)."""
-    return _create('cbam_resnet18', pretrained, **dict(layers=(2, 2, 2, 2), block='basic', **kwargs))
+    return _create('cbam_resnet18', pretrained, **dict(dict(layers=(2, 2, 2, 2), block='basic'), **kwargs))
 
 
 @register_model
 def cbam_resnet34(pretrained: bool = False, **kwargs) -> CbamResNet:
     """ResNet-34 + CBAM (21.96M params)."""
-    return _create('cbam_resnet34', pretrained, **dict(layers=(3, 4, 6, 3), block='basic', **kwargs))
+    return _create('cbam_resnet34', pretrained, **dict(dict(layers=(3, 4, 6, 3), block='basic'), **kwargs))
 
 
 @register_model
 def cbam_resnet50(pretrained: bool = False, **kwargs) -> CbamResNet:
     """ResNet-50 + CBAM (28.09M params)."""
-    return _create('cbam_resnet50', pretrained, **dict(layers=(3, 4, 6, 3), block='bottleneck', **kwargs))
+    return _create('cbam_resnet50', pretrained, **dict(dict(layers=(3, 4, 6, 3), block='bottleneck'), **kwargs))

@@ -210,6 +210,10 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# narrow and shallow, same structure (see zoo.reduced_args)
+REDUCED_ARGS = {'maxvit_*': dict(embed_dim=(16, 32, 32, 64), depths=(1, 1, 1, 1), stem_width=16, head_dim=16)}
+
+
 @register_model
 def maxvit_tiny(pretrained: bool = False, **kwargs) -> MaxViT:
     """MaxViT-T, 31M params (timm's maxvit_tiny_tf_224 weights)."""

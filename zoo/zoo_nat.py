@@ -201,6 +201,13 @@ _DINAT_S_DILATIONS_TINY = ((1, 8), (1, 4), (1, 2) * 3, (1, 1))
 _DINAT_S_DILATIONS = ((1, 8), (1, 4), (1, 2) * 9, (1, 1))
 
 
+# narrow and shallow, same structure: DiNAT keeps a dilated block in every stage (see zoo.reduced_args)
+REDUCED_ARGS = {
+    'nat_*': dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
+    'dinat_*': dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), dilations=((1, 8), (1, 4), (1, 2), (1, 1))),
+}
+
+
 @register_model
 def nat_mini(pretrained: bool = False, **kwargs) -> NAT:
     """NAT-Mini: dim 64, depths (3, 4, 6, 5), heads (2, 4, 8, 16), mlp 3; 20.0M params."""

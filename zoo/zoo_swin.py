@@ -201,6 +201,10 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# narrow and shallow, same structure (see zoo.reduced_args)
+REDUCED_ARGS = {'swin_*': dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))}
+
+
 @register_model
 def swin_tiny(pretrained: bool = False, **kwargs) -> SwinTransformer:
     """Swin-T: dim 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24), window 7; 28M params."""
