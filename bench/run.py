@@ -19,7 +19,9 @@ What is measured (all CPU, eval mode, no autograd, one fixed random batch):
   process imports torch/timm/zoo once and forks a clean child per model.
 - FLOPs / GMACs: `bench.flops.count_flops` at batch 1; GMACs = FLOPs / 2 / 1e9 (timm's unit).
 - params: parameter count.
-Ratios are ours / anchor from the same run. Output: OUT.json, OUT.md and (if matplotlib) OUT.png.
+Ratios are ours / anchor from the same run. Output: OUT.json, OUT.md and (if matplotlib) OUT.png;
+OUT defaults to a new work_dirs/bench/<timestamp>/default (bench/results only with an explicit --out).
+`python -m zoo.bench.run mixers` (= `zoo bench mixers`) runs bench/mixers.py: every token mixer by token count.
 """
 import argparse
 import datetime
@@ -33,7 +35,7 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ['main', 'build_parser', 'DEFAULT_PAIRS']
+__all__ = ['main', 'build_parser', 'default_out_dir', 'DEFAULT_PAIRS']
 
 # (ours, timm anchor): the foundation models and the timm models they re-implement or extend
 DEFAULT_PAIRS: Tuple[Tuple[str, str], ...] = (
@@ -43,10 +45,17 @@ DEFAULT_PAIRS: Tuple[Tuple[str, str], ...] = (
 )
 
 
+def default_out_dir(stamp: Optional[str] = None) -> str:
+    """A new folder per run, work_dirs/bench/<UTC timestamp>: runs never overwrite the committed bench/results."""
+    stamp = stamp or datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d_%H%M%S')
+    return os.path.join('work_dirs', 'bench', stamp)
+
+
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog or 'python -m zoo.bench.run',
-        description='CPU throughput, peak memory, FLOPs and params of zoo models vs timm anchors.')
+        description='CPU throughput, peak memory, FLOPs and params of zoo models vs timm anchors. '
+                    'Every token mixer\'s time and memory by token count: `zoo bench mixers --help`.')
     p.add_argument('--models', nargs='+', default=None, metavar='NAME',
                    help='models to measure (zoo or timm names); default: the foundation pairs')
     p.add_argument('--anchors', nargs='+', default=[], metavar='NAME', help='timm reference models to measure too')
@@ -60,8 +69,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch default)')
     p.add_argument('--no-memory', action='store_true', help='skip the peak-memory subprocesses')
     p.add_argument('--no-plot', action='store_true', help='skip the PNG chart')
-    p.add_argument('--out', default=os.path.join('bench', 'results', 'default'),
-                   help='output path prefix: writes OUT.json, OUT.md, OUT.png (default bench/results/default)')
+    p.add_argument('--out', default=None,
+                   help='output path prefix: writes OUT.json, OUT.md, OUT.png (default: a new '
+                        f'{default_out_dir("<timestamp>")}/default; `--out bench/results/default` updates the '
+                        'committed results)')
     return p
 
 
@@ -202,7 +213,8 @@ _PROBE_TIMEOUT = 1800
 
 def _run_python(code: str) -> Any:
     env = dict(os.environ)
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import zoo
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(zoo.__file__)))  # where `zoo` imports from
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo_root, env.get('PYTHONPATH')]))
     res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=_PROBE_TIMEOUT)
     if res.returncode != 0:
@@ -216,11 +228,11 @@ def _measure_memory(names: Sequence[str], img_size: int, batch_size: int,
     args = f'{img_size}, {batch_size}, {threads!r}'
     if hasattr(os, 'fork') and sys.platform.startswith('linux'):
         results = _run_python(
-            'import json; from bench.run import _memory_server; '
+            'import json; from zoo.bench.run import _memory_server; '
             f'print("\\n" + json.dumps(_memory_server({list(names)!r}, {args})))')
     else:
         results = {n: _run_python(
-            'import json; from bench.run import _memory_probe; '
+            'import json; from zoo.bench.run import _memory_probe; '
             f'print("\\n" + json.dumps(_memory_probe({n!r}, {args})))') for n in names}
     for name, r in results.items():
         if 'error' in r:
@@ -362,6 +374,10 @@ def _cpu_name() -> str:
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     """Run the benchmark; print the table; write OUT.json / OUT.md / OUT.png. Returns 0."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ['mixers']:  # `zoo bench mixers ...`: every token mixer by token count (bench/mixers.py)
+        from .mixers import main as mixers_main
+        return mixers_main(argv[1:], prog=f"{prog or 'python -m zoo.bench.run'} mixers")
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     names, pairs = _resolve(parser, args)
@@ -373,7 +389,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = args.out[:-len('.json')] if args.out.endswith('.json') else args.out
+    out = args.out or os.path.join(default_out_dir(), 'default')
+    out = out[:-len('.json')] if out.endswith('.json') else out
     os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
 
     # memory first, in fresh processes, before this one allocates the models

@@ -13,11 +13,12 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 __all__ = [
     'MixerInfo', 'register_mixer', 'create_mixer', 'list_mixers', 'mixer_info',
-    'register_gate', 'create_gate', 'list_gates', 'gate_info', 'resolve_heads', 'DEFAULT_HEAD_DIM',
+    'register_gate', 'create_gate', 'list_gates', 'gate_info', 'resolve_heads', 'check_input', 'DEFAULT_HEAD_DIM',
 ]
 
 DEFAULT_HEAD_DIM = 32
@@ -36,7 +37,8 @@ class MixerInfo:
     @property
     def arguments(self) -> str:
         """The family arguments with their defaults (those of the shared contract left out)."""
-        shared = {'self', 'dim', 'channels', 'num_heads', 'head_dim', 'qkv_bias', 'attn_drop', 'proj_drop'}
+        shared = {'self', 'dim', 'channels', 'num_heads', 'head_dim', 'qkv_bias', 'attn_drop', 'proj_drop', 'device',
+                  'dtype'}
         params = inspect.signature(self.fn).parameters.values()
         return ', '.join(
             p.name if p.default is inspect.Parameter.empty else f'{p.name}={p.default!r}'
@@ -142,3 +144,12 @@ def resolve_heads(
         raise ValueError(f'head_dim: expected a divisor of dim={dim}, got {head_dim}'
                          f'{" (the default)" if head_dim == default_head_dim else ""}; pass num_heads or head_dim')
     return dim // head_dim, head_dim
+
+
+def check_input(x: torch.Tensor, dim: int, who: str, channels_last: bool = True) -> None:
+    """Raise a clear ValueError unless x is (B, H, W, dim) (or (B, dim, H, W)); skipped while tracing."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
+        return
+    if x.dim() != 4 or x.shape[-1 if channels_last else 1] != dim:
+        want = f'(B, H, W, {dim})' if channels_last else f'(B, {dim}, H, W)'
+        raise ValueError(f'{who}: expected input {want}, got {tuple(x.shape)}')

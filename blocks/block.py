@@ -14,11 +14,13 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, get_act_layer
+from timm.layers import DropPath, LayerNorm2d, Mlp, get_act_layer
 
 from ._registry import create_mixer
 
-__all__ = ['MixerBlock', 'DwConvMlp', 'ConvPosEmbed', 'PatchMerging', 'ConvDownsample', 'create_downsample']
+__all__ = [
+    'MixerBlock', 'DwConvMlp', 'ConvPosEmbed', 'PatchMerging', 'ConvDownsample', 'ConvTokenizer', 'create_downsample',
+]
 
 _layer_t = Union[str, Callable[..., nn.Module]]
 
@@ -153,6 +155,24 @@ class ConvDownsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class ConvTokenizer(nn.Module):
+    """NAT's stem: two 3x3 stride-2 convs (no activation between) + LayerNorm.
+
+    (B, C, H, W) -> (B, dim, ceil(H / 4), ceil(W / 4)).
+    """
+
+    def __init__(self, in_chans: int, dim: int, norm_eps: float = 1e-5):
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1),
+            nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1),
+        )
+        self.norm = LayerNorm2d(dim, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x))
 
 
 _DOWNSAMPLES = {'patch_merging': PatchMerging, 'conv': ConvDownsample}

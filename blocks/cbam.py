@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from timm.layers import ConvNormAct, EcaModule, SEModule
 
-from ._registry import register_gate
+from ._registry import check_input, register_gate
 
 __all__ = ['ChannelGate', 'SpatialGate', 'CBAM']
 
@@ -32,10 +32,6 @@ _POOLS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     'lp': _lp_pool,
     'lse': lambda x: x.flatten(2).logsumexp(2),
 }
-
-
-def _checkable(x) -> bool:
-    return not (torch.jit.is_scripting() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy))
 
 
 def _inplace_ok(x: torch.Tensor) -> bool:
@@ -131,8 +127,7 @@ class CBAM(nn.Module):
         self.SpatialGate = None if no_spatial else SpatialGate(kernel_size, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _checkable(x) and (x.dim() != 4 or x.shape[1] != self.dim):
-            raise ValueError(f'CBAM: expected input (B, {self.dim}, H, W), got {tuple(x.shape)}')
+        check_input(x, self.dim, 'CBAM', channels_last=False)
         x = self.ChannelGate(x)
         if self.SpatialGate is None:
             return x

@@ -28,7 +28,7 @@ from timm.layers import (
 
 from zoo.kernels.window import window_attention
 
-from ._registry import register_mixer, resolve_heads
+from ._registry import check_input, register_mixer, resolve_heads
 from .block import MixerBlock
 
 __all__ = ['MbConvBlock', 'ShortcutDownsample', 'PartitionAttention', 'MaxVitBlock']
@@ -166,6 +166,7 @@ class PartitionAttention(nn.Module):
         nn.init.normal_(self.relative_position_bias_table, std=.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.dim, type(self).__name__)
         B, H, W, C = x.shape
         # qkv channels are (3, heads, head_dim): timm's head_first=False / the TF layout
         q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
@@ -182,16 +183,11 @@ class PartitionAttention(nn.Module):
                 f'partition_type={self.partition_type!r}')
 
 
-@register_mixer('block', paper='MaxViT (Tu et al., ECCV 2022)', cost='O(N P^2), partition P', triton=True)
-def block_attention(dim: int, **kwargs) -> PartitionAttention:
-    """MaxViT block attention (contiguous P x P windows)."""
-    return PartitionAttention(dim, partition_type='block', **kwargs)
-
-
-@register_mixer('grid', paper='MaxViT (Tu et al., ECCV 2022)', cost='O(N P^2), grid P', triton=True)
-def grid_attention(dim: int, **kwargs) -> PartitionAttention:
-    """MaxViT grid attention (P x P tokens strided over the whole map)."""
-    return PartitionAttention(dim, partition_type='grid', **kwargs)
+# MaxViT block attention (contiguous P x P windows) and grid attention (P x P tokens strided over the map)
+register_mixer('block', paper='MaxViT (Tu et al., ECCV 2022)', cost='O(N P^2), partition P', triton=True)(
+    partial(PartitionAttention, partition_type='block'))
+register_mixer('grid', paper='MaxViT (Tu et al., ECCV 2022)', cost='O(N P^2), grid P', triton=True)(
+    partial(PartitionAttention, partition_type='grid'))
 
 
 class MaxVitBlock(nn.Module):

@@ -18,7 +18,7 @@ from timm.layers import trunc_normal_
 
 from zoo.kernels.neighborhood import neighborhood_attention
 
-from ._registry import register_mixer, resolve_heads
+from ._registry import check_input, register_mixer, resolve_heads
 
 __all__ = ['NeighborhoodAttention2D']
 
@@ -85,8 +85,7 @@ class NeighborhoodAttention2D(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f'x: expected (B, H, W, {self.dim}), got {tuple(x.shape)}')
+        check_input(x, self.dim, type(self).__name__)
         if self.training and self.attn_drop > 0.:
             raise ValueError(f'attn_drop: the neighborhood attention op has no attention dropout; '
                              f'training needs attn_drop=0, got {self.attn_drop}')

@@ -16,7 +16,7 @@ from timm.layers import to_2tuple, trunc_normal_
 
 from zoo.kernels.window import window_attention
 
-from ._registry import register_mixer, resolve_heads
+from ._registry import check_input, register_mixer, resolve_heads
 
 __all__ = ['WindowAttention', 'effective_window_shift']
 
@@ -96,6 +96,7 @@ class WindowAttention(nn.Module):
         return table.flip(0, 1).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.dim, type(self).__name__)
         B, H, W, C = x.shape
         q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
         x = window_attention(

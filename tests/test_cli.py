@@ -130,9 +130,66 @@ def test_forwarding(monkeypatch):
 def test_forwarding_missing_module(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, 'zoo.train.cli', None)  # import of train.cli raises ImportError
     assert main(['train', 'cfg.py']) == 1
-    assert '`zoo train` needs train.cli, which does not import' in capsys.readouterr().err
+    assert '`zoo train` needs zoo.train.cli, which does not import' in capsys.readouterr().err
 
 
 def test_module_entry_point_exit_code():
     res = subprocess.run([sys.executable, '-m', 'zoo.cli', 'info', 'nope'], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "unknown model 'nope'" in res.stderr
+
+
+def test_mixers_command(capsys):
+    import zoo.blocks
+    mixers, gates = zoo.blocks.list_mixers(), zoo.blocks.list_gates()
+    assert mixers and gates
+    assert main(['mixers']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    columns = {'mixer': ['paper', 'cost (N tokens)', 'triton', 'onnx dynamic H/W', 'arguments'],
+               'gate': ['paper', 'cost (N tokens)', 'arguments']}
+    for kind, names, info_of in (('mixer', mixers, zoo.blocks.mixer_info), ('gate', gates, zoo.blocks.gate_info)):
+        start = next(i for i, line in enumerate(lines) if line.startswith(kind + ' '))
+        header = lines[start]
+        assert [c for c in columns[kind] if c in header] == columns[kind]
+        assert set(lines[start + 1]) == {'-', ' '}
+        section = lines[start + 2:]
+        section = section[:section.index('')] if '' in section else section
+        assert [row.split()[0] for row in section] == names
+        for row, name in zip(section, names):
+            info = info_of(name)
+            cells = [c.strip() for c in re.split(r'\s{2,}', row)]
+            expect = [name, info.paper, info.cost] + (
+                ['yes' if info.triton else 'no', 'yes' if info.onnx_dynamic else 'no'] if kind == 'mixer' else []
+            ) + [info.arguments or '-']
+            assert cells == expect
+    assert main(['mixers', '--json']) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [m['name'] for m in data['mixers']] == mixers and [g['name'] for g in data['gates']] == gates
+    assert {'paper', 'cost', 'triton', 'onnx_dynamic', 'arguments'} <= set(data['mixers'][0])
+
+
+def test_bench_without_out_leaves_committed_results_untouched(tmp_path, monkeypatch, capsys):
+    """Issue 11: `zoo bench` (and `zoo bench mixers`) write a new work_dirs/bench/<timestamp>, never bench/results."""
+    import hashlib
+    import pathlib
+
+    import zoo.bench
+    committed = pathlib.Path(zoo.bench.__file__).resolve().parent / 'results'
+
+    def snapshot(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+
+    before = snapshot(committed)
+    local = tmp_path / 'bench' / 'results'  # a checkout's committed results, relative to the working directory
+    local.mkdir(parents=True)
+    for name in ('default.json', 'default.md', 'mixers.json', 'mixers.md'):
+        (local / name).write_text('committed\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(['bench', '--models', 'test_resnet', '--img-size', '32', '--batch-size', '1', '--repeats', '1',
+                 '--warmup', '0', '--no-memory', '--no-plot']) == 0
+    assert main(['bench', 'mixers', '--mixers', 'window', '--sizes', '4', '--repeats', '1', '--warmup', '0',
+                 '--min-time', '0.001', '--no-memory', '--no-plot']) == 0
+    assert 'wrote work_dirs/bench/' in capsys.readouterr().out
+    assert snapshot(local) == {n: hashlib.sha256(b'committed\n').hexdigest() for n in snapshot(local)}
+    assert len(snapshot(local)) == 4 and snapshot(committed) == before
+    written = sorted(p.name for p in (tmp_path / 'work_dirs' / 'bench').glob('*/*'))
+    assert written == ['default.json', 'default.md', 'mixers.json', 'mixers.md']

@@ -3,9 +3,16 @@
 timm's own checks (forward, backward with every parameter receiving a gradient, default cfgs,
 reset_classifier, features_only, forward_intermediates, grad checkpointing) are the floor; odd input
 sizes, NCHW features from both wrappers, pruning, ONNX parity and bad-input errors go beyond them.
+
+Each model runs at reduced width and depth (`zoo.reduced_args`: same stages, mixers, schedules and
+layouts), so the standard scales with the number of models; full sizes are built only where parameter
+counts and parity with timm / the official code are checked (tests/zoo/).
 """
+import json
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -22,16 +29,34 @@ def _small_size(model) -> int:
 
 
 def _create(name: str, **kwargs):
-    return timm.create_model(name, **kwargs)
+    return timm.create_model(name, **dict(zoo.reduced_args(name), **kwargs))
 
 
 def _expected_hw(size, reduction: int):
     return tuple(-(-s // reduction) for s in size)
 
 
+EXPECTED = {
+    'swin_tiny', 'swin_small', 'swin_base', 'maxvit_tiny', 'maxvit_small', 'maxvit_base',
+    'cbam_resnet18', 'cbam_resnet34', 'cbam_resnet50', 'nat_mini', 'nat_tiny', 'nat_small', 'nat_base',
+    'dinat_mini', 'dinat_tiny', 'dinat_small', 'dinat_base', 'dinat_s_tiny', 'dinat_s_small', 'dinat_s_base',
+    'hybrid_tiny', 'hybrid_small',
+}
+
+
 def test_models_registered():
-    assert len(MODELS) >= 9, MODELS
-    assert set(zoo.list_zoo_models('swin_*')) <= set(timm.list_models('swin_*'))
+    assert EXPECTED <= set(MODELS), sorted(EXPECTED - set(MODELS))
+    assert all(timm.is_model(n) for n in MODELS)
+    assert zoo.list_zoo_models('dinat_s_*') == ['dinat_s_base', 'dinat_s_small', 'dinat_s_tiny']
+
+
+def test_every_model_has_reduced_args():
+    golden = json.loads((Path(__file__).parent / 'zoo' / 'golden' / 'state_dict_keys.json').read_text())
+    for name in MODELS:
+        small = _create(name)
+        n_small = sum(v.numel() for v in small.state_dict().values())
+        n_full = sum(math.prod(shape) for _, shape in golden[name])  # the full model's layout, recorded
+        assert len(small.stages) == 4 and n_small < n_full / 2, (name, n_small, n_full)
 
 
 def test_no_zoo_name_shadows_timm():
@@ -50,16 +75,23 @@ def test_no_zoo_name_shadows_timm():
 
 @pytest.mark.parametrize('name', MODELS)
 def test_forward_and_grad_checkpointing(name):
-    model = _create(name).eval()
+    """Training with checkpointed stages gives the same output and the same gradients as without."""
+    model = _create(name, drop_path_rate=0.).train()
     size = _small_size(model)
     x = torch.randn(2, 3, size, size)
-    with torch.no_grad():
+    results = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
         out = model(x)
-        assert out.shape == (2, model.num_classes)
-        assert torch.isfinite(out).all()
-        model.set_grad_checkpointing()
-        out2 = model(x)
-    torch.testing.assert_close(out2, out, rtol=1e-4, atol=1e-5)
+        assert out.shape == (2, model.num_classes) and torch.isfinite(out).all()
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (out0, grads0), (out1, grads1) = results
+    assert all(s.grad_checkpointing for s in model.stages)
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5 * out0.abs().max().item())
+    for n, g in grads0.items():
+        torch.testing.assert_close(grads1[n], g, rtol=1e-4, atol=1e-5 * g.abs().max().item() + 1e-12, msg=n)
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -193,7 +225,7 @@ def test_onnx_parity(name, tmp_path):
     assert report['checks'] and report['max_abs_err'] <= atol, report
 
 
-FAMILY_REPRESENTATIVES = ['swin_tiny', 'maxvit_tiny', 'cbam_resnet18', 'nat_mini', 'dinat_s_tiny']
+FAMILY_REPRESENTATIVES = ['swin_tiny', 'maxvit_tiny', 'cbam_resnet18', 'nat_mini', 'dinat_s_tiny', 'hybrid_tiny']
 
 
 @pytest.mark.parametrize('name', FAMILY_REPRESENTATIVES)

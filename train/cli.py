@@ -45,6 +45,12 @@ def main(argv: Optional[List[str]] = None, prog: str = 'zoo') -> int:
         cfg = load_config(args.config, args.opts)
         if args.command == 'train':
             result = run_train(cfg, work_dir=args.work_dir, resume=args.resume, launcher=args.launcher)
+            if is_main_process() and result.get('completed'):
+                done = result['completed']
+                unit = 'epoch' if done['by_epoch'] else 'iteration'
+                print(f"{prog} train: the run in {result['work_dir']} is already complete at {unit} {done['step']} "
+                      f"(train_cfg.max_{unit}s={done['max']}); nothing to train. To train longer, resume with "
+                      f"--opts train_cfg.max_{unit}s=<more>. Its last metrics:")
             if is_main_process():
                 _report(result['metrics'], dict(work_dir=result['work_dir'], checkpoint=result['checkpoint'],
                                                  curves=result['curves']))

@@ -41,7 +41,51 @@ def build_cls_transform(img_size: Union[int, Sequence[int]], train: bool, transf
         # evaluation transforms take no augmentation arguments
         kwargs = {k: v for k, v in kwargs.items() if k in ('mean', 'std', 'crop_pct', 'crop_mode', 'interpolation')}
     size = tuple(img_size) if isinstance(img_size, (list, tuple)) else (int(img_size), int(img_size))
-    return create_transform(input_size=(3,) + size, is_training=train, **kwargs)
+    transform = create_transform(input_size=(3,) + size, is_training=train, **kwargs)
+    fix_posterize(transform)
+    return transform
+
+
+def posterize_bits(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """Keep the `bits_to_keep` most significant bits of every channel, for any 0 <= bits_to_keep.
+
+    timm's RandAugment / AutoAugment / AugMix map some magnitudes to 0 bits ('rand-m9-mstd0.5-inc1' once the
+    sampled magnitude reaches 10, 'rand-...' without inc below 2.5, the 'v0' AutoAugment policy always), and
+    Pillow >= 11 rejects 0 (`ValueError: bits must be between or equal to 1 and 8`). 0 bits gives the all-zero
+    image that older Pillow, and TensorFlow's reference posterize, produce, so every policy string keeps the
+    meaning it had when published.
+    """
+    from PIL import ImageOps
+    bits = int(bits_to_keep)
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits)
+
+
+def fix_posterize(transform: Any) -> int:
+    """Point every timm posterize op inside `transform` (Compose, RandAugment, AutoAugment, AugMix, nested) at
+    `posterize_bits`; returns how many ops were changed."""
+    from timm.data import auto_augment
+    changed, stack, seen = 0, [transform], set()
+    while stack:
+        t = stack.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if isinstance(t, auto_augment.AugmentOp):
+            if t.aug_fn is auto_augment.posterize:
+                t.aug_fn = posterize_bits
+                changed += 1
+        elif isinstance(t, (list, tuple)):
+            stack.extend(t)
+        else:
+            for attr in ('transforms', 'ops', 'policy'):  # Compose, RandAugment / AugMix, AutoAugment
+                sub = getattr(t, attr, None)
+                if isinstance(sub, (list, tuple)):
+                    stack.extend(sub)
+    return changed
 
 
 def _open_rgb(path: str, where: str) -> Image.Image:

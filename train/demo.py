@@ -20,10 +20,11 @@ CONFIGS = dict(
 
 
 def config_dir() -> str:
-    """configs/ of this source tree (the package is used from a checkout)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+    """The configs shipped in the zoo package (zoo/configs; the repository's configs/ in a checkout)."""
+    from .runner import packaged_configs_dir
+    path = packaged_configs_dir()
     if not os.path.isdir(path):
-        raise FileNotFoundError(f'configs/ not found next to the train package ({path}); run from a source checkout')
+        raise FileNotFoundError(f'the configs shipped with the zoo package are missing ({path}); reinstall attention-zoo')
     return path
 
 

@@ -148,9 +148,19 @@ class EpochSeedHook(Hook):
 
 @HOOKS.register_module()
 class ZooCheckpointHook(CheckpointHook):
-    """mmengine's CheckpointHook, crash-safe: the new checkpoint is written (atomically, by the runner), then
-    'last_checkpoint' is replaced atomically, and only then are checkpoints beyond `max_keep_ckpts` deleted.
-    (mmengine deletes the oldest first, so a kill in between could leave 'last_checkpoint' pointing nowhere.)"""
+    """mmengine's CheckpointHook, crash-safe and bounded.
+
+    Every `interval` epochs (iterations) the checkpoint is written (atomically, by the runner), then
+    'last_checkpoint' is replaced atomically, and only then are the checkpoints beyond the newest
+    `max_keep_ckpts` deleted, including older ones a killed run left behind. (mmengine deletes the oldest first,
+    so a kill in between could leave 'last_checkpoint' pointing nowhere.)
+
+    `save_best` ('auto': the first validation metric; or a metric name such as 'accuracy/top1' or 'coco/AP';
+    None: off) keeps the best validated weights in ``best.pth`` (model, EMA and meta with best_metric,
+    best_score and epoch; no optimizer state), replaced atomically whenever the metric improves. `rule` is
+    'greater' or 'less'; by default 'less' for metric names containing 'loss' or 'err', else 'greater'.
+    """
+    best_filename = 'best.pth'
 
     def _save_checkpoint_with_step(self, runner, step, meta):
         from zoo.weights import atomic_write
@@ -159,9 +169,11 @@ class ZooCheckpointHook(CheckpointHook):
         runner.message_hub.update_info('last_ckpt', self.last_ckpt)
         stale = []
         if self.max_keep_ckpts > 0 and not (self.keep_ckpt_ids and self.keep_ckpt_ids[-1] == step):
-            self.keep_ckpt_ids.append(step)
-            while len(self.keep_ckpt_ids) > self.max_keep_ckpts:
-                stale.append(self.keep_ckpt_ids.popleft())
+            # self.keep_ckpt_ids is a deque bounded by max_keep_ckpts: appending would silently drop the oldest
+            ids = list(self.keep_ckpt_ids) + [step]
+            stale = ids[:-self.max_keep_ckpts]
+            self.keep_ckpt_ids.clear()
+            self.keep_ckpt_ids.extend(ids[-self.max_keep_ckpts:])
             runner.message_hub.update_info('keep_ckpt_ids', list(self.keep_ckpt_ids))
         runner.save_checkpoint(
             self.out_dir, ckpt_filename, self.file_client_args, save_optimizer=self.save_optimizer,
@@ -176,6 +188,56 @@ class ZooCheckpointHook(CheckpointHook):
             path = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(old))
             if self.file_backend.isfile(path):
                 self.file_backend.remove(path)
+        if self.max_keep_ckpts > 0 and self.keep_ckpt_ids:
+            self._remove_older_than(min(self.keep_ckpt_ids))
+
+    def _remove_older_than(self, step: int) -> None:
+        """Delete checkpoint files of this template with a smaller step (left by a run killed between writing
+        its newest checkpoint and deleting the oldest)."""
+        import re
+        if '{}' not in self.filename_tmpl or not os.path.isdir(self.out_dir):
+            return
+        pattern = re.compile('^' + re.escape(self.filename_tmpl).replace(r'\{\}', r'(\d+)') + '$')
+        for name in os.listdir(self.out_dir):
+            m = pattern.match(name)
+            if m and int(m.group(1)) < step:
+                os.remove(os.path.join(self.out_dir, name))
+
+    def _save_best_checkpoint(self, runner, metrics) -> None:
+        if not self.save_best or not isinstance(getattr(runner, '_train_loop', None), BaseLoop):
+            return  # off, or a standalone val/test run
+        if len(self.key_indicators) != 1:
+            raise ConfigError(f'default_hooks.checkpoint.save_best: expected one metric name or \'auto\', got '
+                              f'{self.key_indicators}')
+        key = self.key_indicators[0]
+        if key == 'auto':
+            key = next(iter(metrics))
+        if key not in metrics:
+            raise ConfigError(f'default_hooks.checkpoint.save_best: {key!r} is not a validation metric; the '
+                              f'evaluator reports {sorted(metrics)}')
+        rule = self.rules[0] if self.rules and self.rules[0] else (
+            'less' if any(s in key.lower() for s in ('loss', 'err')) else 'greater')
+        score = float(metrics[key])
+        best = runner.message_hub.get_info('best_score')
+        if best is not None and runner.message_hub.get_info('best_metric') == key and not (
+                score > best if rule == 'greater' else score < best):
+            return
+        step = runner.epoch if self.by_epoch else runner.iter
+        path = self.file_backend.join_path(self.out_dir, self.best_filename)
+        runner.message_hub.update_info('best_score', score)
+        runner.message_hub.update_info('best_metric', key)
+        runner.message_hub.update_info('best_ckpt', path)
+        runner.save_checkpoint(
+            self.out_dir, self.best_filename, self.file_client_args, save_optimizer=False,
+            save_param_scheduler=False, meta=dict(epoch=runner.epoch, iter=runner.iter, best_metric=key,
+                                                  best_score=score),
+            by_epoch=False, backend_args=self.backend_args)
+        runner.logger.info(f'best {key} so far: {score:.4f} at {"epoch" if self.by_epoch else "iteration"} '
+                           f'{step}, saved to {path}')
+        # the periodic checkpoint of this step was written before validation: rewrite it so that a resumed run
+        # knows the new best score
+        if self.last_ckpt == self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(step)):
+            self._save_checkpoint_with_step(runner, step, meta=dict(epoch=runner.epoch, iter=runner.iter))
 
 
 @HOOKS.register_module()

@@ -89,18 +89,78 @@ def _check_opt_key(cfg: Config, key: str, where: str) -> None:
                               f"set it whole, e.g. --opts \"{'.'.join(parts[:i])}={{'{parts[i]}': ...}}\"")
 
 
+_MISSING = object()
+
+
+def _lookup(cfg: Config, key: str) -> Any:
+    node: Any = cfg._cfg_dict
+    for part in key.split('.'):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _MISSING
+    return node
+
+
+def _check_opt_value(cfg: Config, key: str, value: Any, where: str) -> None:
+    """An override must have the kind of value the config holds there (before anything is built or written):
+    a number for a number (or a tuple, e.g. multi-scale sizes), True/False for a flag, a list/tuple for a list, a
+    dict for a dict; None always (it switches a part off). Strings are what unparsable values become
+    (`train_cfg.max_epochs=abc`), so they never replace numbers, flags, lists or dicts."""
+    old = _lookup(cfg, key)
+    if value is None or old is _MISSING or old is None or isinstance(old, str):
+        return
+    if isinstance(old, bool):
+        ok, expected = isinstance(value, bool), 'True or False'
+    elif isinstance(old, (int, float)):
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) or isinstance(value, (list, tuple))
+        expected = 'a number'
+    elif isinstance(old, (list, tuple)):
+        ok = isinstance(value, (list, tuple, int, float)) and not isinstance(value, bool)
+        expected = 'a list or tuple'
+    elif isinstance(old, dict):
+        ok, expected = isinstance(value, (dict, bool)), "a dict, e.g. \"{'key': value}\", or None"
+    else:
+        return
+    if not ok:
+        raise ConfigError(f'{where}: --opts {key}: expected {expected} (the config has {old!r}), got {value!r}')
+
+
+def packaged_configs_dir() -> str:
+    """The configs/ shipped inside the zoo package (zoo/configs)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
+
+def resolve_config_path(path: str) -> str:
+    """`path` if it is a file, else the shipped config of that name (with or without the 'configs/' prefix)."""
+    if os.path.isfile(path):
+        return path
+    rel = os.path.normpath(path)
+    rel = rel[len('configs' + os.sep):] if rel.startswith('configs' + os.sep) else rel
+    shipped = os.path.join(packaged_configs_dir(), rel)
+    if not os.path.isabs(path) and os.path.isfile(shipped):
+        return shipped
+    raise ConfigError(f'config file {path!r} does not exist (nor among the shipped configs in {packaged_configs_dir()})')
+
+
 def load_config(path: str, opts: Optional[Sequence[str]] = None) -> Config:
-    """Read an mmengine config file, apply `opts` ('key.sub=value' overrides) and check every entry."""
-    if not os.path.isfile(path):
-        raise ConfigError(f'config file {path!r} does not exist')
+    """Read an mmengine config file, apply `opts` ('key.sub=value' overrides) and check every entry.
+
+    A path that is not a file is looked up among the configs shipped with the package, so
+    `zoo train configs/classification/cbam_resnet18_digits.py` works from an installed wheel too.
+    """
+    path = resolve_config_path(path)
     _import_components()
     try:
         cfg = Config.fromfile(path)
     except (SyntaxError, NameError, KeyError, TypeError, FileNotFoundError, ImportError) as e:
         raise ConfigError(f'{path}: cannot parse the config: {type(e).__name__}: {e}') from None
     overrides = parse_opts(opts) if not isinstance(opts, dict) else dict(opts)
-    for key in overrides:
+    for key, value in overrides.items():
         _check_opt_key(cfg, key, path)
+        _check_opt_value(cfg, key, value, path)
     if overrides:
         cfg.merge_from_dict(overrides)
     check_config(cfg)
@@ -155,6 +215,8 @@ def _check_config(cfg: Config) -> None:
         for key in loader:
             if key not in DATALOADER_KEYS:
                 raise ConfigError(f'{where}.{key}: unknown data loader key{suggest(key, DATALOADER_KEYS)}')
+        for key, low in (('batch_size', 1), ('num_workers', 0), ('num_batch_per_epoch', 1), ('prefetch_factor', 1)):
+            _check_int(loader.get(key), low, f'{where}.{key}')
         _check_component(DATASETS, loader.get('dataset'), f'{where}.dataset')
         _check_component(DATA_SAMPLERS, loader.get('sampler'), f'{where}.sampler')
         for fn_key in ('collate_fn', 'worker_init_fn'):
@@ -167,6 +229,8 @@ def _check_config(cfg: Config) -> None:
             _check_component(METRICS, metric, key if not isinstance(ev, (list, tuple)) else f'{key}.{i}')
     train_cfg = cfg.get('train_cfg')
     if train_cfg:
+        for key, low in (('max_epochs', 1), ('max_iters', 1), ('val_interval', 1), ('val_begin', 0)):
+            _check_int(train_cfg.get(key), low, f'train_cfg.{key}')
         if 'type' in train_cfg:
             _check_component(LOOPS, train_cfg, 'train_cfg')
         else:
@@ -207,6 +271,11 @@ def _check_config(cfg: Config) -> None:
     wandb_cfg = cfg.get('wandb')
     if wandb_cfg is not None and not isinstance(wandb_cfg, dict):
         raise ConfigError(f'wandb: expected None or a dict of wandb.init arguments, got {wandb_cfg!r}')
+
+
+def _check_int(value: Any, low: int, where: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        raise ConfigError(f'{where}: expected an integer >= {low}, got {value!r}')
 
 
 def _check_timm_optimizer(opt_cfg: dict) -> None:
@@ -254,6 +323,14 @@ class ZooRunner(Runner):
         self._has_loaded = True
         self.logger.info(f'Load checkpoint from {filename}')
         return checkpoint
+
+    @master_only
+    def dump_config(self) -> None:
+        """The config of this run goes beside its log, work_dir/<timestamp>/<config name>.py, so a later run in the
+        same work dir never overwrites the config that produced the checkpoints already there."""
+        name = os.path.basename(self.cfg.filename) if self.cfg.filename else f'{self.timestamp}.py'
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.cfg.dump(os.path.join(self.log_dir, name))
 
     def load_or_resume(self) -> None:
         if self._has_loaded:
@@ -357,15 +434,21 @@ def init_distributed(launcher: str) -> str:
     return launcher
 
 
+def resolve_work_dir(cfg: Config, work_dir: Optional[str] = None) -> str:
+    """`work_dir`, else the config's work_dir, else work_dirs/<config name>."""
+    if work_dir:
+        return work_dir
+    if cfg.get('work_dir'):
+        return cfg.work_dir
+    return os.path.join('work_dirs', os.path.splitext(os.path.basename(cfg.filename or 'run'))[0])
+
+
 def prepare_config(cfg: Config, work_dir: Optional[str] = None, launcher: str = 'auto') -> Config:
     """Translate the recipe's keys into mmengine Runner arguments (hooks, wrappers, visualizer)."""
     cfg = copy.deepcopy(cfg)
     name = cfg.filename or '<config>'
-    if work_dir:
-        cfg.work_dir = work_dir
+    cfg.work_dir = resolve_work_dir(cfg, work_dir)
     stem = os.path.splitext(os.path.basename(cfg.filename or 'run'))[0]
-    if not cfg.get('work_dir'):
-        cfg.work_dir = os.path.join('work_dirs', stem)
     # mmengine keys its logger and message hub by experiment name + second; keep runs in one process apart
     cfg.experiment_name = f"{cfg.get('experiment_name') or stem}_{uuid.uuid4().hex[:6]}"
     cfg.launcher = resolve_launcher(cfg.get('launcher', launcher) if launcher == 'auto' else launcher)
@@ -388,6 +471,8 @@ def prepare_config(cfg: Config, work_dir: Optional[str] = None, launcher: str = 
     ckpt = dict(hooks.get('checkpoint') or dict(type='CheckpointHook', interval=1))
     if ckpt.get('type') in ('CheckpointHook', None):
         ckpt['type'] = 'ZooCheckpointHook'
+    if ckpt['type'] == 'ZooCheckpointHook' and cfg.get('val_dataloader'):
+        ckpt.setdefault('save_best', 'auto')  # work_dir/best.pth: the best validated weights
     if not cfg.get('param_scheduler'):
         ckpt.setdefault('save_param_scheduler', False)  # the timm schedule is a function of the update count
     hooks['checkpoint'] = ckpt
@@ -443,9 +528,14 @@ def run_train(cfg: Config, work_dir: Optional[str] = None, resume: Optional[str]
     """Train as configured; `resume` = 'auto' (newest checkpoint in the work dir) or a checkpoint path.
 
     Returns {'metrics': last validation metrics, 'work_dir', 'checkpoint': last checkpoint, 'history', 'curves'}.
+    Resuming a run that already reached train_cfg.max_epochs (max_iters) trains nothing and builds no runner: the
+    result then also has 'completed' = dict(step, max, by_epoch) and the metrics of its last validation.
     """
     cfg = copy.deepcopy(cfg)
     if resume:
+        done = _completed_run(cfg, resolve_work_dir(cfg, work_dir), resume)
+        if done is not None:
+            return done
         cfg.resume = True
         cfg.load_from = None if resume == 'auto' else resume
     runner = build_runner(cfg, work_dir, launcher)
@@ -477,12 +567,50 @@ def run_eval(cfg: Config, checkpoint: str, work_dir: Optional[str] = None, launc
     return runner.test()
 
 
-def _summary(runner: ZooRunner) -> Dict[str, Any]:
-    hook = next((h for h in runner.hooks if type(h).__name__ == 'TrainingCurvesHook'), None)
-    history = hook.history if hook is not None else dict(iters=[], epochs=[])
+def _last_metrics(history: dict) -> Dict[str, float]:
     metrics = {}
     for row in history['epochs']:
         metrics.update({k: v for k, v in row.items() if k not in ('epoch', 'train_loss')})
+    return metrics
+
+
+def _summary(runner: ZooRunner) -> Dict[str, Any]:
+    hook = next((h for h in runner.hooks if type(h).__name__ == 'TrainingCurvesHook'), None)
+    history = hook.history if hook is not None else dict(iters=[], epochs=[])
     curves = os.path.join(runner.work_dir, 'curves.png')
-    return dict(metrics=metrics, work_dir=runner.work_dir, checkpoint=find_resume_checkpoint(runner.work_dir),
-                history=history, curves=curves if os.path.isfile(curves) else None)
+    return dict(metrics=_last_metrics(history), work_dir=runner.work_dir,
+                checkpoint=find_resume_checkpoint(runner.work_dir), history=history,
+                curves=curves if os.path.isfile(curves) else None)
+
+
+def _completed_run(cfg: Config, work_dir: str, resume: str) -> Optional[Dict[str, Any]]:
+    """The summary of the run `resume` points at when it has nothing left to train, else None."""
+    path = find_resume_checkpoint(work_dir) if resume == 'auto' else resume
+    if not path or not os.path.isfile(path):
+        return None  # the runner reports a missing checkpoint
+    try:  # only the meta and the history are needed: map the file instead of reading the tensors
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:
+        checkpoint = read_checkpoint(path)  # raises the recipe's error for unreadable files
+    meta = (checkpoint.get('meta') or {}) if isinstance(checkpoint, dict) else {}
+    train_cfg = cfg.get('train_cfg') or {}
+    by_epoch = train_cfg.get('by_epoch', True) and train_cfg.get('type', 'EpochBasedTrainLoop') != 'IterBasedTrainLoop'
+    step, limit = (meta.get('epoch'), train_cfg.get('max_epochs')) if by_epoch else \
+        (meta.get('iter'), train_cfg.get('max_iters'))
+    if not isinstance(step, int) or not isinstance(limit, int) or step < limit:
+        return None
+    history = checkpoint.get('zoo_history') or dict(iters=[], epochs=[])
+    saved = os.path.join(work_dir, 'history.json')  # written after the last validation, the checkpoint before it
+    if os.path.abspath(os.path.dirname(path)) == os.path.abspath(work_dir) and os.path.isfile(saved):
+        import json
+        try:
+            with open(saved) as f:
+                on_disk = json.load(f)
+            if len(on_disk.get('iters', [])) >= len(history.get('iters', [])):
+                history = on_disk
+        except (OSError, ValueError):
+            pass
+    curves = os.path.join(work_dir, 'curves.png')
+    return dict(metrics=_last_metrics(history), work_dir=work_dir, checkpoint=path, history=history,
+                curves=curves if os.path.isfile(curves) else None,
+                completed=dict(step=step, max=limit, by_epoch=by_epoch))

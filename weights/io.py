@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Opt
 import torch
 import torch.nn as nn
 
-from .keymap import IncompatibleKeysError, check_state_dict
+from .keymap import IncompatibleKeysError, check_state_dict, strip_wrapper
 
 __all__ = [
     'WeightsFileError', 'IncompatibleKeysError', 'LoadResult',
@@ -211,20 +211,57 @@ def _read_safetensors(path: str, map_location: str) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
+def check_torch_file(path: str) -> None:
+    """Cheap checks of a torch checkpoint that read no tensor and unpickle nothing: the file is the zip archive
+    torch.save writes (complete: its central directory is at the end) or a pickle stream (torch's legacy format).
+    Raises WeightsFileError saying the file is empty, not a checkpoint, or truncated / corrupt."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise WeightsFileError(f'{path}: empty file (0 bytes), not a checkpoint: it was truncated or never written')
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if head.startswith(b'PK'):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise WeightsFileError(
+                f'{path}: corrupt or truncated torch checkpoint ({size} bytes): the zip archive torch.save writes '
+                f'is incomplete or damaged ({e})') from None
+        if not any(n == 'data.pkl' or n.endswith('/data.pkl') for n in names):
+            raise WeightsFileError(f'{path}: not a torch checkpoint: a zip archive without the data.pkl torch.save '
+                                   f'writes (it holds {_first_names(names)})')
+    elif head[:1] != b'\x80':  # the PROTO opcode that starts every pickle of protocol >= 2
+        raise WeightsFileError(
+            f'{path}: not a torch checkpoint: neither the zip archive torch.save writes nor a pickle '
+            f'(the file starts with {head!r}, {size} bytes)')
+
+
+def _first_names(names: Sequence[str], n: int = 3) -> str:
+    return ', '.join(repr(x) for x in names[:n]) + (', ...' if len(names) > n else '') if names else 'nothing'
+
+
 def _read_torch(path: str, map_location: Any) -> Any:
+    check_torch_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        # never repeat torch's advice to retry with weights_only=False: the file may be anything
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        if not lines or not lines[0].lower().startswith('weights only load failed'):
+        rejected = next((ln for ln in lines if 'unsupported global' in ln.lower()), None)
+        if rejected is not None:
             raise WeightsFileError(
-                f'{path}: corrupt or truncated torch checkpoint ({_first_sentence(str(e))})') from None
-        reason = next((ln for ln in lines if 'global' in ln.lower()), lines[-1])
+                f'{path}: refused to load: torch.load(weights_only=True) found pickled Python objects, not only '
+                f'tensors and plain containers ({_first_sentence(rejected)}); weight files are never unpickled '
+                f'otherwise. If you trust where it came from, save its state dict to .safetensors with the code '
+                f'that made it.'
+            ) from None
+        reason = next((ln for ln in lines if ln.lower().startswith('unsupported operand')), None) \
+            or (lines[0] if lines and not lines[0].lower().startswith('weights only load failed') else '')
         raise WeightsFileError(
-            f'{path}: refused to load: torch.load(weights_only=True) rejected it ({_first_sentence(reason)}). '
-            f'The file holds pickled objects other than tensors and plain containers, or it is corrupt. '
-            f'Weight files are never unpickled unsafely; convert a trusted checkpoint to .safetensors first.') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+            f'{path}: corrupt or truncated torch checkpoint, or not a checkpoint at all: its pickle stream does not '
+            f'parse as tensors and plain containers{f" ({_first_sentence(reason)})" if reason else ""}') from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, ValueError, ... on damaged files
         raise WeightsFileError(
             f'{path}: corrupt or truncated torch checkpoint ({type(e).__name__}: {_first_sentence(str(e))})') from None
 
@@ -296,12 +333,15 @@ def load_into(
 
     `filter_fn` has the signature of timm's ``checkpoint_filter_fn`` (official keys -> ours).
     Shape mismatches always raise; with `strict`, so do missing or unexpected keys. The error lists the
-    first few names of each kind and their counts. Returns (missing_keys, unexpected_keys).
+    first few names of each kind and their counts, and what the file looks like when it is recognisable.
+    A training wrapper's prefix ('model.' in the zoo recipe's checkpoints) is removed first.
+    Returns (missing_keys, unexpected_keys).
     """
     path = os.fspath(path)
-    state_dict = load_weights(path, use_ema=use_ema)
+    origin = load_weights(path, use_ema=use_ema)
+    state_dict = strip_wrapper(origin, model)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
-    missing, unexpected = check_state_dict(model, state_dict, path, classifier=(), strict=strict)
+    missing, unexpected = check_state_dict(model, state_dict, path, classifier=(), strict=strict, origin=origin)
     model.load_state_dict(state_dict, strict=False)
     return LoadResult(missing, unexpected)

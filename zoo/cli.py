@@ -1,4 +1,4 @@
-"""The `zoo` console command: list, info, check, export, bench, train, eval.
+"""The `zoo` console command: list, info, mixers, check, export, bench, train, eval.
 
 `zoo check` is the foundation's end-to-end job: build every registered model, run a real photo batch
 through it, and export one model to ONNX checked in onnxruntime. `bench`, `train` and `eval` forward
@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 __all__ = ['main']
 
 _FORWARDED = {
-    'bench': ('zoo.bench.run', 'benchmarks: speed, memory, FLOPs, resolution scaling (arguments go to bench.run)'),
+    'bench': ('zoo.bench.run', 'benchmarks: speed, memory, FLOPs vs timm (bench/run.py); `zoo bench mixers`: every '
+                               'token mixer\'s time and memory by token count (bench/mixers.py)'),
     'train': ('zoo.train.cli', 'train from a config: zoo train CONFIG [--opts k=v ...] [--resume]'),
     'eval': ('zoo.train.cli', 'evaluate a checkpoint: zoo eval CONFIG CHECKPOINT'),
     'demo': ('zoo.train.demo', 'the main job: fine-tune on the embedded data, evaluate, export to ONNX (train/demo.py)'),
@@ -122,6 +123,40 @@ def cmd_info(args: argparse.Namespace) -> int:
     print('features       stage  channels  reduction  module')
     for i, d in enumerate(info['feature_info']):
         print(f"               {i:>5}  {d['num_chs']:>8}  {d['reduction']:>9}  {d['module']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- mixers
+
+def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ['  '.join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, '  '.join('-' * w for w in widths))
+    return lines
+
+
+def cmd_mixers(args: argparse.Namespace) -> int:
+    import zoo.blocks as blocks
+    mixers = [blocks.mixer_info(n) for n in blocks.list_mixers()]
+    gates = [blocks.gate_info(n) for n in blocks.list_gates()]
+    if args.json:
+        def as_dict(info, *keys):
+            return {k: getattr(info, k) for k in ('name', 'paper', 'cost') + keys + ('arguments',)}
+        print(json.dumps(dict(mixers=[as_dict(m, 'triton', 'onnx_dynamic') for m in mixers],
+                              gates=[as_dict(g) for g in gates]), indent=2))
+        return 0
+    yes = {True: 'yes', False: 'no'}
+    print(f'{len(mixers)} token mixers, (B, H, W, C) -> (B, H, W, C) at any H, W: '
+          'zoo.blocks.create_mixer(name, dim, num_heads=..., **arguments)')
+    print('\n'.join(_text_table(
+        ('mixer', 'paper', 'cost (N tokens)', 'triton', 'onnx dynamic H/W', 'arguments'),
+        [(m.name, m.paper, m.cost, yes[m.triton], yes[m.onnx_dynamic], m.arguments or '-') for m in mixers])))
+    print()
+    print(f'{len(gates)} gates for conv stages, (B, C, H, W) -> (B, C, H, W): '
+          'zoo.blocks.create_gate(name, channels, **arguments)')
+    print('\n'.join(_text_table(
+        ('gate', 'paper', 'cost (N tokens)', 'arguments'),
+        [(g.name, g.paper, g.cost, g.arguments or '-') for g in gates])))
     return 0
 
 
@@ -342,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('model')
     p.add_argument('--json', action='store_true', help='print JSON')
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser('mixers', help='the registered token mixers and conv-stage gates: paper, cost, paths, arguments')
+    p.add_argument('--json', action='store_true', help='print JSON')
+    p.set_defaults(func=cmd_mixers)
 
     p = sub.add_parser('check', help='build each model, run a real photo batch, export one to ONNX')
     p.add_argument('models', nargs='*', metavar='MODEL', help='models to check (default: every zoo model)')

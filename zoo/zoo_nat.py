@@ -22,6 +22,7 @@ from timm.layers import ClassifierHead, LayerNorm2d, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import init_weights_vit_timm
 
+from zoo.blocks.block import ConvTokenizer
 from zoo.weights.keymap import KeyMap, KeyRule, make_filter
 
 from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, build_stages, default_cfg
@@ -29,21 +30,6 @@ from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, buil
 __all__ = ['NAT', 'KEY_MAP', 'checkpoint_filter_fn']
 
 _LN_EPS = 1e-5  # nn.LayerNorm's default, used by the official models
-
-
-class ConvTokenizer(nn.Module):
-    """NAT stem: two 3x3 stride-2 convs (no activation between) + LN. (B, C, H, W) -> (B, dim, ceil(H/4), ceil(W/4))."""
-
-    def __init__(self, in_chans: int, dim: int):
-        super().__init__()
-        self.proj = nn.Sequential(
-            nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1),
-            nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1),
-        )
-        self.norm = LayerNorm2d(dim, eps=_LN_EPS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x))
 
 
 class NAT(HierarchicalBackbone):
@@ -115,7 +101,7 @@ class NAT(HierarchicalBackbone):
         ]
         dims = [spec.dim for spec in specs]
         if layout == 'nat':
-            stem, reduction = ConvTokenizer(in_chans, dims[0]), 4
+            stem, reduction = ConvTokenizer(in_chans, dims[0], norm_eps=_LN_EPS), 4
         else:
             stem = PatchEmbed(
                 img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=dims[0],

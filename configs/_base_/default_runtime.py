@@ -7,7 +7,8 @@ default_hooks = dict(
     sampler_seed=dict(type='DistSamplerSeedHook'),
     logger=dict(type='LoggerHook', interval=10),  # a line every 10 iterations: lr, eta, time, loss
     param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='ZooCheckpointHook', interval=1, max_keep_ckpts=2),  # atomic files, every epoch
+    # atomic files every epoch, the newest 2 kept; best.pth: the best validated weights ('auto': first metric)
+    checkpoint=dict(type='ZooCheckpointHook', interval=1, max_keep_ckpts=2, save_best='auto'),
 )
 env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
                dist_cfg=dict(backend='nccl'))

@@ -1,41 +1,77 @@
-"""The mixer contract, for every registered mixer: any H and W in, same shape out, gradients everywhere,
-and the Triton path (interpreter) equal to the reference path, forward and backward."""
+"""The mixer contract, one test per clause, over every registered mixer (mixers added later join by
+registering): construction from the shared arguments, the heads resolver, NHWC at any H x W, gradients,
+owned no-weight-decay names, clear errors, and the Triton path equal to the reference where one exists.
+Gates get the same for NCHW conv stages."""
+import inspect
+
 import pytest
 import torch
 
 import zoo.kernels as kernels
-from zoo.blocks import create_mixer, list_mixers
+from zoo.blocks import (
+    MixerBlock, create_gate, create_mixer, gate_info, list_gates, list_mixers, mixer_info, resolve_heads,
+)
 
 MIXERS = list_mixers()
+GATES = list_gates()
+CONTRACT = ('num_heads', 'head_dim', 'qkv_bias', 'attn_drop', 'proj_drop')
 
 
-def _build(name: str, dim: int = 64) -> torch.nn.Module:
-    probe = create_mixer(name, dim) if name == 'cbam' else create_mixer(name, dim, num_heads=2)
-    return probe
-
-
-def _layout(mixer: torch.nn.Module) -> str:
-    return getattr(mixer, 'input_fmt', 'NHWC')
-
-
-def _input(mixer: torch.nn.Module, B: int, H: int, W: int, dim: int = 64) -> torch.Tensor:
-    return torch.randn(B, dim, H, W) if _layout(mixer) == 'NCHW' else torch.randn(B, H, W, dim)
-
-
-def test_registry_has_every_family():
-    assert {'window', 'block', 'grid', 'neighborhood', 'cbam'} <= set(MIXERS)
-
-
-def test_unknown_mixer_is_a_clear_error():
-    with pytest.raises(KeyError, match='unknown mixer'):
-        create_mixer('no_such_mixer', 64)
+def test_registries_hold_every_family():
+    assert {'window', 'block', 'grid', 'neighborhood'} <= set(MIXERS)
+    assert {'cbam', 'se', 'eca'} <= set(GATES)
+    assert not set(MIXERS) & set(GATES)
 
 
 @pytest.mark.parametrize('name', MIXERS)
-@pytest.mark.parametrize('hw', [(11, 13), (16, 16), (3, 29)])
-def test_any_size_same_shape(name, hw):
-    mixer = _build(name)
-    x = _input(mixer, 2, *hw).requires_grad_()
+def test_metadata_and_signature(name):
+    info = mixer_info(name)
+    assert info.paper and info.cost.startswith('O(') and isinstance(info.triton, bool)
+    params = inspect.signature(info.fn).parameters
+    missing = [a for a in CONTRACT if a not in params]
+    assert not missing, f'{name}: the contract arguments {missing} are not accepted'
+    assert not any(a in info.arguments for a in CONTRACT)
+
+
+def test_unknown_names_are_clear_errors():
+    with pytest.raises(KeyError, match='unknown mixer'):
+        create_mixer('no_such_mixer', 64)
+    with pytest.raises(KeyError, match="'cbam' is a gate"):
+        create_mixer('cbam', 64)
+    with pytest.raises(KeyError, match="'window' is a token mixer"):
+        create_gate('window', 64)
+
+
+def test_heads_resolver():
+    assert resolve_heads(96) == (3, 32)
+    assert resolve_heads(96, num_heads=4) == (4, 24)
+    assert resolve_heads(96, head_dim=16) == (6, 16)
+    assert resolve_heads(96, num_heads=2, head_dim=64) == (2, 64)  # attention width 128 != dim
+    for kwargs, match in ((dict(num_heads=5), 'num_heads: expected a divisor of dim=96'),
+                          (dict(head_dim=20), 'head_dim: expected a divisor of dim=96'),
+                          (dict(num_heads=0), 'num_heads: expected a positive int'),
+                          (dict(head_dim=2.5), 'head_dim: expected a positive int')):
+        with pytest.raises(ValueError, match=match):
+            resolve_heads(96, **kwargs)
+    with pytest.raises(ValueError, match='the default'):
+        resolve_heads(48)
+
+
+@pytest.mark.parametrize('name', MIXERS)
+@pytest.mark.parametrize('heads', [dict(num_heads=2), dict(head_dim=16), dict(num_heads=2, head_dim=24), {}])
+def test_heads_arguments_are_honoured(name, heads):
+    mixer = create_mixer(name, 64, **heads)
+    want = resolve_heads(64, heads.get('num_heads'), heads.get('head_dim'))
+    assert (mixer.num_heads, mixer.head_dim) == want
+    x = torch.randn(1, 9, 10, 64)
+    assert mixer(x).shape == x.shape
+
+
+@pytest.mark.parametrize('name', MIXERS)
+@pytest.mark.parametrize('hw', [(11, 13), (16, 16), (3, 29), (1, 1)])
+def test_any_size_same_shape_and_gradients(name, hw):
+    mixer = create_mixer(name, 64, num_heads=2)
+    x = torch.randn(2, *hw, 64, requires_grad=True)
     out = mixer(x)
     assert out.shape == x.shape and torch.isfinite(out).all()
     out.square().mean().backward()
@@ -44,12 +80,57 @@ def test_any_size_same_shape(name, hw):
     assert not no_grad, no_grad
 
 
+@pytest.mark.parametrize('name', MIXERS)
+def test_batch_items_are_independent(name):
+    mixer = create_mixer(name, 32, num_heads=2).eval()
+    x = torch.randn(3, 9, 12, 32)
+    with torch.no_grad():
+        full = mixer(x)
+        one = mixer(x[1:2])
+    torch.testing.assert_close(one, full[1:2], rtol=1e-5, atol=1e-5 * full.abs().max().item())
+
+
+@pytest.mark.parametrize('name', MIXERS)
+def test_contract_arguments_and_errors(name):
+    mixer = create_mixer(name, 32, num_heads=2, qkv_bias=False, proj_drop=0.1)
+    assert all(not n.endswith('qkv.bias') for n, _ in mixer.named_parameters())
+    with pytest.raises(ValueError, match=r'expected input \(B, H, W, 32\)'):
+        mixer(torch.randn(1, 8, 8, 48))
+    with pytest.raises(ValueError, match='num_heads'):
+        create_mixer(name, 32, num_heads=3)
+
+
+@pytest.mark.parametrize('name', MIXERS)
+def test_no_weight_decay_names_are_own_parameters(name):
+    mixer = create_mixer(name, 32, num_heads=2)
+    keys = getattr(mixer, 'no_weight_decay_keys', ())
+    params = dict(mixer.named_parameters())
+    assert all(k in params for k in keys), (keys, list(params))
+    block = MixerBlock(32, name, num_heads=2)
+    names = {n for n, _ in block.named_parameters()}
+    assert {f'attn.{k}' for k in keys} <= names
+
+
+@pytest.mark.parametrize('name', MIXERS)
+def test_block_carries_any_mixer(name):
+    block = MixerBlock(32, name, num_heads=2, layer_scale=1e-5, pos_embed=3, mlp_layer='dwconv_mlp', drop_path=0.1)
+    x = torch.randn(2, 7, 11, 32, requires_grad=True)
+    block(x).sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in block.parameters())
+    block.eval()
+    with torch.no_grad():  # layer scale 1e-5: the block starts near identity (plus the position conv)
+        y = block.pos_embed(x)
+        torch.testing.assert_close(block(x), y, rtol=0, atol=1e-3)
+
+
 @pytest.mark.triton
-@pytest.mark.parametrize('name', [m for m in MIXERS if m != 'cbam'])
+@pytest.mark.parametrize('name', MIXERS)
 def test_triton_matches_reference(name):
+    if not mixer_info(name).triton:
+        pytest.skip(f'{name} has no Triton path (mixer_info says so); nothing to compare')
     torch.manual_seed(0)
-    mixer = _build(name, dim=32)
-    x = _input(mixer, 1, 9, 10, dim=32)
+    mixer = create_mixer(name, 32, num_heads=2)
+    x = torch.randn(1, 9, 10, 32)
     results = {}
     for backend in ('torch', 'triton'):
         mixer.zero_grad()
@@ -63,3 +144,17 @@ def test_triton_matches_reference(name):
     torch.testing.assert_close(gx_tri, gx_ref, rtol=1e-4, atol=1e-4)
     for n in gp_ref:
         torch.testing.assert_close(gp_tri[n], gp_ref[n], rtol=1e-4, atol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize('name', GATES)
+@pytest.mark.parametrize('hw', [(9, 13), (1, 1)])
+def test_gates_nchw_any_size(name, hw):
+    info = gate_info(name)
+    assert info.paper
+    gate = create_gate(name, 64)
+    x = torch.randn(2, 64, *hw, requires_grad=True)
+    out = gate(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert x.grad is not None
+    assert all(p.grad is not None for p in gate.parameters())

@@ -5,7 +5,7 @@ import os
 import pytest
 from mmengine.registry import MODELS
 
-import train  # noqa: F401
+import zoo.train  # noqa: F401
 from zoo.train import ConfigError, load_config
 from zoo.train.runner import parse_opts
 

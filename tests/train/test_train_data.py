@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import train  # noqa: F401
+import zoo.train  # noqa: F401
 from zoo.train import ConfigError, DatasetError
 from zoo.train.data import CocoDetDataset, DigitsDataset, ImageFolderDataset, det_collate
 from zoo.train.shapes import CLASSES, make_shapes_coco

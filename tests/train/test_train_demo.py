@@ -5,7 +5,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-import train  # noqa: F401
+import zoo.train  # noqa: F401
 from zoo.train.demo import main
 
 

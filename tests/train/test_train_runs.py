@@ -14,7 +14,7 @@ import pytest
 import torch
 from mmengine.registry import DATASETS, MODELS
 
-import train  # noqa: F401
+import zoo.train as train  # noqa: F401
 from zoo.train import load_config, run_train
 from zoo.train.cli import main as cli_main
 from zoo.train.metrics import coco_evaluate

@@ -203,9 +203,9 @@ def test_load_into_reports_missing_and_unexpected_keys(tmp_path):
     with pytest.raises(IncompatibleKeysError) as info:
         load_into(model, path)
     msg = str(info.value)
-    assert 'w.safetensors does not match Sequential' in msg
-    assert 'missing keys: 2 (0.weight, 0.bias)' in msg
-    assert 'unexpected keys: 9 (extra.0, extra.1, extra.2, extra.3, extra.4, ...)' in msg  # file order (sorted)
+    assert 'w.safetensors does not belong to Sequential' in msg
+    assert "missing from the file (2): '0.weight', '0.bias'" in msg
+    assert "not in the model (9): 'extra.0', 'extra.1', 'extra.2', ..." in msg  # file order (sorted)
     assert info.value.missing == ['0.weight', '0.bias']
 
     result = load_into(model, path, strict=False)
@@ -223,6 +223,6 @@ def test_load_into_reports_missing_and_unexpected_keys(tmp_path):
 def test_load_into_reports_shape_mismatch_even_when_not_strict(tmp_path):
     path = tmp_path / 'w.pth'
     save_weights(nn.Linear(3, 4), path)
-    match = r'shape mismatches: 2 \(weight: checkpoint \(4, 3\) vs model \(5, 3\)'
+    match = r"other shape \(2\): 'weight' is \(4, 3\) in the file, \(5, 3\) in the model"
     with pytest.raises(IncompatibleKeysError, match=match):
         load_into(nn.Linear(3, 5), path, strict=False)

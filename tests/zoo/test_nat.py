@@ -260,7 +260,7 @@ def test_module_errors_and_registry():
         NeighborhoodAttention2D(64, 2, dilation=0)
     with pytest.raises(ValueError, match='num_heads'):
         NeighborhoodAttention2D(64, 3)
-    with pytest.raises(ValueError, match=r'x: expected \(B, H, W, 64\)'):
+    with pytest.raises(ValueError, match=r'expected input \(B, H, W, 64\)'):
         mod(torch.randn(1, 64, 6, 7))
     drop = NeighborhoodAttention2D(64, 2, attn_drop=0.1)
     assert drop.eval()(torch.randn(1, 8, 8, 64)).shape == (1, 8, 8, 64)

@@ -1,0 +1,150 @@
+"""Fine-tuning on real photographs through the shipped ImageFolder config (configs/classification/
+swin_tiny_imagefolder.py): the recipe's RandAugment must survive every magnitude it can sample, including the
+posterize levels that keep 0 bits (which Pillow >= 11 rejects)."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import zoo
+from zoo.train import load_config, run_train
+from zoo.train import data as data_mod
+from zoo.train.runner import read_checkpoint
+
+SWIN_CONFIG = os.path.join('classification', 'swin_tiny_imagefolder.py')
+IMG = 64
+
+
+def _photos():
+    """scikit-learn's two real photographs (china.jpg, flower.jpg, 640x427) as PIL images."""
+    from sklearn.datasets import load_sample_images
+    return {name: Image.fromarray(a) for name, a in zip(('china', 'flower'), load_sample_images().images)}
+
+
+def make_photo_folder(root, n_train=160, n_val=24, seed=0):
+    """ImageNet-style folders <root>/{train,val}/{china,flower}/*.jpg: random crops (96..400 px) of the two
+    photos, resized to 48..96 px and saved as JPEG. Returns the train and val roots."""
+    rng = random.Random(seed)
+    for split, n in (('train', n_train), ('val', n_val)):
+        for name, photo in _photos().items():
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            w, h = photo.size
+            for i in range(n):
+                side = rng.randint(96, min(400, h))
+                x, y = rng.randint(0, w - side), rng.randint(0, h - side)
+                out = rng.randint(48, 96)
+                crop = photo.crop((x, y, x + side, y + side)).resize((out, out), Image.BICUBIC)
+                crop.save(os.path.join(folder, f'{i:04d}.jpg'), quality=90)
+    return os.path.join(root, 'train'), os.path.join(root, 'val')
+
+
+def _opts(train_root, val_root, *extra):
+    """Overrides that shrink the shipped config (data paths, 2 classes, a narrow Swin-T, 64 px, one epoch)
+    and keep everything else as shipped (RandAugment rand-m9-mstd0.5-inc1, Mixup/CutMix, random erasing, EMA,
+    layer decay, warmup + cosine)."""
+    return [
+        f'train_dataloader.dataset.root={train_root}', f'val_dataloader.dataset.root={val_root}',
+        'model.num_classes=2', f'model.model_kwargs={zoo.reduced_args("swin_tiny")!r}',
+        f'train_dataloader.dataset.img_size={IMG}', f'val_dataloader.dataset.img_size={IMG}',
+        'train_dataloader.batch_size=32', 'val_dataloader.batch_size=48',
+        'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
+        'val_dataloader.num_workers=0', 'val_dataloader.persistent_workers=False',
+        'train_cfg.max_epochs=1', 'plot_curves=False', *extra]
+
+
+def test_recipe_randaugment_posterize_zero_bits_on_a_photo(recipe):
+    """The shipped augmentation's posterize op at magnitude 10 keeps 0 bits: an all-black image, no error."""
+    cfg = load_config(os.path.join(recipe.configs, SWIN_CONFIG))
+    aug = dict(cfg.train_dataloader.dataset.transform)
+    assert aug['auto_augment'] == 'rand-m9-mstd0.5-inc1'
+    transform = data_mod.build_cls_transform(IMG, True, aug, 'test')
+    rand_aug = next(t for t in transform.transforms if type(t).__name__ == 'RandAugment')
+    op = next(o for o in rand_aug.ops if o.name == 'PosterizeIncreasing')
+    op.magnitude, op.magnitude_std, op.prob = 10, 0, 1.0  # the level mstd0.5 reaches about 2% of the time
+    photo = _photos()['flower']
+    out = op(photo)
+    assert out.size == photo.size and np.asarray(out).max() == 0
+    # the 1..4-bit levels still posterize as Pillow does
+    for magnitude, bits in ((0, 4), (5, 2), (9, 1)):
+        op.magnitude = magnitude
+        levels = np.unique(np.asarray(op(photo)))
+        assert len(levels) <= 2 ** bits and len(levels) > 1
+
+
+@pytest.mark.parametrize('policy', ['rand-m10-n15-mstd0-inc1-p1.0', 'rand-m1-n15-mstd0-p1.0', 'v0',
+                                    'augmix-m10-mstd0'])
+def test_every_timm_policy_with_zero_bit_posterize_runs_on_photos(policy, tmp_path, monkeypatch):
+    """Whole transforms (crop, flip, RandAugment/AutoAugment/AugMix, erasing) over real photo crops, with
+    policies whose posterize keeps 0 bits; the dataset builds them exactly as training does."""
+    bits = []
+
+    def counting_posterize(img, bits_to_keep, **kw):
+        bits.append(int(bits_to_keep))
+        return original(img, bits_to_keep, **kw)
+
+    original = data_mod.posterize_bits
+    monkeypatch.setattr(data_mod, 'posterize_bits', counting_posterize)
+    train_root, _ = make_photo_folder(str(tmp_path), n_train=4, n_val=0)
+    ds = data_mod.ImageFolderDataset(train_root, img_size=IMG, train=True,
+                                     transform=dict(auto_augment=policy, re_prob=0.25))
+    random.seed(0)
+    np.random.seed(0)
+    for i in range(400):
+        item = ds[i % len(ds)]
+        assert item['inputs'].shape == (3, IMG, IMG) and torch.isfinite(item['inputs']).all()
+        if 0 in bits:
+            break
+    assert 0 in bits, f'{policy}: no 0-bit posterize in {i + 1} images'
+
+
+def test_finetune_swin_imagefolder_config_on_photos(recipe, tmp_path, monkeypatch):
+    """320 photo crops, one epoch through the shipped config: from scratch, then from a weight file
+    (model.pretrained, 1000-class file -> new 2-class head); both run through RandAugment's 0-bit posterize."""
+    train_root, val_root = make_photo_folder(str(tmp_path / 'photos'))
+    config = os.path.join(recipe.configs, SWIN_CONFIG)
+    calls = []
+
+    def counting_posterize(img, bits_to_keep, **kw):
+        calls.append(int(bits_to_keep))
+        return original(img, bits_to_keep, **kw)
+
+    original = data_mod.posterize_bits
+    monkeypatch.setattr(data_mod, 'posterize_bits', counting_posterize)
+
+    # from scratch, augmentation exactly as shipped
+    scratch = run_train(load_config(config, _opts(train_root, val_root)), work_dir=str(tmp_path / 'scratch'))
+    assert calls, 'RandAugment never chose posterize in 320 images'
+    assert [e['epoch'] for e in scratch['history']['epochs']] == [1]
+    assert 0.0 <= scratch['metrics']['accuracy/top1'] <= 100.0
+    assert len(scratch['history']['iters']) == 10  # 320 images / 32
+
+    # a "downloaded" weight file: the same (narrow) architecture with a 1000-class ImageNet head
+    import timm
+    from zoo.weights import save_weights
+    source = timm.create_model('swin_tiny', num_classes=1000, **zoo.reduced_args('swin_tiny'))
+    weights = save_weights(source, str(tmp_path / 'swin_tiny_in1k.safetensors'))
+    calls.clear()
+    # magnitude 10 (std 0.5): about half of the posterize calls keep 0 bits
+    tuned = run_train(load_config(config, _opts(
+        train_root, val_root, f'model.pretrained={weights}',
+        'train_dataloader.dataset.transform.auto_augment=rand-m10-mstd0.5-inc1')), work_dir=str(tmp_path / 'tuned'))
+    assert 0 in calls, f'no 0-bit posterize in {len(calls)} posterize calls'
+    assert len(tuned['history']['iters']) == 10
+
+    # the fine-tuned backbone starts from the file (and moves little in 10 warm-up steps), the scratch one does not
+    src = source.state_dict()
+
+    def cosine(state, key):
+        a, b = state[key].flatten().float(), src[key].flatten().float()
+        return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+    key = 'stem.conv.weight'
+    tuned_sd = {k[len('model.'):]: v for k, v in read_checkpoint(tuned['checkpoint'])['state_dict'].items()}
+    scratch_sd = {k[len('model.'):]: v for k, v in read_checkpoint(scratch['checkpoint'])['state_dict'].items()}
+    assert key in tuned_sd
+    assert cosine(tuned_sd, key) > 0.99 and abs(cosine(scratch_sd, key)) < 0.5
+    assert tuned_sd['head.fc.weight'].shape[0] == 2
