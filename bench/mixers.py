@@ -364,14 +364,8 @@ def _plot(result: Dict[str, Any], path: str) -> None:
     fig.suptitle(f"token mixers on CPU: C={meta['dim']}, {meta['num_heads']} heads, batch 1, fp32, "
                  f"{meta['threads']} thread(s), median of {meta['repeats']}", fontsize=10)
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(path) or '.', '.tmp-' + os.path.basename(path))
-    try:
-        fig.savefig(tmp, dpi=110, format='png')
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from .run import save_figure
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------- main

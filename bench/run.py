@@ -31,9 +31,10 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from zoo.weights.io import atomic_write
 
 __all__ = ['main', 'build_parser', 'default_out_dir', 'DEFAULT_PAIRS']
 
@@ -336,27 +337,22 @@ def _plot(result: Dict[str, Any], path: str) -> None:
     fig.suptitle(f"CPU, {meta['img_size']}px, batch {meta['batch_size']}, {meta['threads']} threads "
                  f"(blue: zoo, gray: timm)", fontsize=9)
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(path) or '.', '.tmp-' + os.path.basename(path))
-    try:
-        fig.savefig(tmp, dpi=110, format='png')
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_figure(fig, path)
 
 
 def _write_atomic(path: str, text: str) -> None:
-    d = os.path.dirname(path) or '.'
-    fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix=os.path.basename(path))
+    with atomic_write(path) as tmp, open(tmp, 'w') as f:
+        f.write(text)
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a matplotlib figure to `path` as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
     try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=110, format='png')
+    finally:
+        plt.close(fig)
 
 
 def _cpu_name() -> str:

@@ -3,7 +3,9 @@
 Classification (default): train a small zoo backbone on scikit-learn's 1797 real handwritten digits
 (configs/classification/cbam_resnet18_digits.py), evaluate top-1/top-5 on the 359 held-out digits, save the weights as
 .safetensors, export to ONNX, check onnxruntime against PyTorch on real validation images and report the accuracy
-onnxruntime reaches. ``--task detection`` trains FCOS on the generated shapes set and reports COCO AP.
+onnxruntime reaches. ``--task detection`` trains FCOS on the generated shapes set, reports COCO AP, exports the
+trained detector (pre-processing, head, box decoding and NMS) to ONNX and compares onnxruntime's detections and AP with
+PyTorch's on the validation images.
 """
 import argparse
 import json
@@ -11,7 +13,7 @@ import os
 import resource
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 CONFIGS = dict(
     classification='classification/cbam_resnet18_digits.py',
@@ -69,6 +71,111 @@ def _export_classifier(cfg, result: dict, work_dir: str) -> Dict[str, object]:
     return out
 
 
+def _match_detections(ref: tuple, got: tuple, min_iou: float = 0.99) -> Tuple[List[Tuple[int, int]], int]:
+    """Greedy one-to-one matching of two detection lists (boxes, scores, labels), highest reference score first:
+    same label, IoU >= `min_iou`. Returns the matched index pairs and the number of unmatched detections."""
+    import torch
+    from torchvision.ops import box_iou
+    rb, rs, rl = (torch.as_tensor(a) for a in ref)
+    gb, gs, gl = (torch.as_tensor(a) for a in got)
+    if len(rb) == 0 or len(gb) == 0:
+        return [], len(rb) + len(gb)
+    iou = box_iou(rb.float(), gb.float())
+    iou[rl[:, None] != gl[None, :]] = -1.0
+    pairs, used = [], set()
+    for i in torch.argsort(rs, descending=True).tolist():
+        order = torch.argsort(iou[i], descending=True).tolist()
+        j = next((j for j in order if j not in used), None)
+        if j is not None and iou[i, j] >= min_iou:
+            pairs.append((i, j))
+            used.add(j)
+    return pairs, len(rb) + len(gb) - 2 * len(pairs)
+
+
+def _export_detector(cfg, result: dict, work_dir: str) -> Dict[str, object]:
+    """The trained torchvision detector (resize + normalise, backbone, FPN, head, box decoding, NMS) -> ONNX with
+    torch's TorchScript-based exporter (opset 17; dynamic image height and width, one image per call), checked
+    with onnx.checker, then compared with PyTorch on every validation image: detections matched one to one
+    (same label, IoU >= 0.99), their box and score differences, and the COCO AP each runtime reaches."""
+    import warnings
+
+    import numpy as np
+    import onnx
+    import torch
+    from mmengine.registry import DATASETS, MODELS
+    from zoo.kernels.backend import use_backend
+    from zoo.weights import atomic_write, onnx_run
+
+    from .metrics import coco_evaluate
+    from .runner import read_checkpoint
+
+    checkpoint = read_checkpoint(result['checkpoint'])
+    model = MODELS.build(dict(cfg.model, pretrained=None))
+    model.load_state_dict(checkpoint.get('state_dict_ema', checkpoint['state_dict']))
+    net = _detector_for_export(model.detector).eval()
+    val = DATASETS.build(cfg.val_dataloader.dataset)
+    images = [val[i] for i in range(len(val))]
+    path = os.path.join(work_dir, 'model.onnx')
+    out: Dict[str, object] = {}
+    t0 = time.time()
+    with use_backend('torch'), atomic_write(path) as tmp:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter('ignore')  # torchvision's tracer warnings about Python ints in the transform
+            torch.onnx.export(
+                net, (images[0]['inputs'],), tmp, dynamo=False, opset_version=17, input_names=['image'],
+                output_names=['boxes', 'scores', 'labels'],
+                dynamic_axes={'image': {1: 'height', 2: 'width'}, 'boxes': {0: 'detections'},
+                              'scores': {0: 'detections'}, 'labels': {0: 'detections'}})
+        onnx.checker.check_model(tmp)
+        out['onnx_export_s'] = round(time.time() - t0, 1)
+        dets = dict(torch=[], onnx=[])
+        box_err = score_err = 0.0
+        unmatched = total = 0
+        with torch.no_grad():
+            for item in images:
+                ref = tuple(t.numpy() for t in net(item['inputs']))
+                got = tuple(onnx_run(tmp, item['inputs']))
+                pairs, missing = _match_detections(ref, got)
+                unmatched += missing
+                total += len(ref[0]) + len(got[0])
+                for i, j in pairs:
+                    box_err = max(box_err, float(np.abs(ref[0][i] - got[0][j]).max()))
+                    score_err = max(score_err, float(abs(ref[1][i] - got[1][j])))
+                image_id = item['data_samples']['image_id']
+                for name, (boxes, scores, labels) in (('torch', ref), ('onnx', got)):
+                    for b, s, lab in zip(boxes.tolist(), scores.tolist(), labels.tolist()):
+                        dets[name].append(dict(image_id=image_id, bbox=[b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                                               score=float(s),
+                                               category_id=val.cat_ids[int(lab) + model.label_offset - 1]))
+    out['onnx'] = path
+    out['images'] = len(images)
+    out['detections'] = total // 2
+    out['unmatched_detections'] = unmatched
+    out['max_abs_box_diff_px'] = box_err
+    out['max_abs_score_diff'] = score_err
+    for name in ('torch', 'onnx'):
+        stats = coco_evaluate(val.ann_file, dets[name], backend='pycocotools')
+        out[f'{name}_AP'], out[f'{name}_AP50'] = stats['AP'], stats['AP50']
+    return out
+
+
+def _detector_for_export(detector):
+    """A torchvision detector as image (3, H, W) float in [0, 1] -> (boxes (N, 4) xyxy in input pixels, scores (N,),
+    labels (N,)); the labels are the detector's own (FCOS / RetinaNet: 0..K-1)."""
+    import torch
+
+    class DetectorForExport(torch.nn.Module):
+        def __init__(self, det):
+            super().__init__()
+            self.detector = det
+
+        def forward(self, image):
+            res = self.detector([image])[0]
+            return res['boxes'], res['scores'], res['labels']
+
+    return DetectorForExport(detector)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='zoo demo', description=__doc__.splitlines()[0])
     parser.add_argument('--task', choices=tuple(CONFIGS), default='classification')
@@ -93,6 +200,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         # the generated data lives with the run unless the caller points elsewhere
         root = os.path.join(work_dir, 'data', 'shapes')
         opts = [f'train_dataloader.dataset.root={root}', f'val_dataloader.dataset.root={root}'] + opts
+    if args.threads is None and torch.get_num_threads() > 1:
+        print(f'zoo demo: {torch.get_num_threads()} torch threads; on a busy machine rerun with --threads 1 (often '
+              f'several times faster)', flush=True)
     t_start = time.time()
     try:
         cfg = load_config(os.path.join(config_dir(), CONFIGS[args.task]), opts)
@@ -113,6 +223,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         for key in ('safetensors', 'onnx'):
             files[key] = exported.pop(key)
         summary['export'] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in exported.items()}
+    elif args.task == 'detection' and not args.no_export:
+        exported = _export_detector(cfg, result, work_dir)
+        files['onnx'] = exported.pop('onnx')
+        summary['export'] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in exported.items()}
+    best = os.path.join(result['work_dir'], 'best.pth')
+    if os.path.isfile(best):
+        files['best'] = best
     summary['total_seconds'] = round(time.time() - t_start, 1)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     summary['process_cpu_seconds'] = round(usage.ru_utime + usage.ru_stime, 1)  # load-independent cost
@@ -138,8 +255,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print('data: generated COCO-format shapes (rectangles / ellipses / triangles on textured backgrounds)')
         print(f"model: FCOS + FPN over {summary['model']}  AP {m.get('coco/AP', float('nan')):.3f}  "
               f"AP50 {m.get('coco/AP50', float('nan')):.3f}  AP75 {m.get('coco/AP75', float('nan')):.3f}")
+        if 'export' in summary:
+            e = summary['export']
+            print(f"onnxruntime: AP {e['onnx_AP']:.3f} (PyTorch {e['torch_AP']:.3f}) on {e['images']} val images; "
+                  f"{e['detections']} detections, {e['unmatched_detections']} unmatched, max |box diff| "
+                  f"{e['max_abs_box_diff_px']:.1e} px, max |score diff| {e['max_abs_score_diff']:.1e}")
     print(f"time: {summary['total_seconds']:.0f} s wall, {summary['process_cpu_seconds']:.0f} s CPU "
           f"({torch.get_num_threads()} torch threads)")
+    if args.threads is None and torch.get_num_threads() > 1:
+        print('tip: on a busy machine add --threads 1 (torch threads that share cores with other work wait on '
+              'each other; one thread is often several times faster)')
     for name, path in files.items():
         if path:
             print(f'{name}: {path}')

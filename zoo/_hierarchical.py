@@ -24,6 +24,7 @@ from timm.models.resnet import BasicBlock, downsample_conv
 from zoo.blocks import MixerBlock, create_gate, list_gates
 from zoo.blocks.block import create_downsample
 from zoo.weights.keymap import KeyMap, make_filter
+from zoo.weights.sources import prepare_pretrained, release_pretrained_state_dict
 
 __all__ = ['StageSpec', 'Stage', 'build_stages', 'HierarchicalBackbone', 'build_backbone', 'default_cfg']
 
@@ -202,6 +203,15 @@ class HierarchicalBackbone(nn.Module):
         if x.shape[-2] < self.min_input_size or x.shape[-1] < self.min_input_size:
             raise ValueError(f'{type(self).__name__}: expected H and W >= {self.min_input_size}, '
                              f'got {tuple(x.shape[-2:])}')
+        if not x.is_floating_point():
+            cfg = getattr(self, 'pretrained_cfg', None) or {}
+            mean, std = tuple(cfg.get('mean', IMAGENET_DEFAULT_MEAN)), tuple(cfg.get('std', IMAGENET_DEFAULT_STD))
+            raise TypeError(
+                f'{type(self).__name__}: expected a float image tensor, normalised with the mean and std of '
+                f'model.pretrained_cfg, got dtype {x.dtype}. From uint8 pixels: '
+                f'x = (x.float().div(255) - torch.tensor({mean}).view(1, -1, 1, 1)) / '
+                f'torch.tensor({std}).view(1, -1, 1, 1); from PIL images: '
+                f'timm.data.create_transform(**timm.data.resolve_data_config(model=model))')
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -321,11 +331,16 @@ def build_backbone(
     """`build_model_with_cfg` with the zoo's feature defaults (all stages, NCHW).
 
     `checkpoint_filter_fn` is a family's `KeyMap` (or a filter function); weights load only if they fit.
+    With `pretrained`, the weights' source is checked first (`zoo.weights.sources.prepare_pretrained`): a local
+    file is read safely with errors naming it, and a download that cannot start fails in seconds.
     """
     if isinstance(checkpoint_filter_fn, KeyMap):
         checkpoint_filter_fn = make_filter(checkpoint_filter_fn)
     out_indices = kwargs.pop('out_indices', tuple(range(num_stages)))
-    return build_model_with_cfg(
+    if pretrained:
+        kwargs['pretrained_cfg_overlay'] = prepare_pretrained(
+            variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'), kwargs.get('cache_dir'))
+    model = build_model_with_cfg(
         model_cls,
         variant,
         pretrained,
@@ -333,3 +348,6 @@ def build_backbone(
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
         **kwargs,
     )
+    if pretrained:
+        release_pretrained_state_dict(model)
+    return model

@@ -102,8 +102,8 @@ def test_every_timm_policy_with_zero_bit_posterize_runs_on_photos(policy, tmp_pa
 
 
 def test_finetune_swin_imagefolder_config_on_photos(recipe, tmp_path, monkeypatch):
-    """320 photo crops, one epoch through the shipped config: from scratch, then from a weight file
-    (model.pretrained, 1000-class file -> new 2-class head); both run through RandAugment's 0-bit posterize."""
+    """320 photo crops, one epoch through the shipped config: from scratch, then from a weight file in timm's layout
+    (model.pretrained, 1000-class file -> new 2-class head) with RandAugment's 0-bit posterize forced."""
     train_root, val_root = make_photo_folder(str(tmp_path / 'photos'))
     config = os.path.join(recipe.configs, SWIN_CONFIG)
     calls = []
@@ -122,11 +122,13 @@ def test_finetune_swin_imagefolder_config_on_photos(recipe, tmp_path, monkeypatc
     assert 0.0 <= scratch['metrics']['accuracy/top1'] <= 100.0
     assert len(scratch['history']['iters']) == 10  # 320 images / 32
 
-    # a "downloaded" weight file: the same (narrow) architecture with a 1000-class ImageNet head
+    # a "downloaded" weight file: timm's own Swin-T (the layout of timm/swin_tiny_patch4_window7_224.ms_in1k's
+    # model.safetensors on the Hub), narrowed like the model, with its 1000-class ImageNet head
     import timm
-    from zoo.weights import save_weights
-    source = timm.create_model('swin_tiny', num_classes=1000, **zoo.reduced_args('swin_tiny'))
-    weights = save_weights(source, str(tmp_path / 'swin_tiny_in1k.safetensors'))
+    from safetensors.torch import save_file
+    source = timm.create_model('swin_tiny_patch4_window7_224', **zoo.reduced_args('swin_tiny'))
+    weights = str(tmp_path / 'model.safetensors')
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, weights)
     calls.clear()
     # magnitude 10 (std 0.5): about half of the posterize calls keep 0 bits
     tuned = run_train(load_config(config, _opts(
@@ -138,8 +140,8 @@ def test_finetune_swin_imagefolder_config_on_photos(recipe, tmp_path, monkeypatc
     # the fine-tuned backbone starts from the file (and moves little in 10 warm-up steps), the scratch one does not
     src = source.state_dict()
 
-    def cosine(state, key):
-        a, b = state[key].flatten().float(), src[key].flatten().float()
+    def cosine(state, key):  # our stem is timm's patch_embed.proj
+        a, b = state[key].flatten().float(), src['patch_embed.proj.weight'].flatten().float()
         return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
     key = 'stem.conv.weight'
