@@ -19,7 +19,8 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, get_act_layer
 from ._registry import create_mixer
 
 __all__ = [
-    'MixerBlock', 'DwConvMlp', 'ConvPosEmbed', 'PatchMerging', 'ConvDownsample', 'ConvTokenizer', 'create_downsample',
+    'MixerBlock', 'DwConvMlp', 'ConvPosEmbed', 'PatchMerging', 'ConvDownsample', 'ConvBnDownsample', 'ConvTokenizer',
+    'create_downsample',
 ]
 
 _layer_t = Union[str, Callable[..., nn.Module]]
@@ -175,11 +176,26 @@ class ConvTokenizer(nn.Module):
         return self.norm(self.proj(x))
 
 
-_DOWNSAMPLES = {'patch_merging': PatchMerging, 'conv': ConvDownsample}
+class ConvBnDownsample(nn.Module):
+    """BiFormer's downsample: 3x3 stride-2 conv (with bias) + BatchNorm.
+
+    (B, H, W, dim) -> (B, ceil(H / 2), ceil(W / 2), out_dim).
+    """
+
+    def __init__(self, dim: int, out_dim: Optional[int] = None):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, out_dim or 2 * dim, kernel_size=3, stride=2, padding=1)
+        self.norm = nn.BatchNorm2d(out_dim or 2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+
+
+_DOWNSAMPLES = {'patch_merging': PatchMerging, 'conv': ConvDownsample, 'conv_bn': ConvBnDownsample}
 
 
 def create_downsample(name: str, dim: int, out_dim: int, **kwargs) -> nn.Module:
-    """A channels-last stride-2 downsample by name ('patch_merging' or 'conv')."""
+    """A channels-last stride-2 downsample by name ('patch_merging', 'conv' or 'conv_bn')."""
     if name not in _DOWNSAMPLES:
         raise ValueError(f'downsample: expected one of {sorted(_DOWNSAMPLES)}, got {name!r}')
     return _DOWNSAMPLES[name](dim, out_dim, **kwargs)

@@ -16,3 +16,27 @@ if os.environ.get('PYTEST_XDIST_WORKER'):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# relative tolerance and floor of `assert_close_to_scale` by dtype: a whole network in float32 adds up the rounding
+# of different op orders, thread counts and CPU kernels (~1e-7 per op, amplified with depth)
+_SCALE_TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-10, 1e-12)}
+
+
+def _assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, rel: float = None, floor: float = None,
+                           msg: str = '') -> None:
+    default_rel, default_floor = _SCALE_TOL.get(want.dtype, (1e-2, 1e-3))
+    scale = want.abs().max().item()
+    atol = max(default_floor if floor is None else floor, (default_rel if rel is None else rel) * scale)
+    assert got.shape == want.shape, f'{msg} shape {tuple(got.shape)} != {tuple(want.shape)}'
+    err = (got - want).abs().max().item()
+    assert err <= atol, f'{msg} max abs error {err:.3e} > {atol:.3e} (max |want| = {scale:.3e})'
+
+
+@pytest.fixture
+def assert_close_to_scale():
+    """assert_close_to_scale(got, want, rel=None, floor=None): max|got - want| <= max(floor, rel * max|want|).
+
+    The tolerance follows the compared tensor's scale (logits of a randomised network may be 1 or 1000), so a
+    check holds at any thread count and on any CPU; defaults by dtype (float32: rel 1e-5, floor 1e-6)."""
+    return _assert_close_to_scale

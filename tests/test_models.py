@@ -40,7 +40,7 @@ EXPECTED = {
     'swin_tiny', 'swin_small', 'swin_base', 'maxvit_tiny', 'maxvit_small', 'maxvit_base',
     'cbam_resnet18', 'cbam_resnet34', 'cbam_resnet50', 'nat_mini', 'nat_tiny', 'nat_small', 'nat_base',
     'dinat_mini', 'dinat_tiny', 'dinat_small', 'dinat_base', 'dinat_s_tiny', 'dinat_s_small', 'dinat_s_base',
-    'hybrid_tiny', 'hybrid_small',
+    'hybrid_tiny', 'hybrid_small', 'biformer_tiny', 'biformer_small', 'biformer_base',
 }
 
 
@@ -225,7 +225,8 @@ def test_onnx_parity(name, tmp_path):
     assert report['checks'] and report['max_abs_err'] <= atol, report
 
 
-FAMILY_REPRESENTATIVES = ['swin_tiny', 'maxvit_tiny', 'cbam_resnet18', 'nat_mini', 'dinat_s_tiny', 'hybrid_tiny']
+FAMILY_REPRESENTATIVES = ['swin_tiny', 'maxvit_tiny', 'cbam_resnet18', 'nat_mini', 'dinat_s_tiny', 'hybrid_tiny',
+                          'biformer_tiny']
 
 
 @pytest.mark.parametrize('name', FAMILY_REPRESENTATIVES)

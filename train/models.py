@@ -259,7 +259,18 @@ def _build_body(name: str, pretrained, out_indices, kwargs: dict) -> nn.Module:
         if not getter:
             raise ConfigError(f'model.pretrained: loading {pretrained!r} into a detection backbone needs a model '
                               f'with forward_intermediates; {name} has none')
-        unused = load_backbone_weights(body.model, pretrained, allow_unexpected=True, what='model.pretrained')
+        # the file holds a whole classifier; the getter pruned the layers after the last used level (final norm,
+        # head), which key maps rightly reject as foreign. Load into the whole model, then take the kept part.
+        full = timm.create_model(name, num_classes=0, **kwargs)
+        unused = load_backbone_weights(full, pretrained, allow_unexpected=True, what='model.pretrained')
+        source = full.state_dict()
+        own = body.model.state_dict()
+        missing = [k for k in own if k not in source or source[k].shape != own[k].shape]
+        if missing:
+            from zoo.weights import IncompatibleKeysError
+            raise IncompatibleKeysError(f'model.pretrained: the {name} backbone has {len(missing)} tensors that the '
+                                        f'whole {name} lacks (first: {", ".join(missing[:3])})', missing, [], [])
+        body.model.load_state_dict({k: source[k] for k in own})
         print_log(f'Loaded backbone weights from {pretrained} ({len(unused)} unused entries, e.g. the classifier)',
                   logger='current')
     return body

@@ -41,8 +41,10 @@ class StageSpec:
         mixer_kwargs: the mixers' family arguments, shared by the blocks or one mapping per block.
         num_heads, head_dim: the mixer contract's heads (see `zoo.blocks.resolve_heads`).
         mlp_ratio, mlp_layer, layer_scale, pos_embed: `MixerBlock` arguments.
-        downsample: 'patch_merging' or 'conv' for attention stages; for conv stages any non-None value makes
-            the first block stride 2. None: no downsample.
+        qkv_bias: this stage's qkv bias, overriding `build_stages`' block-wide one (None: keep that one);
+            BiFormer's last stage has none while its other stages do.
+        downsample: 'patch_merging', 'conv' or 'conv_bn' for attention stages; for conv stages any non-None
+            value makes the first block stride 2. None: no downsample.
     """
     depth: int
     dim: int
@@ -54,6 +56,7 @@ class StageSpec:
     mlp_layer: str = 'mlp'
     layer_scale: Optional[float] = None
     pos_embed: int = 0
+    qkv_bias: Optional[bool] = None
     downsample: Optional[str] = None
 
     def per_block(self) -> List[Tuple[str, Dict[str, Any]]]:
@@ -143,11 +146,12 @@ def build_stages(
                 downsample = create_downsample(spec.downsample, in_dim, spec.dim, **downsample_kwargs)
             elif in_dim != spec.dim:
                 raise ValueError(f'StageSpec {i}: dim changes from {in_dim} to {spec.dim} without a downsample')
+            stage_kwargs = dict(block_kwargs) if spec.qkv_bias is None else dict(block_kwargs, qkv_bias=spec.qkv_bias)
             blocks = [
                 MixerBlock(
                     spec.dim, mixer, mixer_kwargs, num_heads=spec.num_heads, head_dim=spec.head_dim,
                     mlp_ratio=spec.mlp_ratio, mlp_layer=spec.mlp_layer, layer_scale=spec.layer_scale,
-                    pos_embed=spec.pos_embed, drop_path=dpr[i][j], **block_kwargs)
+                    pos_embed=spec.pos_embed, drop_path=dpr[i][j], **stage_kwargs)
                 for j, (mixer, mixer_kwargs) in enumerate(spec.per_block())
             ]
             stages.append(Stage(blocks, downsample, fmt='NHWC'))

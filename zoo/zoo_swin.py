@@ -10,7 +10,7 @@ as timm does), so one ONNX export runs at every size. `KEY_MAP` loads both timm'
 official release files.
 """
 from functools import partial
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -55,13 +55,17 @@ def swin_stage_specs(
         img_size: Union[int, Sequence[int]] = 224,
         patch_size: int = 4,
         mixer: Union[str, Sequence[Union[str, Sequence[str]]]] = 'window',
+        mixer_kwargs: Optional[Sequence[Mapping[str, Mapping[str, Any]]]] = None,
         **spec_kwargs,
 ) -> Tuple[StageSpec, ...]:
     """Swin's stages: widths doubling from `embed_dim`, patch merging between stages, window attention
     shifted by half a window in every other block. Window and shift per stage follow Swin's rule for the
     feature size of `img_size`. `mixer` is a name for all blocks, or per stage a name or one name per block
-    (blocks that are not 'window' get no window arguments)."""
+    (blocks that are not 'window' get no window arguments). `mixer_kwargs`: per stage, family arguments per mixer
+    name (e.g. Agent-Swin's agent counts), given to every block of that mixer in the stage."""
     img_h, img_w = to_2tuple(img_size)
+    if mixer_kwargs is not None and len(mixer_kwargs) != len(depths):
+        raise ValueError(f'mixer_kwargs: expected one mapping per stage ({len(depths)}), got {len(mixer_kwargs)}')
     window = to_2tuple(window_size)
     specs = []
     for i, (depth, heads) in enumerate(zip(depths, num_heads)):
@@ -69,7 +73,9 @@ def swin_stage_specs(
         win, shift = effective_window_shift(size, window, tuple(w // 2 for w in window))
         names = mixer if isinstance(mixer, str) else mixer[i]
         names = [names] * depth if isinstance(names, str) else list(names)
-        kwargs = [dict(window_size=win, shift_size=shift if j % 2 else 0) if n == 'window' else {}
+        family = mixer_kwargs[i] if mixer_kwargs is not None else {}
+        kwargs = [dict(family.get(n, {}), **(dict(window_size=win, shift_size=shift if j % 2 else 0)
+                                             if n == 'window' else {}))
                   for j, n in enumerate(names)]
         specs.append(StageSpec(
             depth=depth, dim=int(embed_dim * 2 ** i), mixer=names, mixer_kwargs=kwargs, num_heads=heads,
@@ -99,6 +105,8 @@ class SwinTransformer(HierarchicalBackbone):
         attn_drop_rate: attention dropout (must be 0: the window op has none).
         drop_path_rate: stochastic depth rate, rising stage-wise to this value.
         img_size: the size the windows are chosen for (any input size runs).
+        mixer: per-block mixers (see `swin_stage_specs`); 'window' everywhere is Swin.
+        mixer_kwargs: per stage, family arguments per mixer name (see `swin_stage_specs`).
     """
 
     def __init__(
@@ -121,13 +129,14 @@ class SwinTransformer(HierarchicalBackbone):
             drop_path_rate: float = 0.1,
             img_size: Optional[Union[int, Sequence[int]]] = None,
             mixer: Union[str, Sequence[Union[str, Sequence[str]]]] = 'window',
+            mixer_kwargs: Optional[Sequence[Mapping[str, Mapping[str, Any]]]] = None,
     ):
         super().__init__()
         if len(num_heads) != len(depths):
             raise ValueError(f'num_heads: expected one entry per stage ({len(depths)}), got {tuple(num_heads)}')
         specs = swin_stage_specs(
             embed_dim, depths, num_heads, window_size, img_size or 224, patch_size, mixer=mixer,
-            head_dim=head_dim, mlp_ratio=mlp_ratio, layer_scale=init_values)
+            mixer_kwargs=mixer_kwargs, head_dim=head_dim, mlp_ratio=mlp_ratio, layer_scale=init_values)
         dims = [spec.dim for spec in specs]
         stem = PatchEmbed(in_chans, dims[0], patch_size)
         stages, feature_info = build_stages(

@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._sizes import ceil_div
 from ..backend import is_exporting
 
 __all__ = ['window_attention_ref', 'window_partition', 'window_reverse', 'window_tables', 'MASK_VALUE']
@@ -90,6 +91,32 @@ def _build_tables(
 _cached_tables = functools.lru_cache(maxsize=256)(_build_tables)
 
 
+def _bias_index(window: Tuple[int, int], table_size: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    # not cached: built while exporting, it may be a fake / traced tensor
+    return _build_tables(window[0], window[1], window, (0, 0), 'block', table_size, device)[0]
+
+
+def _export_mask(H, W, window: Tuple[int, int], shift: Tuple[int, int], mode: str, device) -> torch.Tensor:
+    """The additive mask (num_windows, WA, WA) computed in the graph from the runtime (H, W).
+
+    Export path: H and W may be symbolic, so nothing branches on them. The mask is always built (all zeros
+    when the size needs no padding and there is no shift, which adds exactly nothing to the logits), and the
+    padded size is ``ceil(H / wh) * wh``, never a modulo, so symbolic shapes stay cheap to reason about.
+    """
+    wh, ww = window
+    nh, nw = ceil_div(H, wh), ceil_div(W, ww)
+    rh = _region_ids(H, nh * wh, wh, shift[0], device)
+    rw = _region_ids(W, nw * ww, ww, shift[1], device)
+    ids = rh[:, None] * 3 + rw[None, :]
+    ids = torch.where((rh[:, None] < 0) | (rw[None, :] < 0), torch.full_like(ids, -1), ids)
+    if mode == 'block':
+        ids = ids.reshape(nh, wh, nw, ww).transpose(1, 2)
+    else:
+        ids = ids.reshape(wh, nh, ww, nw).permute(1, 3, 0, 2)
+    ids = ids.reshape(-1, wh * ww)  # nW, WA
+    return (ids[:, :, None] != ids[:, None, :]).float() * MASK_VALUE
+
+
 def window_tables(
         H: int, W: int, window: Tuple[int, int], shift: Tuple[int, int], mode: str, table_size: Tuple[int, int],
         device: torch.device,
@@ -145,17 +172,18 @@ def _to_windows(t: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int]
     """
     B, H, W, nh, d = t.shape
     wh, ww = window
-    if mode == 'block' and not is_exporting():
+    exporting = is_exporting()
+    if mode == 'block' and not exporting:
         return _ToWindows.apply(t, window, shift).view(B, -1, nh, wh * ww, d)
-    Hp, Wp = H + _pad_to(H, wh), W + _pad_to(W, ww)
-    if Hp != H or Wp != W:
-        t = F.pad(t, (0, 0, 0, 0, 0, Wp - W, 0, Hp - H))
+    nH, nW = ceil_div(H, wh), ceil_div(W, ww)
+    if exporting or nH * wh != H or nW * ww != W:  # exporting: no branch on the (symbolic) size
+        t = F.pad(t, (0, 0, 0, 0, 0, nW * ww - W, 0, nH * wh - H))
     if any(shift):
         t = torch.roll(t, shifts=(-shift[0], -shift[1]), dims=(1, 2))
     if mode == 'block':
-        t = t.reshape(B, Hp // wh, wh, Wp // ww, ww, nh, d).permute(0, 1, 3, 5, 2, 4, 6)
+        t = t.reshape(B, nH, wh, nW, ww, nh, d).permute(0, 1, 3, 5, 2, 4, 6)
     else:
-        t = t.reshape(B, wh, Hp // wh, ww, Wp // ww, nh, d).permute(0, 2, 4, 5, 1, 3, 6)
+        t = t.reshape(B, wh, nH, ww, nW, nh, d).permute(0, 2, 4, 5, 1, 3, 6)
     return t.reshape(B, -1, nh, wh * ww, d)
 
 
@@ -166,18 +194,19 @@ def _from_windows(
     B, _, nh, _, d = t.shape
     H, W = hw
     wh, ww = window
-    Hp, Wp = H + _pad_to(H, wh), W + _pad_to(W, ww)
-    t = t.reshape(B, Hp // wh, Wp // ww, nh, wh, ww, d)
-    if mode == 'block' and not is_exporting():
+    nH, nW = ceil_div(H, wh), ceil_div(W, ww)
+    t = t.reshape(B, nH, nW, nh, wh, ww, d)
+    exporting = is_exporting()
+    if mode == 'block' and not exporting:
         return _FromWindows.apply(t, (H, W), window, shift)
     if mode == 'block':
         t = t.permute(0, 1, 4, 2, 5, 3, 6)
     else:
         t = t.permute(0, 4, 1, 5, 2, 3, 6)
-    t = t.reshape(B, Hp, Wp, nh, d)
+    t = t.reshape(B, nH * wh, nW * ww, nh, d)
     if any(shift):
         t = torch.roll(t, shifts=shift, dims=(1, 2))
-    return t[:, :H, :W] if Hp != H or Wp != W else t
+    return t[:, :H, :W] if exporting or nH * wh != H or nW * ww != W else t
 
 
 def _to_windows_copies(t: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int]) -> torch.Tensor:
@@ -252,7 +281,11 @@ def window_attention_ref(
     scale = d ** -0.5 if scale is None else scale
     table_size = (window_size if rel_pos_bias is None else
                   ((rel_pos_bias.shape[-2] + 1) // 2, (rel_pos_bias.shape[-1] + 1) // 2))
-    bias_index, mask = window_tables(H, W, (wh, ww), shift, mode, table_size, q.device)
+    if is_exporting():  # tables in the graph, from the runtime size: one export serves every H x W
+        bias_index = _bias_index((wh, ww), table_size, q.device)
+        mask = _export_mask(H, W, (wh, ww), shift, mode, q.device)
+    else:
+        bias_index, mask = window_tables(H, W, (wh, ww), shift, mode, table_size, q.device)
 
     qw, kw, vw = (_to_windows(t, (wh, ww), shift, mode) for t in (q, k, v))  # B, nW, heads, WA, d
     attn = (qw * scale) @ kw.transpose(-2, -1)  # B, nW, heads, WA, WA

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import torch
 
-import train  # noqa: F401
+import zoo.train  # noqa: F401
 from zoo.train import load_config, run_train
 from zoo.train.runner import read_checkpoint
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import train  # noqa: F401  (registers the recipe)
+import zoo.train  # noqa: F401  (registers the recipe)
 from zoo.train.metrics import COCO_STATS, CocoMetric, TopKAccuracy, coco_evaluate
 
 

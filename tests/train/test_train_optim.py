@@ -7,7 +7,7 @@ import torch
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 from timm.scheduler import create_scheduler_v2
 
-import train  # noqa: F401
+import zoo.train  # noqa: F401
 from zoo.train.hooks import TimmSchedulerHook
 from zoo.train.models import TimmClassifier, TimmDetector
 

@@ -101,7 +101,7 @@ def test_every_timm_policy_with_zero_bit_posterize_runs_on_photos(policy, tmp_pa
     assert 0 in bits, f'{policy}: no 0-bit posterize in {i + 1} images'
 
 
-def test_finetune_swin_imagefolder_config_on_photos(recipe, tmp_path, monkeypatch):
+def test_finetune_swin_imagefolder_config_on_photos(recipe, tmp_path, monkeypatch, capsys):
     """320 photo crops, one epoch through the shipped config: from scratch, then from a weight file in timm's layout
     (model.pretrained, 1000-class file -> new 2-class head) with RandAugment's 0-bit posterize forced."""
     train_root, val_root = make_photo_folder(str(tmp_path / 'photos'))
@@ -150,3 +150,49 @@ def test_finetune_swin_imagefolder_config_on_photos(recipe, tmp_path, monkeypatc
     assert key in tuned_sd
     assert cosine(tuned_sd, key) > 0.99 and abs(cosine(scratch_sd, key)) < 0.5
     assert tuned_sd['head.fc.weight'].shape[0] == 2
+
+    # the README's `zoo eval CONFIG work_dir/best.pth --opts val_dataloader.dataset.root=... model.num_classes=...`
+    from zoo.train.cli import main as cli_main
+    capsys.readouterr()
+    assert cli_main(['eval', config, os.path.join(tuned['work_dir'], 'best.pth'), '--work-dir',
+                     str(tmp_path / 'eval'), '--opts', f'val_dataloader.dataset.root={val_root}', 'model.num_classes=2',
+                     f'model.model_kwargs={zoo.reduced_args("swin_tiny")!r}', f'val_dataloader.dataset.img_size={IMG}',
+                     'val_dataloader.num_workers=0', 'val_dataloader.persistent_workers=False']) == 0
+    printed = capsys.readouterr().out
+    assert 'final metrics: {"accuracy/top1"' in printed
+
+
+def test_finetune_detector_config_on_coco_format_data(recipe, tmp_path, capsys):
+    """The README's COCO-format command: configs/detection/swin_tiny_fcos_coco.py on your own annotations + image
+    folder, the backbone from a classification weight file in timm's layout, one epoch, then `zoo eval` of best.pth."""
+    import timm
+    from safetensors.torch import save_file
+    from zoo.train.cli import main as cli_main
+    from zoo.train.shapes import make_shapes_coco
+    train = make_shapes_coco(str(tmp_path / 'mydata'), 'train', 16, min_size=80, max_size=112)
+    val = make_shapes_coco(str(tmp_path / 'mydata'), 'val', 4, min_size=80, max_size=112)
+    source = timm.create_model('swin_tiny_patch4_window7_224', **zoo.reduced_args('swin_tiny'))
+    weights = str(tmp_path / 'model.safetensors')
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, weights)
+    config = os.path.join(recipe.configs, 'detection', 'swin_tiny_fcos_coco.py')
+    data = [f"train_dataloader.dataset.ann_file={train['ann_file']}",
+            f"train_dataloader.dataset.img_dir={train['img_dir']}",
+            f"val_dataloader.dataset.ann_file={val['ann_file']}", f"val_dataloader.dataset.img_dir={val['img_dir']}",
+            'model.num_classes=3']
+    small = [f'model.backbone_kwargs={zoo.reduced_args("swin_tiny")!r}', 'model.fpn_channels=64',
+             'model.min_size=96', 'model.max_size=128', 'train_dataloader.batch_size=4', 'val_dataloader.batch_size=4',
+             'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False',
+             'val_dataloader.num_workers=0', 'val_dataloader.persistent_workers=False', 'plot_curves=False']
+    work = str(tmp_path / 'work')
+    assert cli_main(['train', config, '--work-dir', work, '--opts', *data, f'model.pretrained={weights}',
+                     'train_cfg.max_epochs=1', *small]) == 0
+    out = capsys.readouterr().out
+    assert 'final metrics: {"coco/AP"' in out and os.path.isfile(os.path.join(work, 'best.pth'))
+    best = read_checkpoint(os.path.join(work, 'best.pth'))
+    assert best['meta']['best_metric'] == 'coco/AP'
+    stem = best['state_dict']['detector.backbone.body.model.stem.conv.weight']
+    assert torch.nn.functional.cosine_similarity(stem.flatten(), source.patch_embed.proj.weight.flatten(), dim=0) > 0.99
+    val_only = [d for d in data if not d.startswith('train_dataloader')]  # as in the README: eval needs val only
+    assert cli_main(['eval', config, os.path.join(work, 'best.pth'), '--work-dir', str(tmp_path / 'eval'),
+                     '--opts', *val_only, *small]) == 0
+    assert 'final metrics: {"coco/AP"' in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """MaxViT: parity with timm's maxvit_*_tf_224 (the TF release), weights loading, any-size inputs, and the
 block / grid attention semantics against a dense brute-force oracle."""
+import copy
 from dataclasses import replace
 
 import pytest
@@ -68,28 +69,31 @@ def test_names_are_new_to_timm():
 
 
 @pytest.mark.parametrize('name', list(MODELS))
-def test_timm_parity_and_param_count(name, request):
+def test_timm_parity_and_param_count(name, request, assert_close_to_scale):
+    """The same function as timm's port, compared in float64. In float32 the randomised maxvit_base amplifies
+    rounding (its last stages reach ~3e3) so much that timm's own float32 logits are ~2e-4 from its float64 ones:
+    a float32 comparison would test the rounding of two op orders, not the weight mapping."""
     timm_name, paper_params = MODELS[name]
     if name == 'maxvit_tiny':
-        ref, x, want = request.getfixturevalue('timm_tiny')
+        ref, x, _ = request.getfixturevalue('timm_tiny')
+        ref, x = copy.deepcopy(ref), x[:1]
     else:
         torch.manual_seed(0)
         ref = _randomise(timm.create_model(timm_name))
-        x = torch.randn(2, 3, 224, 224)
-        with torch.no_grad():
-            want = ref(x)
+        x = torch.randn(1, 3, 224, 224)
     ours = timm.create_model(name).eval()
     assert _num_params(ours) == _num_params(ref)
     assert abs(_num_params(ours) - paper_params) / paper_params < 0.01
     ours.load_state_dict(checkpoint_filter_fn(ref.state_dict(), ours), strict=True)
+    ref, ours, x = ref.double(), ours.double(), x.double()
     with torch.no_grad():
-        got = ours(x)
+        want, got = ref(x), ours(x)
     assert want.std() > 0.05  # the comparison is not between two near-constant outputs
-    assert (got - want).abs().max().item() <= 1e-4
+    assert_close_to_scale(got, want)
 
 
 @pytest.mark.parametrize('ext', ['safetensors', 'pth'])
-def test_load_timm_checkpoint_file(ext, tmp_path, timm_tiny):
+def test_load_timm_checkpoint_file(ext, tmp_path, timm_tiny, assert_close_to_scale):
     ref, x, want = timm_tiny
     path = tmp_path / f'maxvit_tiny_tf_224.{ext}'
     state = {k: v.contiguous() for k, v in ref.state_dict().items()}
@@ -101,7 +105,7 @@ def test_load_timm_checkpoint_file(ext, tmp_path, timm_tiny):
     model = timm.create_model('maxvit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
     with torch.no_grad():
         got = model(x)
-    assert (got - want).abs().max().item() <= 1e-4
+    assert_close_to_scale(got, want)
 
 
 def test_pretrained_cfgs_match_timm():

@@ -1,0 +1,216 @@
+"""Agent attention op: reference vs a float64 brute-force oracle written the official way (adaptive pooling,
+row + column tables summed then bilinearly resized, biases copied per batch), forward and gradients; the pooling
+matrices vs nn.AdaptiveAvgPool2d; no per-batch bias copies; ONNX export with both exporters at any size
+(including the 56 -> 3 bins the legacy exporter cannot lower as adaptive pooling); input errors."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoo.kernels import agent_attention
+from zoo.kernels.agent import AgentBias, agent_attention_ref, agent_bias_map, agent_pool
+from zoo.kernels.agent.naive import agent_attention_naive
+
+# (H, W, agent grid, heads, head_dim, tables: row length R, col length C, or None for no row / col table)
+CASES = {
+    'square_divisible': (12, 12, (3, 3), 2, 8, 12, 12),
+    'stage1_bins_56_to_3': (56, 56, (3, 3), 1, 8, 56, 56),
+    'non_square': (9, 14, (2, 2), 2, 16, 5, 6),
+    'resized_tables': (13, 7, (3, 3), 2, 8, 14, 14),
+    'map_smaller_than_grid': (2, 5, (3, 3), 2, 8, 7, 7),
+    'one_token': (1, 1, (2, 2), 1, 8, 4, 4),
+    'rect_grid_row_only': (10, 7, (2, 4), 2, 8, 6, None),
+    'col_only_no_table': (8, 6, (2, 2), 3, 4, None, 5),
+}
+
+
+def _make(case, batch=2, seed=0):
+    H, W, grid, nh, d, R, C = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1]
+    qkv = torch.randn(batch, H, W, 3, nh, d, generator=g).requires_grad_()
+
+    def tables(with_table):
+        return AgentBias(
+            torch.randn(nh, n, 7, 7, generator=g).requires_grad_() if with_table else None,
+            torch.randn(nh, n, R, generator=g).requires_grad_() if R else None,
+            torch.randn(nh, n, C, generator=g).requires_grad_() if C else None)
+    with_table = case != 'col_only_no_table'
+    return qkv, grid, tables(with_table), tables(with_table)
+
+
+def _leaves(b1, b2):
+    return [t for b in (b1, b2) for t in b if t is not None]
+
+
+def _run(fn, qkv, grid, b1, b2, grad_out):
+    q, k, v = qkv.unbind(3)
+    out = fn(q, k, v, grid, b1, b2)
+    return [out] + list(torch.autograd.grad(out, [qkv] + _leaves(b1, b2), grad_out))
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_reference_matches_oracle_forward_and_backward(case):
+    qkv, grid, b1, b2 = _make(case)
+    grad_out = torch.randn(qkv.shape[:3] + qkv.shape[4:])
+    ref = _run(agent_attention_ref, qkv, grid, b1, b2, grad_out)
+    naive = _run(agent_attention_naive, qkv, grid, b1, b2, grad_out)
+    for i, (a, b) in enumerate(zip(ref, naive)):
+        scale = max(1.0, b.abs().max().item())
+        assert (a - b).abs().max().item() <= 2e-6 * scale, (case, i)
+
+
+@pytest.mark.parametrize('case', ['square_divisible', 'non_square', 'map_smaller_than_grid', 'col_only_no_table'])
+def test_fused_sdpa_path_matches_reference(case):
+    """The CUDA path (two SDPA calls, the shared bias as a broadcast mask), run here on CPU: forward and gradients,
+    bias tables included."""
+    qkv, grid, b1, b2 = _make(case)
+    grad_out = torch.randn(qkv.shape[:3] + qkv.shape[4:])
+    ref = _run(agent_attention_ref, qkv, grid, b1, b2, grad_out)
+
+    def fused(q, k, v, grid, b1, b2):
+        return agent_attention_ref(q, k, v, grid, b1, b2, fused=True)
+    got = _run(fused, qkv, grid, b1, b2, grad_out)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), (case, i)
+
+
+def test_cpu_takes_the_explicit_path(monkeypatch):
+    import zoo.kernels.agent as op
+    seen = []
+    monkeypatch.setattr(op, 'agent_attention_ref', lambda *a: seen.append(a[-1]) or a[0])
+    qkv, grid, b1, b2 = _make('square_divisible')
+    for backend in ('auto', 'torch', 'triton'):
+        agent_attention(*qkv.detach().unbind(3), grid, backend=backend)
+    assert seen == [False, False, False]
+
+
+def test_oracle_is_not_vacuous():
+    """Each bias table, each direction and the pooling grid change the result."""
+    qkv, grid, b1, b2 = _make('resized_tables')
+    q, k, v = qkv.detach().unbind(3)
+    b1, b2 = (AgentBias(*(t.detach() for t in b)) for b in (b1, b2))
+    base = agent_attention_naive(q, k, v, grid, b1, b2)
+    variants = [
+        agent_attention_naive(q, k, v, grid, None, b2),
+        agent_attention_naive(q, k, v, grid, b1, None),
+        agent_attention_naive(q, k, v, grid, b1._replace(row=None), b2),
+        agent_attention_naive(q, k, v, grid, b1, b2._replace(col=None)),
+        agent_attention_naive(q, k, v, grid, b1._replace(table=None), b2),
+    ]
+    for i, other in enumerate(variants):
+        assert (other - base).abs().max() > 1e-3, i
+
+
+@pytest.mark.parametrize('size, bins', [(56, 3), (28, 4), (14, 7), (13, 5), (7, 7), (3, 7), (1, 3)])
+def test_pool_equals_adaptive_avg_pool(size, bins):
+    x = torch.randn(2, size, size + 3, 6, dtype=torch.float64)
+    want = nn.AdaptiveAvgPool2d((bins, bins + 1))(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    got = agent_pool(x, (bins, bins + 1))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_bias_at_table_size_is_the_classification_construction():
+    """At the tables' own size: interpolate(an) + (ah + aw), exactly as the official classification code."""
+    nh, n, s = 3, 9, 14
+    an = torch.randn(nh, n, 7, 7)
+    ah, aw = torch.randn(1, nh, n, s, 1), torch.randn(1, nh, n, 1, s)
+    want = F.interpolate(an, size=(s, s), mode='bilinear').reshape(nh, n, -1) + (ah + aw).reshape(nh, n, -1)
+    got = agent_bias_map(AgentBias(an, ah.view(nh, n, s), aw.view(nh, n, s)), s, s)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_bias_is_shared_not_copied_per_batch():
+    """The official code `.repeat`s each bias to (B, heads, n, N); here only the scores have a batch dimension."""
+    qkv, grid, b1, b2 = _make('square_divisible', batch=1)
+    B, nh, n, N = 16, 2, 9, 144
+    q, k, v = (t.detach().expand(B, *t.shape[1:]) for t in qkv.unbind(3))
+    made = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if torch.is_tensor(out) and tuple(out.shape) in ((B, nh, n, N), (B, nh, N, n)):
+                made.append(getattr(func, '__name__', str(func)))
+            return out
+    with torch.no_grad(), Spy():
+        agent_attention_ref(q, k, v, grid, b1, b2)
+    assert made and not {'repeat', 'expand', 'broadcast_to', 'tile', 'contiguous', 'clone'} & set(made), made
+    assert made.count('__add__') + made.count('add') == 2  # each bias added once, broadcast over the batch
+
+
+def test_dropout_changes_the_output():
+    qkv, grid, b1, b2 = _make('square_divisible')
+    q, k, v = qkv.detach().unbind(3)
+    plain = agent_attention(q, k, v, grid, agent_bias=b1, query_bias=b2)
+    torch.manual_seed(0)
+    dropped = agent_attention(q, k, v, grid, agent_bias=b1, query_bias=b2, dropout_p=0.5)
+    assert (dropped - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_precision_close_to_fp32(dtype):
+    qkv, grid, b1, b2 = _make('non_square')
+    q, k, v = qkv.detach().unbind(3)
+    want = agent_attention(q, k, v, grid, agent_bias=b1, query_bias=b2)
+    got = agent_attention(q.to(dtype), k.to(dtype), v.to(dtype), grid, agent_bias=b1, query_bias=b2)
+    assert got.dtype == dtype
+    assert (got.float() - want).abs().max() < 3e-2
+
+
+def test_input_errors():
+    qkv, grid, b1, b2 = _make('square_divisible')
+    q, k, v = qkv.detach().unbind(3)
+    with pytest.raises(ValueError, match=r'q, k, v: expected equal shapes \(B, H, W, heads, head_dim\)'):
+        agent_attention(q, k[:, :5], v, grid)
+    with pytest.raises(ValueError, match='agent_grid: expected positive sizes'):
+        agent_attention(q, k, v, 0)
+    with pytest.raises(ValueError, match=r'agent_bias.table: expected \(heads, n, th, tw\) with heads=2, n=4'):
+        agent_attention(q, k, v, 2, agent_bias=b1)
+    with pytest.raises(ValueError, match=r'query_bias.row: expected \(heads, n, R\)'):
+        agent_attention(q, k, v, grid, query_bias=b2._replace(row=torch.zeros(2, 9)))
+    with pytest.raises(TypeError, match='expected an AgentBias'):
+        agent_attention(q, k, v, grid, agent_bias=(b1.table, b1.row, b1.col))
+    with pytest.raises(ValueError, match='dropout_p'):
+        agent_attention(q, k, v, grid, dropout_p=1.0)
+    with pytest.raises(ValueError, match='backend: expected one of'):
+        agent_attention(q, k, v, grid, backend='cuda')
+
+
+class _AgentOpNet(nn.Module):
+    """Image -> 1x1 conv to q, k, v -> agent op with resized tables -> NCHW; for the ONNX checks."""
+
+    def __init__(self, heads: int = 2, head_dim: int = 8, grid: int = 3, rows: int = 20):
+        super().__init__()
+        self.heads, self.head_dim, self.grid = heads, head_dim, (grid, grid)
+        n = grid * grid
+        self.qkv = nn.Conv2d(3, 3 * heads * head_dim, 1)
+        self.tables = nn.ParameterList([nn.Parameter(torch.randn(heads, n, 7, 7)) for _ in range(2)])
+        self.lines = nn.ParameterList([nn.Parameter(torch.randn(heads, n, rows)) for _ in range(4)])
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        q, k, v = self.qkv(x).permute(0, 2, 3, 1).reshape(B, H, W, 3, self.heads, self.head_dim).unbind(3)
+        b1 = AgentBias(self.tables[0], self.lines[0], self.lines[1])
+        b2 = AgentBias(self.tables[1], self.lines[2], self.lines[3])
+        out = agent_attention(q, k, v, self.grid, agent_bias=b1, query_bias=b2)
+        return out.reshape(B, H, W, -1).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize('exporter', ['legacy', 'dynamo'])
+def test_onnx_export_any_size(exporter, tmp_path):
+    """Exported at 56 x 56 (3 agents per side: non-divisible bins), then run at other sizes, some smaller than
+    the agent grid."""
+    from zoo.weights.onnx import export_onnx
+    torch.manual_seed(0)
+    model = _AgentOpNet().eval()
+    report = export_onnx(model, tmp_path / 'agent.onnx', img_size=(56, 56), dynamic=True, exporter=exporter,
+                         check_sizes=[(13, 29), (2, 2), (28, 20)], atol=1e-5)
+    assert report['max_abs_err'] <= 1e-5 and len(report['checks']) == 5, report
+
+
+def test_adaptive_pool_is_what_the_legacy_exporter_cannot_lower(tmp_path):
+    """Why the op pools with matrices: nn.AdaptiveAvgPool2d 56 -> 3 fails in the legacy exporter."""
+    with pytest.raises(Exception):
+        torch.onnx.export(nn.AdaptiveAvgPool2d(3), (torch.randn(1, 4, 56, 56),), str(tmp_path / 'pool.onnx'),
+                          dynamo=False, opset_version=17)

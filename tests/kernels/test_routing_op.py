@@ -1,0 +1,224 @@
+"""Bi-level routing attention op: reference against a dense brute-force oracle (forward, backward, routing),
+the Triton kernels (interpreter) against the reference with regions of 1, 4 and 16+ tokens, memory of the
+reference's backward against the gather formulation, ONNX export with both exporters, error messages."""
+import pytest
+import torch
+
+from zoo.kernels import routed_attention
+from zoo.kernels.backend import interpreter_on, triton_available
+from zoo.kernels.routing import default_scale, region_routing
+from zoo.kernels.routing.naive import region_labels, routed_attention_naive
+from zoo.kernels.routing.reference import routed_attention_ref
+
+# (H, W, n_win, topk, heads, dk, dv): tokens per region (H / n_win) * (W / n_win) = 1, 4, 6 (2 x 3), 16, 25, 64;
+# top-k from 1 to all regions
+CASES = {
+    'one_token_regions': (3, 3, 3, 4, 2, 8, 8),
+    'four_tokens': (4, 4, 2, 2, 2, 8, 8),
+    'rect_regions_2x3': (4, 6, 2, 3, 2, 8, 6),
+    'sixteen_tokens': (8, 8, 2, 1, 1, 16, 16),
+    'twenty_five_tokens_all_regions': (10, 10, 2, 4, 2, 8, 4),
+    'biformer_stage1_like': (14, 14, 7, 3, 2, 8, 8),
+    'one_region': (5, 7, 1, 1, 2, 8, 8),
+}
+
+
+def _qkv(H, W, heads, dk, dv, batch=2, dtype=torch.float64, grad=True):
+    q, k = (torch.randn(batch, H, W, heads, dk, dtype=dtype, requires_grad=grad) for _ in range(2))
+    v = torch.randn(batch, H, W, heads, dv, dtype=dtype, requires_grad=grad)
+    return q, k, v
+
+
+def _fwd_bwd(fn, q, k, v, grad_out, **kw):
+    out = fn(q, k, v, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize('case', list(CASES))
+@pytest.mark.parametrize('global_attn', [False, True])
+def test_reference_matches_oracle(case, global_attn):
+    H, W, n_win, topk, nh, dk, dv = CASES[case]
+    topk = -2 if global_attn else topk
+    q, k, v = _qkv(H, W, nh, dk, dv)
+    grad_out = torch.randn(2, H, W, nh, dv, dtype=torch.float64)
+    kw = dict(n_win=n_win, topk=topk)
+    out, grads = _fwd_bwd(routed_attention, q, k, v, grad_out, **kw)
+    want, want_grads = _fwd_bwd(routed_attention_naive, q, k, v, grad_out, **kw)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    for g, w, name in zip(grads, want_grads, 'qkv'):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_routing_selects_the_oracles_regions_and_is_detached():
+    H, W, n_win, topk = 12, 8, 4, 5
+    q, k, _ = _qkv(H, W, 2, 8, 8, batch=3)
+    idx = region_routing(q, k, n_win, topk, default_scale(q, topk))
+    assert idx.shape == (3, 16, 5) and not idx.requires_grad
+    labels = region_labels(H, W, n_win)
+    qf, kf = q.reshape(3, H * W, -1), k.reshape(3, H * W, -1)
+    for b in range(3):
+        q_r = torch.stack([qf[b, labels == r].mean(0) for r in range(16)])
+        k_r = torch.stack([kf[b, labels == r].mean(0) for r in range(16)])
+        best = (q_r @ k_r.T).argsort(dim=-1, descending=True)[:, :topk]
+        assert [set(r.tolist()) for r in idx[b]] == [set(r.tolist()) for r in best]
+
+
+def test_official_scale_and_given_idx():
+    q, k, v = _qkv(6, 6, 2, 4, 4, grad=False)
+    assert default_scale(q, 2) == (2 * 4) ** -0.5  # the full qk_dim, as the released weights need
+    assert default_scale(q, -2) == 4 ** -0.5
+    idx = torch.tensor([[[8, 0], [1, 2], [3, 4], [5, 6], [7, 8], [0, 1], [2, 3], [4, 5], [6, 7]]] * 2)
+    out = routed_attention(q, k, v, 3, 2, idx=idx, scale=0.3)
+    torch.testing.assert_close(out, routed_attention_naive(q, k, v, 3, 2, idx=idx, scale=0.3))
+    other = routed_attention(q, k, v, 3, 2, scale=0.3)
+    assert not torch.allclose(out, other)
+
+
+# ---------------------------------------------------------------------------------------------- Triton
+
+
+needs_triton = pytest.mark.skipif(not (triton_available() and (interpreter_on() or torch.cuda.is_available())),
+                                  reason='needs triton with CUDA or TRITON_INTERPRET=1')
+TRITON_CASES = ['one_token_regions', 'four_tokens', 'rect_regions_2x3', 'sixteen_tokens',
+                'twenty_five_tokens_all_regions']
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize('case', TRITON_CASES)
+def test_triton_matches_reference_fwd_bwd(case):
+    H, W, n_win, topk, nh, dk, dv = CASES[case]
+    dk, dv = max(dk, 16), dv  # dv below 16 exercises the masked head-dim columns
+    q, k, v = _qkv(H, W, nh, dk, dv, dtype=torch.float32)
+    grad_out = torch.randn(2, H, W, nh, dv)
+    idx = region_routing(q, k, n_win, topk, default_scale(q, topk))
+    kw = dict(n_win=n_win, topk=topk, idx=idx)
+    out, grads = _fwd_bwd(lambda *a, **k_: routed_attention(*a, backend='triton', **k_), q, k, v, grad_out, **kw)
+    ref, ref_grads = _fwd_bwd(lambda *a, **k_: routed_attention(*a, backend='torch', **k_), q, k, v, grad_out, **kw)
+    errs = [(out - ref).abs().max().item()] + [(g - r).abs().max().item() for g, r in zip(grads, ref_grads)]
+    print(f'{case}: max |err| out {errs[0]:.2e}, dq {errs[1]:.2e}, dk {errs[2]:.2e}, dv {errs[3]:.2e}')
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r, name in zip(grads, ref_grads, 'qkv'):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=f'd{name}')
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_strided_views_and_custom_scale():
+    # q, k, v as slices of one projection (the mixer's layout), q/k wider than v
+    B, H, W, nh, dk, dv = 1, 4, 8, 2, 16, 16
+    qkv = torch.randn(B, H, W, nh * (2 * dk + dv), requires_grad=True)
+    grad_out = torch.randn(B, H, W, nh, dv)
+    results = []
+    for backend in ('torch', 'triton'):
+        q = qkv[..., :nh * dk].view(B, H, W, nh, dk)
+        k = qkv[..., nh * dk:2 * nh * dk].view(B, H, W, nh, dk)
+        v = qkv[..., 2 * nh * dk:].view(B, H, W, nh, dv)
+        out = routed_attention(q, k, v, 2, 2, scale=0.7, backend=backend)
+        results.append((out.detach(), torch.autograd.grad(out, qkv, grad_out)[0]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_half_precision():
+    q, k, v = _qkv(4, 4, 2, 16, 16, batch=1, dtype=torch.float16)
+    grad_out = torch.randn(1, 4, 4, 2, 16, dtype=torch.float16)
+    out, grads = _fwd_bwd(lambda *a, **k_: routed_attention(*a, backend='triton', **k_), q, k, v, grad_out,
+                          n_win=2, topk=2)
+    ref, ref_grads = _fwd_bwd(routed_attention_naive, *(t.double() for t in (q, k, v)), grad_out.double(),
+                              n_win=2, topk=2)
+    assert out.dtype == torch.float16 and all(g.dtype == torch.float16 for g in grads)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-2, atol=2e-2)
+
+
+def test_backend_auto_on_cpu_is_reference_and_global_ignores_triton():
+    q, k, v = _qkv(4, 4, 2, 8, 8, grad=False)
+    torch.testing.assert_close(routed_attention(q, k, v, 2, 2, backend='auto'), routed_attention_ref(q, k, v, 2, 2))
+    # global attention is plain (fused) attention on every backend, including a forced 'triton'
+    torch.testing.assert_close(routed_attention(q, k, v, 2, -2, backend='triton'),
+                               routed_attention_naive(q, k, v, 2, -2))
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def _peak_bytes(fn) -> int:
+    from zoo.bench.na_cpu import tensor_peak_mb
+    return int(tensor_peak_mb(fn) * 2 ** 20)
+
+
+def test_reference_backward_memory_does_not_grow_with_regions_squared():
+    """The official gather's backward allocates a gradient of S^2 copies of K/V: its peak grows with the region
+    count at a fixed map and top-k. Ours holds the routed K/V (and their gradient) once: the same peak for
+    7 x 7 and 14 x 14 regions, and a fraction of the baseline's."""
+    from zoo.bench.biformer_cpu import routed_attention_gather
+    B, H, nh, d, topk = 2, 28, 2, 16, 2
+    q, k, v = _qkv(H, H, nh, d, d, batch=B, dtype=torch.float32)
+
+    def peak(fn, n_win):
+        def run():
+            out = fn(q, k, v, n_win, topk)
+            out.backward(torch.ones_like(out))
+            for t in (q, k, v):
+                t.grad = None
+        return _peak_bytes(run)
+
+    ours = {n: peak(routed_attention, n) for n in (7, 14)}
+    gather = {n: peak(routed_attention_gather, n) for n in (7, 14)}
+    kv_bytes = 2 * q.numel() * 4
+    assert ours[14] < 1.2 * ours[7] and ours[7] < 0.3 * gather[7], (ours, gather)
+    assert gather[14] > 3 * gather[7] and gather[14] > 196 * kv_bytes / 2, (gather, kv_bytes)
+
+
+# ---------------------------------------------------------------------------------------------- ONNX
+
+
+class _Op(torch.nn.Module):
+    def __init__(self, n_win: int, topk: int):
+        super().__init__()
+        self.n_win, self.topk = n_win, topk
+
+    def forward(self, q, k, v):
+        return routed_attention(q, k, v, self.n_win, self.topk)
+
+
+@pytest.mark.parametrize('exporter', ['legacy', 'dynamo'])
+@pytest.mark.parametrize('topk', [3, -2])
+def test_onnx_export_both_exporters(exporter, topk, tmp_path):
+    onnx, ort = pytest.importorskip('onnx'), pytest.importorskip('onnxruntime')
+    op = _Op(2, topk).eval()
+    q, k, v = _qkv(8, 6, 2, 8, 8, dtype=torch.float32, grad=False)
+    path = str(tmp_path / 'op.onnx')
+    if exporter == 'legacy':
+        torch.onnx.export(op, (q, k, v), path, dynamo=False, input_names=['q', 'k', 'v'], opset_version=17)
+    else:
+        torch.onnx.export(op, (q, k, v), path, dynamo=True, external_data=False, input_names=['q', 'k', 'v'])
+    onnx.checker.check_model(onnx.load(path))
+    sess = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    got = sess.run(None, {'q': q.numpy(), 'k': k.numpy(), 'v': v.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), op(q, k, v), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_bad_input_errors():
+    q, k, v = _qkv(6, 8, 2, 8, 8, grad=False)
+    with pytest.raises(ValueError, match=r'n_win: .*expected H and W multiples of 4, got H x W = 6 x 8 '
+                                         r'\(pad to 8 x 8 first\)'):
+        routed_attention(q, k, v, 4, 2)
+    with pytest.raises(ValueError, match=r'topk: expected 1 <= topk <= n_win\^2 = 4 .* got 5'):
+        routed_attention(q, k, v, 2, 5)
+    with pytest.raises(ValueError, match=r'topk: .*or -1 / -2 for global attention, got 0'):
+        routed_attention(q, k, v, 2, 0)
+    with pytest.raises(ValueError, match=r'n_win: expected a positive int .*got 0'):
+        routed_attention(q, k, v, 0, 1)
+    with pytest.raises(ValueError, match=r'q, k, v: expected q and k \(B, H, W, heads, dk\)'):
+        routed_attention(q, k[..., :4], v, 2, 1)
+    with pytest.raises(ValueError, match=r'idx: expected \(B, n_win\^2, topk\) = \(2, 4, 1\), got \(2, 4, 2\)'):
+        routed_attention(q, k, v, 2, 1, idx=torch.zeros(2, 4, 2, dtype=torch.long))
