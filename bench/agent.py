@@ -186,6 +186,9 @@ def analyse(args, name: str = 'agent_swin_tiny') -> Dict[str, Any]:
     state: Dict[str, Any] = dict(inside=False, core_s=0., core_flops=0, fused=False)
 
     def core(q, k, v, grid, agent_bias=None, query_bias=None, scale=None, dropout_p=0.):
+        B, H, W, heads = q.shape[:4]
+        n = grid * grid if isinstance(grid, int) else grid[0] * grid[1]
+        state['sizes'] = dict(scores=B * heads * n * H * W, bias=heads * n * H * W)
         state['inside'] = True
         t0 = time.perf_counter()
         try:
@@ -205,6 +208,7 @@ def analyse(args, name: str = 'agent_swin_tiny') -> Dict[str, Any]:
         def __init__(self):
             super().__init__()
             self.total = self.core = 0
+            self.kinds = dict(scores=0, bias=0, other=0)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
@@ -214,6 +218,10 @@ def analyse(args, name: str = 'agent_swin_tiny') -> Dict[str, Any]:
             self.total += nbytes
             if state['inside']:
                 self.core += nbytes
+                for t in tree_leaves(out):  # score-sized (per batch item) / bias-map-sized (shared) / other
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                        kind = next((k for k, size in state['sizes'].items() if t.numel() == size), 'other')
+                        self.kinds[kind] += t.numel() * t.element_size()
             return out
 
     result: Dict[str, Any] = dict(model=name, img_size=args.img_size, batch=args.batch)
@@ -244,6 +252,7 @@ def analyse(args, name: str = 'agent_swin_tiny') -> Dict[str, Any]:
                     core_flops_share=state['core_flops'] / total.get_total_flops(),
                     written_mib=written.total / 2 ** 20, core_written_mib=written.core / 2 ** 20,
                     core_written_share=written.core / written.total,
+                    core_written_kinds_mib={k: v / 2 ** 20 for k, v in written.kinds.items()},
                     fwd_ms=1000 * total_s, core_ms=1000 * core_s, core_time_share=core_s / total_s)
     finally:
         agent_block.agent_attention = op
@@ -291,7 +300,11 @@ def markdown(result: Dict[str, Any]) -> str:
             lines.append(f"| {label} | {r['core_flops_g']:.3f} of {r['flops_g']:.2f} ({r['core_flops_share']:.1%}) | "
                          f"{_f(r['core_written_mib'])} of {_f(r['written_mib'])} ({r['core_written_share']:.1%}) | "
                          f"{_f(r['core_ms'])} of {_f(r['fwd_ms'])} ({r['core_time_share']:.1%}) |")
-        lines.append('')
+        kinds = a['explicit']['core_written_kinds_mib']
+        lines += ['', f"Bytes the explicit core writes, by kind: {_f(kinds['scores'])} MiB score-sized (batch x heads x "
+                  f"agents x tokens: what SDPA's fused CUDA kernel never writes), {_f(kinds['bias'])} MiB bias maps "
+                  f"(heads x agents x tokens, shared by the batch), {_f(kinds['other'])} MiB other (pooled agents, "
+                  f"scaled and re-laid-out q / k / v, outputs). At batch 1 the bias maps count as score-sized.", '']
     return '\n'.join(lines)
 
 

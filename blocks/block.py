@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, get_act_layer
 
+from zoo.kernels._sizes import ceil_div
+
 from ._registry import create_mixer
 
 __all__ = [
@@ -140,9 +142,10 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        h, w = ceil_div(H, 2), ceil_div(W, 2)  # no modulo of the size: exports stay dynamic and fast
+        x = F.pad(x, (0, 0, 0, 2 * w - W, 0, 2 * h - H))
         # channel blocks ordered (row 0, col 0), (row 1, col 0), (row 0, col 1), (row 1, col 1)
-        x = x.reshape(B, (H + 1) // 2, 2, (W + 1) // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        x = x.reshape(B, h, 2, w, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
         return self.reduction(self.norm(x))
 
 

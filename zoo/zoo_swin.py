@@ -20,6 +20,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import init_weights_vit_timm
 
 from zoo.blocks.window import effective_window_shift
+from zoo.kernels._sizes import ceil_div
 from zoo.weights.keymap import KeyMap, KeyRule, make_filter
 
 from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, build_stages, default_cfg
@@ -43,7 +44,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ph, pw = self.patch_size
-        x = F.pad(x, (0, -x.shape[-1] % pw, 0, -x.shape[-2] % ph))
+        H, W = x.shape[-2:]
+        x = F.pad(x, (0, ceil_div(W, pw) * pw - W, 0, ceil_div(H, ph) * ph - H))  # no modulo: see zoo.kernels._sizes
         return self.norm(self.conv(x))
 
 

@@ -114,7 +114,12 @@ def agent_attention_ref(
     b2 = agent_bias_map(query_bias, H, W) if query_bias is not None else None
     if fused:
         def mask(bias: Optional[torch.Tensor], rows: int, cols: int) -> Optional[torch.Tensor]:
-            return None if bias is None else bias.to(q.dtype)[None].expand(B, nh, rows, cols)
+            if bias is None:
+                return None
+            # row stride padded to 16 so the memory-efficient kernel takes the batch-broadcast view as is
+            pad = -cols % 16
+            bias = F.pad(bias.to(q.dtype), (0, pad))[..., :cols] if pad else bias.to(q.dtype).contiguous()
+            return bias[None].expand(B, nh, rows, cols)
         agent_v = F.scaled_dot_product_attention(
             agents, kh, vh, attn_mask=mask(b1, n, H * W), dropout_p=dropout_p, scale=scale)
         out = F.scaled_dot_product_attention(
@@ -132,7 +137,7 @@ def agent_attention_ref(
         attn = F.dropout(attn, dropout_p)
     agent_v = attn @ vh  # B, heads, n, d
 
-    attn = (qh * scale) @ agents.transpose(-2, -1)  # B, heads, N, n
+    attn = qh @ (agents * scale).transpose(-2, -1)  # B, heads, N, n; scaling the n agents, not the N queries
     if b2 is not None:
         attn = attn + b2.transpose(-2, -1).to(attn.dtype)
     attn = attn.softmax(dim=-1, dtype=acc).to(vh.dtype)

@@ -69,13 +69,16 @@ def region_routing(q: torch.Tensor, k: torch.Tensor, n_win: int, topk: int, scal
         return torch.topk(logits, k=topk, dim=-1).indices
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax((q * scale) k^T) v over the last two dims of 4-D tensors (fused on CPU/GPU, manual while
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax((q * scale) k^T + mask) v over the last two dims of 4-D tensors (fused on CPU/GPU, manual while
     exporting: ONNX lowers only 4-D SDPA under dynamo and nothing fused under the TorchScript exporter)."""
     if is_exporting():
         attn = (q * scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            attn = attn + mask
         return attn.softmax(dim=-1) @ v
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def _flat_index(idx: torch.Tensor, heads: int, regions: int) -> torch.Tensor:
@@ -109,7 +112,7 @@ def _dense_masked(q, k, v, idx, n_win: int, scale: float) -> torch.Tensor:
     visible = routed[:, regions][:, :, regions]  # B, N, N: key j visible to query i
     mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float('-inf'))
     qf, kf, vf = (t.reshape(B, H * W, nh, t.shape[-1]).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask[:, None], scale=scale)
+    out = _attend(qf, kf, vf, scale, mask[:, None])
     return out.transpose(1, 2).reshape(B, H, W, nh, -1)
 
 
@@ -173,10 +176,13 @@ def routed_attention_ref(
         topk: int,
         scale: Optional[float] = None,
         idx: Optional[torch.Tensor] = None,
+        impl: Optional[str] = None,
 ) -> torch.Tensor:
     """Bi-level routing attention. q, k: (B, H, W, heads, dk); v: (B, H, W, heads, dv) -> (B, H, W, heads, dv).
 
-    `idx` (B, n_win^2, topk) overrides the routing (computed by `region_routing` when None).
+    `idx` (B, n_win^2, topk) overrides the routing (computed by `region_routing` when None). `impl`: 'gather'
+    (region-major index_select + batched attention; the training path saves only q, k, v), 'dense' (masked
+    attention over all tokens) or None: dense when `use_dense` says so, except while exporting.
     Arguments are validated by `zoo.kernels.routing.routed_attention`.
     """
     B, H, W, nh, dk = q.shape
@@ -188,7 +194,9 @@ def routed_attention_ref(
         return out.transpose(1, 2).reshape(B, H, W, nh, dv)
     if idx is None:
         idx = region_routing(q, k, n_win, topk, scale)
-    if not is_exporting() and use_dense(H * W, idx.shape[-1], dk, dv):
+    if impl not in (None, 'gather', 'dense'):
+        raise ValueError(f"impl: expected None, 'gather' or 'dense', got {impl!r}")
+    if impl == 'dense' or (impl is None and not is_exporting() and use_dense(H * W, idx.shape[-1], dk, dv)):
         return _dense_masked(q, k, v, idx, n_win, scale)
     if torch.is_grad_enabled() and not is_exporting() and any(t.requires_grad for t in (q, k, v)):
         return _RoutedAttention.apply(q, k, v, idx, n_win, scale)

@@ -75,6 +75,23 @@ def test_fused_sdpa_path_matches_reference(case):
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item()), (case, i)
 
 
+def test_fused_masks_are_shared_and_aligned(monkeypatch):
+    """The masks handed to SDPA are batch-broadcast views (stride 0) with rows padded to 16 elements, so the
+    memory-efficient kernel takes them without a per-batch copy."""
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kw):
+        masks.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', spy)
+    qkv, grid, b1, b2 = _make('non_square', batch=3)  # 9 x 14 tokens, 4 agents: neither a multiple of 16
+    agent_attention_ref(*qkv.detach().unbind(3), grid, b1, b2, fused=True)
+    assert len(masks) == 2
+    for m in masks:
+        assert m.stride(0) == 0 and m.stride(-1) == 1 and m.stride(-2) % 16 == 0 and m.stride(1) % 16 == 0
+
+
 def test_cpu_takes_the_explicit_path(monkeypatch):
     import zoo.kernels.agent as op
     seen = []

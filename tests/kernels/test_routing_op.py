@@ -8,7 +8,7 @@ from zoo.kernels import routed_attention
 from zoo.kernels.backend import interpreter_on, triton_available
 from zoo.kernels.routing import default_scale, region_routing
 from zoo.kernels.routing.naive import region_labels, routed_attention_naive
-from zoo.kernels.routing.reference import routed_attention_ref
+from zoo.kernels.routing.reference import routed_attention_ref, use_dense
 
 # (H, W, n_win, topk, heads, dk, dv): tokens per region (H / n_win) * (W / n_win) = 1, 4, 6 (2 x 3), 16, 25, 64;
 # top-k from 1 to all regions
@@ -36,14 +36,17 @@ def _fwd_bwd(fn, q, k, v, grad_out, **kw):
 
 
 @pytest.mark.parametrize('case', list(CASES))
-@pytest.mark.parametrize('global_attn', [False, True])
-def test_reference_matches_oracle(case, global_attn):
+@pytest.mark.parametrize('impl', ['gather', 'dense', 'auto', 'global'])
+def test_reference_matches_oracle(case, impl):
     H, W, n_win, topk, nh, dk, dv = CASES[case]
-    topk = -2 if global_attn else topk
+    topk = -2 if impl == 'global' else topk
     q, k, v = _qkv(H, W, nh, dk, dv)
     grad_out = torch.randn(2, H, W, nh, dv, dtype=torch.float64)
     kw = dict(n_win=n_win, topk=topk)
-    out, grads = _fwd_bwd(routed_attention, q, k, v, grad_out, **kw)
+    if impl in ('gather', 'dense'):
+        out, grads = _fwd_bwd(routed_attention_ref, q, k, v, grad_out, impl=impl, **kw)
+    else:
+        out, grads = _fwd_bwd(routed_attention, q, k, v, grad_out, **kw)
     want, want_grads = _fwd_bwd(routed_attention_naive, q, k, v, grad_out, **kw)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
     for g, w, name in zip(grads, want_grads, 'qkv'):
@@ -190,6 +193,7 @@ class _Op(torch.nn.Module):
 @pytest.mark.parametrize('exporter', ['legacy', 'dynamo'])
 @pytest.mark.parametrize('topk', [3, -2])
 def test_onnx_export_both_exporters(exporter, topk, tmp_path):
+    # exported graphs take the gather formulation at every size (static top-k, 4-D manual attention)
     onnx, ort = pytest.importorskip('onnx'), pytest.importorskip('onnxruntime')
     op = _Op(2, topk).eval()
     q, k, v = _qkv(8, 6, 2, 8, 8, dtype=torch.float32, grad=False)
@@ -222,3 +226,13 @@ def test_bad_input_errors():
         routed_attention(q, k[..., :4], v, 2, 1)
     with pytest.raises(ValueError, match=r'idx: expected \(B, n_win\^2, topk\) = \(2, 4, 1\), got \(2, 4, 2\)'):
         routed_attention(q, k, v, 2, 1, idx=torch.zeros(2, 4, 2, dtype=torch.long))
+
+
+def test_dense_choice_keeps_memory_within_the_routed_kv():
+    # BiFormer-T at 224 px: stage 3 (14 x 14, top-k 16, 32 + 32 channels per head) takes the dense masked path,
+    # stages 1 and 2 gather; the N x N mask is never larger than one head's routed K/V
+    assert use_dense(14 * 14, 16, 32, 32) and not use_dense(28 * 28, 4, 32, 32) and not use_dense(56 * 56, 1, 32, 32)
+    for tokens, topk in ((196, 16), (784, 16), (1024, 16), (1025, 16)):
+        assert use_dense(tokens, topk, 32, 32) == (tokens * tokens <= tokens * topk * 64)
+    with pytest.raises(ValueError, match="impl: expected None, 'gather' or 'dense', got 'flex'"):
+        routed_attention_ref(*_qkv(4, 4, 1, 8, 8, grad=False), 2, 1, impl='flex')
