@@ -295,7 +295,7 @@ def markdown(result: Dict[str, Any]) -> str:
                   f"{a['img_size']} px, batch {a['batch']}, forward. {head}", '',
                   '| core path | core GFLOP (share) | core bytes written, MiB (share) | core CPU ms (share) |',
                   '|---|---:|---:|---:|']
-        for path, label in (('explicit', 'explicit softmax (CPU / export)'), ('fused', 'SDPA (the CUDA path)')):
+        for path, label in (('explicit', 'explicit softmax (CPU / export)'), ('fused', 'SDPA (the CUDA path; here on this CPU)')):
             r = a[path]
             lines.append(f"| {label} | {r['core_flops_g']:.3f} of {r['flops_g']:.2f} ({r['core_flops_share']:.1%}) | "
                          f"{_f(r['core_written_mib'])} of {_f(r['written_mib'])} ({r['core_written_share']:.1%}) | "

@@ -22,6 +22,7 @@ What is measured (all CPU, eval mode, no autograd, one fixed random batch):
 Ratios are ours / anchor from the same run. Output: OUT.json, OUT.md and (if matplotlib) OUT.png;
 OUT defaults to a new work_dirs/bench/<timestamp>/default (bench/results only with an explicit --out).
 `python -m zoo.bench.run mixers` (= `zoo bench mixers`) runs bench/mixers.py: every token mixer by token count.
+`zoo bench agent` runs bench/agent.py: Agent-Swin-T vs Swin-T, the agent mixer vs window and global attention.
 """
 import argparse
 import datetime
@@ -374,6 +375,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     if argv[:1] == ['mixers']:  # `zoo bench mixers ...`: every token mixer by token count (bench/mixers.py)
         from .mixers import main as mixers_main
         return mixers_main(argv[1:], prog=f"{prog or 'python -m zoo.bench.run'} mixers")
+    if argv[:1] == ['agent']:  # `zoo bench agent ...`: Agent-Swin vs Swin, agent vs window / global (bench/agent.py)
+        from .agent import main as agent_main
+        return agent_main(argv[1:], prog=f"{prog or 'python -m zoo.bench.run'} agent")
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     names, pairs = _resolve(parser, args)

@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from zoo.kernels._sizes import size_max
+from zoo.kernels.backend import is_exporting
 from zoo.kernels.neighborhood import neighborhood_attention
 
 from ._registry import check_input, register_mixer, resolve_heads
@@ -91,15 +93,17 @@ class NeighborhoodAttention2D(nn.Module):
                              f'training needs attn_drop=0, got {self.attn_drop}')
         B, H, W, C = x.shape
         window = self.kernel_size * self.dilation
-        pad_h, pad_w = max(window - H, 0), max(window - W, 0)
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        Hp, Wp = H + pad_h, W + pad_w
+        # exporting: max without a branch on the (symbolic) size, and always pad / crop (maybe by 0)
+        exporting = is_exporting()
+        Hp, Wp = size_max(H, window), size_max(W, window)
+        padded = exporting or Hp != H or Wp != W
+        if padded:
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         q, k, v = self.qkv(x).view(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
         x = neighborhood_attention(
             q, k, v, self.kernel_size, self.dilation, rel_pos_bias=self.rpb, scale=self.scale)
         x = x.reshape(B, Hp, Wp, -1)
-        if pad_h or pad_w:
+        if padded:
             x = x[:, :H, :W]
         return self.proj_drop(self.proj(x))
 

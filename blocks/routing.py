@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from zoo.kernels.backend import is_exporting
 from zoo.kernels.routing import GLOBAL_TOPK, check_routing_args, routed_attention
 
 from ._registry import check_input, register_mixer, resolve_heads
@@ -120,7 +121,8 @@ class BiLevelRoutingAttention(nn.Module):
                 out = out + self._lepe(x)
             return self.proj_drop(self.proj(out))
         pad_h, pad_w = -H % self.n_win, -W % self.n_win
-        if pad_h or pad_w:
+        padded = is_exporting() or pad_h or pad_w  # exported graphs always pad / crop: one graph for any H, W
+        if padded:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         Hp, Wp = H + pad_h, W + pad_w
         qkv = self.qkv(x)
@@ -131,7 +133,7 @@ class BiLevelRoutingAttention(nn.Module):
                                scale=self.scale).reshape(B, Hp, Wp, -1)
         if self.lepe is not None:
             out = out + self._lepe(v)
-        if pad_h or pad_w:
+        if padded:
             out = out[:, :H, :W]
         return self.proj_drop(self.proj(out))
 

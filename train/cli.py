@@ -39,7 +39,7 @@ def main(argv: Optional[List[str]] = None, prog: str = 'zoo') -> int:
     """
     args = build_parser(prog).parse_args(argv)
     from mmengine.dist import is_main_process
-    from zoo.weights import IncompatibleKeysError
+    from zoo.weights import IncompatibleKeysError, NoPretrainedWeightsError, WeightsFileError
     from . import ConfigError, DatasetError, load_config, run_eval, run_train
     try:
         cfg = load_config(args.config, args.opts)
@@ -59,7 +59,8 @@ def main(argv: Optional[List[str]] = None, prog: str = 'zoo') -> int:
                                use_ema=not args.no_ema)
             if is_main_process():
                 _report(metrics, {})
-    except (ConfigError, DatasetError, FileNotFoundError, IncompatibleKeysError) as e:
+    except (ConfigError, DatasetError, FileNotFoundError, IncompatibleKeysError, WeightsFileError,
+            NoPretrainedWeightsError, ConnectionError) as e:
         print(f'{prog} {args.command}: error: {e}', file=sys.stderr)
         return 2
     except FloatingPointError as e:

@@ -348,15 +348,19 @@ class ZooRunner(Runner):
 
 def read_checkpoint(filename: str, map_location='cpu') -> dict:
     """torch.load(weights_only=True) a recipe checkpoint, with errors naming the file."""
+    from zoo.weights.io import SAFETENSORS_EXTS, WeightsFileError, read_torch_file
     if not os.path.isfile(filename):
         raise FileNotFoundError(f'checkpoint {filename!r} does not exist')
-    try:
-        checkpoint = torch.load(filename, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f'checkpoint {filename!r} cannot be loaded safely (torch.load weights_only=True): '
-                           f'{type(e).__name__}: {str(e).splitlines()[0]}') from None
+    hint = ('a weight file (.safetensors, or a plain state dict) is loaded with model.pretrained=<file> '
+            '(e.g. --opts model.pretrained=...)')
+    if os.path.splitext(filename)[1].lower() in SAFETENSORS_EXTS:
+        raise WeightsFileError(f'checkpoint {filename!r} is a weight file, not a training checkpoint of this '
+                               f'recipe; {hint}')
+    # WeightsFileError naming the file for anything unreadable: not a checkpoint, truncated, corrupt, unsafe
+    checkpoint = read_torch_file(filename, map_location)
     if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
-        raise RuntimeError(f"checkpoint {filename!r} is not a training checkpoint of this recipe (no 'state_dict')")
+        raise WeightsFileError(f"checkpoint {filename!r} is not a training checkpoint of this recipe (no "
+                               f"'state_dict'); {hint}")
     return checkpoint
 
 

@@ -20,7 +20,7 @@ from .keymap import IncompatibleKeysError, check_state_dict, strip_wrapper
 
 __all__ = [
     'WeightsFileError', 'IncompatibleKeysError', 'LoadResult',
-    'atomic_write', 'save_weights', 'load_weights', 'load_into',
+    'atomic_write', 'save_weights', 'load_weights', 'load_into', 'read_torch_file', 'check_torch_file',
     'SAFETENSORS_EXTS', 'TORCH_EXTS',
 ]
 
@@ -239,6 +239,16 @@ def check_torch_file(path: str) -> None:
 
 def _first_names(names: Sequence[str], n: int = 3) -> str:
     return ', '.join(repr(x) for x in names[:n]) + (', ...' if len(names) > n else '') if names else 'nothing'
+
+
+def read_torch_file(path: PathLike, map_location: Any = 'cpu') -> Any:
+    """``torch.load(path, weights_only=True)`` (any object of tensors and plain containers, e.g. a training
+    checkpoint), with a WeightsFileError naming the file and saying what is wrong when it cannot be read:
+    not a checkpoint, truncated or corrupt, or holding pickled Python objects (never unpickled)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'no such checkpoint file: {path!r}')
+    return _read_torch(path, map_location)
 
 
 def _read_torch(path: str, map_location: Any) -> Any:

@@ -17,10 +17,15 @@ import urllib.parse
 import urllib.request
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ['prepare_pretrained', 'release_pretrained_state_dict', 'probe_host', 'PROBE_TIMEOUT']
+__all__ = ['NoPretrainedWeightsError', 'prepare_pretrained', 'release_pretrained_state_dict', 'probe_host',
+           'PROBE_TIMEOUT']
 
 PROBE_TIMEOUT = 2.5  # seconds for the one connect to the download host
 _TRUE = ('1', 'on', 'yes', 'true')
+
+
+class NoPretrainedWeightsError(RuntimeError):
+    """``pretrained=True`` for a model whose pretrained cfg names nothing to download."""
 
 
 def _local_file_hint(variant: str) -> str:
@@ -128,7 +133,7 @@ def prepare_pretrained(
     if not load_from:
         notes = [n for n in cfg.get('notes') or () if isinstance(n, str)]
         note = next((n for n in notes if 'weights' in n), notes[0] if notes else '')
-        raise RuntimeError(f'{variant}: no pretrained weights to download for this model'
+        raise NoPretrainedWeightsError(f'{variant}: no pretrained weights to download for this model'
                            f'{f" ({note})" if note else ""}; {_local_file_hint(variant)}, or use '
                            f'pretrained=False for random init')
     if load_from not in ('hf-hub', 'url'):

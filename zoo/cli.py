@@ -83,8 +83,7 @@ def _pretrained_source(cfg: Dict[str, Any]) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     names = _zoo_models(args.pattern or '')
     if not names:
-        print(f'no zoo model matches {args.pattern!r}', file=sys.stderr)
-        return 1
+        raise CliError(f'no zoo model matches {args.pattern!r} (`zoo list` shows all {len(_zoo_models())})', code=2)
     print('\n'.join(names))
     return 0
 
@@ -326,13 +325,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from zoo.weights.io import IncompatibleKeysError, WeightsFileError, load_into
     from zoo.weights.onnx import OnnxExportError, export_onnx
+    _check_export_args(args)
     kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
     model = _create(args.model, **kwargs)
     if args.checkpoint:
         try:
             load_into(model, args.checkpoint)
         except (FileNotFoundError, WeightsFileError, IncompatibleKeysError) as e:
-            raise CliError(f'--checkpoint: {e}')
+            raise CliError(f'--checkpoint: {e}', code=2)
     try:
         report = export_onnx(model, args.output, img_size=_img_size(args.img_size), batch_size=args.batch_size,
                              dynamic=args.dynamic, exporter=args.exporter, opset=args.opset, atol=args.atol)
@@ -344,6 +344,34 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CliError(str(e), code=2)
     print(json.dumps(report, indent=2, default=list))
     return 0
+
+
+def _check_export_args(args: argparse.Namespace) -> None:
+    """Careless export arguments fail before a model is built (exit code 2)."""
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise CliError(f'--output: folder {folder!r} does not exist (create it first)', code=2)
+    if os.path.isdir(args.output):
+        raise CliError(f'--output: {args.output!r} is a folder; expected a .onnx file name', code=2)
+    if args.num_classes is not None and args.num_classes < 0:
+        raise CliError(f'--num-classes: expected >= 0 (0: no classifier, features out), got {args.num_classes}',
+                       code=2)
+    if not args.atol > 0:
+        raise CliError(f'--atol: expected a positive tolerance, got {args.atol}', code=2)
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise CliError(f'--checkpoint: no such weight file: {args.checkpoint!r}', code=2)
+    if args.opset is not None:
+        low, high = (18, 23) if args.exporter == 'dynamo' else (7, 20)
+        try:
+            from torch.onnx import _constants
+            high = _constants.ONNX_MAX_OPSET if args.exporter == 'dynamo' else \
+                _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+        except (ImportError, AttributeError):
+            pass
+        if not low <= args.opset <= high:
+            hint = '; older opsets need --exporter legacy' if args.exporter == 'dynamo' and args.opset < low else ''
+            raise CliError(f'--opset: the {args.exporter} exporter writes opsets {low}..{high}, got {args.opset}{hint}',
+                           code=2)
 
 
 # --------------------------------------------------------------------------------------------- forwarding
@@ -424,6 +452,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CliError as e:
         print(f'zoo {argv[0] if argv else ""}: error: {e}', file=sys.stderr)
         return e.code
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ConnectionError) as e:
+        # careless input (a path, no network) reaching a library call: its message names the path or host
+        print(f'zoo {argv[0] if argv else ""}: error: {e}', file=sys.stderr)
+        return 2
+    except Exception as e:
+        from zoo.weights import IncompatibleKeysError, NoPretrainedWeightsError, WeightsFileError
+        if not isinstance(e, (WeightsFileError, IncompatibleKeysError, NoPretrainedWeightsError)):
+            raise
+        print(f'zoo {argv[0] if argv else ""}: error: {e}', file=sys.stderr)
+        return 2
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -81,7 +81,13 @@ KEY_MAP = dataclasses.replace(_SWIN_KEY_MAP, transforms=((r'\.attn\.(ah|aw|ha|wa
 checkpoint_filter_fn = make_filter(KEY_MAP)
 
 
+# the official fine-tuned releases: trained at another size, with Swin windows max(7, stage-1 size // 8)
+_TAG_ARGS = {'in1k_288': dict(img_size=288, window_size=9), 'in1k_384': dict(img_size=384, window_size=12)}
+
+
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> SwinTransformer:
+    for key, value in _TAG_ARGS.get(kwargs.get('pretrained_cfg'), {}).items():
+        kwargs.setdefault(key, value)  # 'agent_swin_small.in1k_288' builds the model that release fits
     attn_type, agent_num = kwargs.pop('attn_type'), kwargs.pop('agent_num')
     layout = agent_swin_layout(attn_type, kwargs['depths'], agent_num, kwargs.get('img_size') or 224,
                                kwargs.get('patch_size', 4))
@@ -91,6 +97,8 @@ def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> Swin
 
 
 def _cfg(download: str, **kwargs) -> Dict[str, Any]:
+    # official evaluation: resize to 256 / 224 of the size (squashed), centre crop; bicubic
+    kwargs = dict(dict(crop_pct=0.875, crop_mode='squash'), **kwargs)
     return default_cfg(
         license='mit', paper_ids='arXiv:2312.08874', origin_url='https://github.com/LeapLabTHU/Agent-Attention',
         notes=(f'official weights: {download} (a TsinghuaCloud share without a file url): download the file, then '
@@ -103,6 +111,10 @@ default_cfgs = generate_default_cfgs({
     'agent_swin_tiny.in1k': _cfg(f'{_CLOUD}/a2ddc1190c224f768a41/?dl=1'),
     'agent_swin_small.in1k': _cfg(f'{_CLOUD}/f607172c9fea4d6e99bb/?dl=1'),
     'agent_swin_base.in1k': _cfg(f'{_CLOUD}/4fcd2d0114bb490483c3/?dl=1'),
+    'agent_swin_small.in1k_288': _cfg(f'{_CLOUD}/09760394e93b4046a25e/?dl=1', input_size=(3, 288, 288),
+                                      pool_size=(9, 9), crop_pct=1.0),
+    'agent_swin_base.in1k_384': _cfg(f'{_CLOUD}/bb84ee9058954706a557/?dl=1', input_size=(3, 384, 384),
+                                     pool_size=(12, 12), crop_pct=1.0),
 })
 
 
@@ -119,7 +131,7 @@ _AGENTS: Tuple[int, ...] = (9, 16, 49, 49)
 def agent_swin_tiny(pretrained: bool = False, **kwargs) -> SwinTransformer:
     """Agent-Swin-T: Swin-T (dim 96, depths (2, 2, 6, 2), heads (3, 6, 12, 24)), blocks AAAB, agents 9-16-49-49;
     28.9M params."""
-    model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
+    model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
                       attn_type='AAAB', agent_num=_AGENTS, drop_path_rate=0.2)
     return _create_agent_swin('agent_swin_tiny', pretrained, **dict(model_args, **kwargs))
 
@@ -128,7 +140,7 @@ def agent_swin_tiny(pretrained: bool = False, **kwargs) -> SwinTransformer:
 def agent_swin_small(pretrained: bool = False, **kwargs) -> SwinTransformer:
     """Agent-Swin-S: Swin-S (dim 96, depths (2, 2, 18, 2), heads (3, 6, 12, 24)), blocks AABB, agents 9-16-49-49;
     49.7M params."""
-    model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7,
+    model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
                       attn_type='AABB', agent_num=_AGENTS, drop_path_rate=0.3)
     return _create_agent_swin('agent_swin_small', pretrained, **dict(model_args, **kwargs))
 
@@ -137,6 +149,6 @@ def agent_swin_small(pretrained: bool = False, **kwargs) -> SwinTransformer:
 def agent_swin_base(pretrained: bool = False, **kwargs) -> SwinTransformer:
     """Agent-Swin-B: Swin-B (dim 128, depths (2, 2, 18, 2), heads (4, 8, 16, 32)), blocks AAMB2 (stage 3: 2 agent
     then 16 window blocks), agents 9-16-49-49; 88.1M params."""
-    model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=7,
+    model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
                       attn_type='AAMB2', agent_num=_AGENTS, drop_path_rate=0.5)
     return _create_agent_swin('agent_swin_base', pretrained, **dict(model_args, **kwargs))

@@ -26,6 +26,9 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from .._sizes import ceil_div
+from ..backend import is_exporting
+
 __all__ = ['neighborhood_attention_ref', 'na_axis_tables', 'na_tables', 'na_tile_tables', 'dense_mask',
            'use_dense', 'NATileTables', 'TILE', 'DENSE_MAX_TOKENS']
 
@@ -116,13 +119,17 @@ class NATileTables(NamedTuple):
     tile_pattern: torch.Tensor
 
 
-def _axis_tiles(length: int, kernel: int, dilation: int, tile: int, device):
+def _axis_tiles(length: int, kernel: int, dilation: int, tile: int, device, fixed_tile: bool = False):
     """Per axis, for each (dilation group, tile): query positions (G, nT, T), halo positions (G, nT, Th)
     (-1 = padding), rpb offsets (G, nT, T, Th) with -1 off-window and -2 for padding queries, slot of each
-    position (length,) as (group, tile, offset) triples."""
-    sub_max = -(-length // dilation)
-    n_tiles = -(-sub_max // tile)
-    T = -(-sub_max // n_tiles)
+    position (length,) as (group, tile, offset) triples.
+
+    Tiles are balanced (T = ceil(sub_len / nT) <= tile), or with `fixed_tile` exactly `tile` long (the last
+    one padded): the export path, where `length` may be symbolic and T must not depend on it.
+    """
+    sub_max = ceil_div(length, dilation)
+    n_tiles = ceil_div(sub_max, tile)
+    T = tile if fixed_tile else ceil_div(sub_max, n_tiles)
     halo = T + kernel - 1
     g = torch.arange(dilation, device=device)[:, None, None]
     t = torch.arange(n_tiles, device=device)[None, :, None]
@@ -144,10 +151,10 @@ def _axis_tiles(length: int, kernel: int, dilation: int, tile: int, device):
 
 
 def _build_tile_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], tile: int,
-                       device, dedup: bool = True) -> NATileTables:
+                       device, dedup: bool = True, fixed_tile: bool = False) -> NATileTables:
     kh, kw = kernel
-    qr, hr, rr, (gr, tr, ar), (Gr, nTr, Tr, Hr) = _axis_tiles(H, kh, dilation[0], tile, device)
-    qc, hc, rc, (gc, tc, ac), (Gc, nTc, Tc, Hc) = _axis_tiles(W, kw, dilation[1], tile, device)
+    qr, hr, rr, (gr, tr, ar), (Gr, nTr, Tr, Hr) = _axis_tiles(H, kh, dilation[0], tile, device, fixed_tile)
+    qc, hc, rc, (gc, tc, ac), (Gc, nTc, Tc, Hc) = _axis_tiles(W, kw, dilation[1], tile, device, fixed_tile)
     N = H * W
 
     def token(pr, pc):  # (G1, nT1, X), (G2, nT2, Y) -> (G1 * G2 * nT1 * nT2, X * Y) flat token or N
@@ -181,6 +188,17 @@ def na_tile_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int,
         H, W = sizes
         return _cached_tile_tables(H, W, tuple(kernel), tuple(dilation), tile, torch.device(device or 'cpu'))
     return _build_tile_tables(H, W, kernel, dilation, tile, device, False)
+
+
+def _export_tile_tables(H, W, kernel: Tuple[int, int], dilation: Tuple[int, int], device,
+                        tile: int = TILE) -> NATileTables:
+    """The gather tables computed in the graph from the runtime (H, W): the export path.
+
+    H and W may be symbolic (torch.export) or traced 0-dim tensors (TorchScript), so nothing branches on them
+    and nothing is cached: fixed-size tiles (no tile size that depends on the map), one bias pattern per tile
+    (no data-dependent `unique`). One exported graph then runs at any size.
+    """
+    return _build_tile_tables(H, W, kernel, dilation, tile, device, dedup=False, fixed_tile=True)
 
 
 def _build_dense_mask(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device) -> torch.Tensor:
@@ -230,7 +248,11 @@ def _na_dense(q, k, v, kernel, dilation, rel_pos_bias, scale):
 
 def _na_gather(q, k, v, kernel, dilation, rel_pos_bias, scale, tile=TILE):
     B, H, W, nh, d = q.shape
-    tables = na_tile_tables(H, W, kernel, dilation, q.device, tile)
+    exporting = is_exporting()
+    if exporting:
+        tables = _export_tile_tables(H, W, kernel, dilation, q.device, tile)
+    else:
+        tables = na_tile_tables(H, W, kernel, dilation, q.device, tile)
 
     def tokens(t):  # B, heads, N + 1, d with a zero padding token last
         t = _heads_first(t)
@@ -245,7 +267,9 @@ def _na_gather(q, k, v, kernel, dilation, rel_pos_bias, scale, tile=TILE):
     else:
         table = torch.cat([rel_pos_bias.flatten(1).to(logits.dtype),
                            logits.new_tensor([0.0, float('-inf')]).expand(nh, 2)], dim=1)
-        logits = logits + table[:, tables.bias_patterns].index_select(1, tables.tile_pattern)
+        bias = table[:, tables.bias_patterns]
+        # export tables hold one pattern per tile (tile_pattern is the identity): skip the copy
+        logits = logits + (bias if exporting else bias.index_select(1, tables.tile_pattern))
     out = logits.softmax(dim=-1) @ vt  # B, heads, tiles, T*T, d
     out = out.reshape(B, nh, -1, d)[:, :, tables.out_index]  # B, heads, N, d
     return out.transpose(1, 2).reshape(B, H, W, nh, d)
@@ -264,11 +288,13 @@ def neighborhood_attention_ref(
     """2-D neighborhood attention on validated inputs. q, k, v: (B, H, W, heads, d) -> (B, H, W, heads, d).
 
     impl: 'gather' (O(N k^2) memory), 'dense' (O(N^2) memory) or 'auto' (dense only for small maps).
+    While exporting, 'auto' is always 'gather', with index tables computed in the graph from the runtime
+    size, so one export runs at any size (the choice of 'dense' would depend on the export size).
     """
     H, W, d = q.shape[1], q.shape[2], q.shape[4]
     scale = d ** -0.5 if scale is None else scale
     if impl == 'auto':
-        impl = 'dense' if use_dense(H, W, kernel_size) else 'gather'
+        impl = 'gather' if is_exporting() or not use_dense(H, W, kernel_size) else 'dense'
     if impl == 'dense':
         return _na_dense(q, k, v, kernel_size, dilation, rel_pos_bias, scale)
     if impl == 'gather':

@@ -64,6 +64,19 @@ def test_block_layout(name):
     assert [s.blocks[0].attn.bias_size for s in other.stages[:3]] == [(72, 72), (36, 36), (18, 18)]
 
 
+@pytest.mark.parametrize('tag, size, window, params', [('agent_swin_small.in1k_288', 288, 9, 49_707_964),
+                                                         ('agent_swin_base.in1k_384', 384, 12, 88_305_016)])
+def test_fine_tuned_release_tags_build_their_layout(tag, size, window, params):
+    """The 288 / 384 releases: tables at the stage sizes of that input, Swin windows max(7, size // 32) as in the
+    official configs (WINDOW_SIZE 72 / 96); parameter counts of the official definitions at those sizes."""
+    with torch.device('meta'):
+        model = timm.create_model(tag)
+    assert _count(model) == params and model.pretrained_cfg['input_size'] == (3, size, size)
+    assert model.stages[0].blocks[0].attn.bias_size == (size // 4, size // 4)
+    assert model.stages[3].blocks[0].attn.window_size == (window, window)
+    assert model.stages[2].blocks[-1].attn.shift_size == (window // 2,) * 2
+
+
 def _official_file(name: str, tmp_path: Path):
     torch.manual_seed(0)
     state = {k: torch.randn(shape) for k, shape in OFFICIAL_LAYOUT[name]}

@@ -125,3 +125,49 @@ def test_sizes_multiple_of_the_region_grid_pad_nothing():
     finally:
         F.pad = real_pad
     assert calls and all(p[2] == p[4] for p in calls)  # (0, 0, 0, pad_w, 0, pad_h): bottom / right only
+
+
+@pytest.mark.parametrize('exporter', ['legacy', 'dynamo'])
+def test_onnx_one_export_runs_at_any_size(exporter, tmp_path):
+    """One export with dynamic H, W (the mixers always pad / crop in exported graphs) runs at sizes that need
+    no padding, other padding and a second batch, both exporters (the registry says onnx_dynamic=True)."""
+    from zoo.blocks import mixer_info
+    from zoo.weights.onnx import export_onnx
+    assert mixer_info('routing').onnx_dynamic
+    model = timm.create_model('biformer_tiny', **zoo.reduced_args('biformer_tiny')).eval()
+    report = export_onnx(model, tmp_path / 'biformer.onnx', img_size=(112, 112), dynamic=True, exporter=exporter,
+                         check_sizes=[(64, 96), (100, 140)])
+    sizes = [c['input_shape'][2:] for c in report['checks']]
+    assert (112, 112) in sizes and (64, 96) in sizes and (100, 140) in sizes and len(set(sizes)) >= 4, sizes
+    assert report['max_abs_err'] <= 1e-4, report
+
+
+@pytest.mark.triton
+def test_model_triton_matches_reference(monkeypatch):
+    import zoo.kernels as kernels
+    import zoo.kernels.routing as routing_op
+    chosen = []
+
+    def spy(*args, _resolve=routing_op.resolve_backend, **kw):
+        chosen.append(_resolve(*args, **kw))
+        return chosen[-1]
+
+    monkeypatch.setattr(routing_op, 'resolve_backend', spy)
+    torch.manual_seed(0)
+    # 4 x 4 regions keep the interpreter quick: stage maps 8 x 12 (regions of 2 x 3 tokens), 4 x 6 (padded to
+    # 4 x 8: 1 x 2), 2 x 3 (padded to 4 x 4: one token)
+    model = timm.create_model('biformer_tiny', num_classes=5, n_win=4, **zoo.reduced_args('biformer_tiny')).eval()
+    x = torch.randn(1, 3, 32, 48)
+    results = {}
+    for backend in ('torch', 'triton'):
+        model.zero_grad()
+        with kernels.use_backend(backend):
+            out = model(x)
+        out.square().sum().backward()
+        results[backend] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert chosen.count('triton') == chosen.count('torch') == 4  # the four routed blocks, on each path
+    (out_ref, g_ref), (out_tri, g_tri) = results['torch'], results['triton']
+    torch.testing.assert_close(out_tri, out_ref, rtol=1e-4, atol=1e-5)
+    for n in g_ref:
+        scale = max(1.0, g_ref[n].abs().max().item())
+        torch.testing.assert_close(g_tri[n], g_ref[n], rtol=1e-3, atol=1e-4 * scale, msg=n)
