@@ -295,14 +295,15 @@ def markdown(result: Dict[str, Any]) -> str:
                   f"{a['img_size']} px, batch {a['batch']}, forward. {head}", '',
                   '| core path | core GFLOP (share) | core bytes written, MiB (share) | core CPU ms (share) |',
                   '|---|---:|---:|---:|']
-        for path, label in (('explicit', 'explicit softmax (CPU / export)'), ('fused', 'SDPA (the CUDA path; here on this CPU)')):
+        labels = (('explicit', 'explicit softmax (CPU / export)'), ('fused', 'SDPA (the CUDA path; here on this CPU)'))
+        for path, label in labels:
             r = a[path]
             lines.append(f"| {label} | {r['core_flops_g']:.3f} of {r['flops_g']:.2f} ({r['core_flops_share']:.1%}) | "
                          f"{_f(r['core_written_mib'])} of {_f(r['written_mib'])} ({r['core_written_share']:.1%}) | "
                          f"{_f(r['core_ms'])} of {_f(r['fwd_ms'])} ({r['core_time_share']:.1%}) |")
         kinds = a['explicit']['core_written_kinds_mib']
-        lines += ['', f"Bytes the explicit core writes, by kind: {_f(kinds['scores'])} MiB score-sized (batch x heads x "
-                  f"agents x tokens: what SDPA's fused CUDA kernel never writes), {_f(kinds['bias'])} MiB bias maps "
+        lines += ['', f"Bytes the explicit core writes, by kind: {_f(kinds['scores'])} MiB score-sized (batch x heads "
+                  f"x agents x tokens: what SDPA's fused CUDA kernel never writes), {_f(kinds['bias'])} MiB bias maps "
                   f"(heads x agents x tokens, shared by the batch), {_f(kinds['other'])} MiB other (pooled agents, "
                   f"scaled and re-laid-out q / k / v, outputs). At batch 1 the bias maps count as score-sized.", '']
     return '\n'.join(lines)

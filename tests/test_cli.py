@@ -23,8 +23,8 @@ def test_list(capsys):
     assert main(['list', 'cbam*']) == 0
     cbam = capsys.readouterr().out.split()
     assert MODEL in cbam and all(n.startswith('cbam') for n in cbam)
-    assert main(['list', 'no_such_family*']) == 1
-    assert 'no zoo model matches' in capsys.readouterr().err
+    assert main(['list', 'no_such_family*']) == 2
+    assert capsys.readouterr().err.startswith("zoo list: error: no zoo model matches 'no_such_family*'")
 
 
 def test_info(capsys):
@@ -74,15 +74,36 @@ def test_export_errors(tmp_path, capsys):
     from zoo.weights import save_weights
     save_weights(timm.create_model(MODEL, num_classes=10), ckpt)
     out = tmp_path / 'm.onnx'
-    assert main(['export', MODEL, '-o', str(out), '--img-size', '64', '--checkpoint', str(ckpt)]) == 1
+    assert main(['export', MODEL, '-o', str(out), '--img-size', '64', '--checkpoint', str(ckpt)]) == 2
     err = capsys.readouterr().err
-    assert '--checkpoint' in err
-    assert 'shape mismatches: 2 (head.fc.weight: checkpoint (10, 512) vs model (1000, 512)' in err
+    assert err.startswith('zoo export: error: --checkpoint: ')
+    assert "other shape (2): 'head.fc.weight' is (10, 512) in the file, (1000, 512) in the model" in err
     assert main(['export', MODEL, '-o', str(tmp_path / 'm.onnx.bak'), '--img-size', '64']) == 2
     assert "path: expected a file name ending in '.onnx'" in capsys.readouterr().err
     assert main(['export', MODEL, '-o', str(out), '--img-size', '64', '-1']) == 2
     assert '--img-size: expected H [W]' in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['-o', '{tmp}/no/such/dir/m.onnx'], "--output: folder '{tmp}/no/such/dir' does not exist"),
+    (['-o', '{tmp}'], 'is a folder; expected a .onnx file name'),
+    (['-o', '{tmp}/m.onnx', '--checkpoint', '{tmp}/nope.pth'], "--checkpoint: no such weight file: '{tmp}/nope.pth'"),
+    (['-o', '{tmp}/m.onnx', '--checkpoint', '{tmp}/random.pth'], "--checkpoint: {tmp}/random.pth: not a torch checkpoint"),
+    (['-o', '{tmp}/m.onnx', '--num-classes', '-3'], '--num-classes: expected >= 0'),
+    (['-o', '{tmp}/m.onnx', '--atol', '-1'], '--atol: expected a positive tolerance'),
+    (['-o', '{tmp}/m.onnx', '--opset', '3'], '--opset: the dynamo exporter writes opsets 18..'),
+    (['-o', '{tmp}/m.onnx', '--opset', '99', '--exporter', 'legacy'], '--opset: the legacy exporter writes opsets 7..'),
+    (['-o', '{tmp}/m.onnx', '--img-size', '8'], 'expected H and W >= 32, got (8, 8)'),
+])
+def test_export_careless_input_is_one_line_exit_2(argv, message, tmp_path, capsys):
+    (tmp_path / 'random.pth').write_bytes(b'\x00not a checkpoint' * 100)
+    argv = [a.replace('{tmp}', str(tmp_path)) for a in argv]
+    assert main(['export', MODEL] + argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith('zoo export: error: ') and len(captured.err.strip().splitlines()) == 1, captured.err
+    assert message.replace('{tmp}', str(tmp_path)) in captured.err
+    assert 'Traceback' not in captured.err + captured.out and not list(tmp_path.glob('*.onnx'))
 
 
 def test_check_real_images_and_onnx(capsys):

@@ -350,7 +350,8 @@ def _phrase(names: List[str], prefix: str, exact: bool, target: Optional[str]) -
     if prefix:
         return f'this looks like a training checkpoint of {model} (its weights are the entries under {prefix!r})'
     if exact and target in names:
-        return f'this looks like a {target} checkpoint of the default configuration: the model was built with other arguments'
+        return (f'this looks like a {target} checkpoint, made with other arguments (num_classes, sizes, ...) '
+                f'than this model')
     if exact:
         return f'this looks like a {model} checkpoint'
     return f'this looks like a checkpoint of {model} (same layers, other depths or widths)'

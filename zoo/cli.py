@@ -385,7 +385,11 @@ def _forward(command: str, argv: List[str]) -> int:
         hint = "; the training extras install with: pip install -e '.[train]'" if command != 'bench' else ''
         raise CliError(f'`zoo {command}` needs {module_name}, which does not import ({type(e).__name__}: {e}){hint}')
     fwd = argv if module_name == 'zoo.train.cli' else argv[1:]
-    ret = module.main(fwd)
+    import inspect
+    kwargs = {}
+    if module_name != 'zoo.train.cli' and 'prog' in inspect.signature(module.main).parameters:
+        kwargs['prog'] = f'zoo {command}'  # its usage and error lines name the command the user typed
+    ret = module.main(fwd, **kwargs)
     return int(ret or 0)
 
 

@@ -119,17 +119,13 @@ class NATileTables(NamedTuple):
     tile_pattern: torch.Tensor
 
 
-def _axis_tiles(length: int, kernel: int, dilation: int, tile: int, device, fixed_tile: bool = False):
+def _axis_tiles(length: int, kernel: int, dilation: int, tile: int, device):
     """Per axis, for each (dilation group, tile): query positions (G, nT, T), halo positions (G, nT, Th)
     (-1 = padding), rpb offsets (G, nT, T, Th) with -1 off-window and -2 for padding queries, slot of each
-    position (length,) as (group, tile, offset) triples.
-
-    Tiles are balanced (T = ceil(sub_len / nT) <= tile), or with `fixed_tile` exactly `tile` long (the last
-    one padded): the export path, where `length` may be symbolic and T must not depend on it.
-    """
-    sub_max = ceil_div(length, dilation)
-    n_tiles = ceil_div(sub_max, tile)
-    T = tile if fixed_tile else ceil_div(sub_max, n_tiles)
+    position (length,) as (group, tile, offset) triples."""
+    sub_max = -(-length // dilation)
+    n_tiles = -(-sub_max // tile)
+    T = -(-sub_max // n_tiles)
     halo = T + kernel - 1
     g = torch.arange(dilation, device=device)[:, None, None]
     t = torch.arange(n_tiles, device=device)[None, :, None]
@@ -151,10 +147,10 @@ def _axis_tiles(length: int, kernel: int, dilation: int, tile: int, device, fixe
 
 
 def _build_tile_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], tile: int,
-                       device, dedup: bool = True, fixed_tile: bool = False) -> NATileTables:
+                       device, dedup: bool = True) -> NATileTables:
     kh, kw = kernel
-    qr, hr, rr, (gr, tr, ar), (Gr, nTr, Tr, Hr) = _axis_tiles(H, kh, dilation[0], tile, device, fixed_tile)
-    qc, hc, rc, (gc, tc, ac), (Gc, nTc, Tc, Hc) = _axis_tiles(W, kw, dilation[1], tile, device, fixed_tile)
+    qr, hr, rr, (gr, tr, ar), (Gr, nTr, Tr, Hr) = _axis_tiles(H, kh, dilation[0], tile, device)
+    qc, hc, rc, (gc, tc, ac), (Gc, nTc, Tc, Hc) = _axis_tiles(W, kw, dilation[1], tile, device)
     N = H * W
 
     def token(pr, pc):  # (G1, nT1, X), (G2, nT2, Y) -> (G1 * G2 * nT1 * nT2, X * Y) flat token or N
@@ -188,17 +184,6 @@ def na_tile_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int,
         H, W = sizes
         return _cached_tile_tables(H, W, tuple(kernel), tuple(dilation), tile, torch.device(device or 'cpu'))
     return _build_tile_tables(H, W, kernel, dilation, tile, device, False)
-
-
-def _export_tile_tables(H, W, kernel: Tuple[int, int], dilation: Tuple[int, int], device,
-                        tile: int = TILE) -> NATileTables:
-    """The gather tables computed in the graph from the runtime (H, W): the export path.
-
-    H and W may be symbolic (torch.export) or traced 0-dim tensors (TorchScript), so nothing branches on them
-    and nothing is cached: fixed-size tiles (no tile size that depends on the map), one bias pattern per tile
-    (no data-dependent `unique`). One exported graph then runs at any size.
-    """
-    return _build_tile_tables(H, W, kernel, dilation, tile, device, dedup=False, fixed_tile=True)
 
 
 def _build_dense_mask(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device) -> torch.Tensor:
@@ -248,11 +233,7 @@ def _na_dense(q, k, v, kernel, dilation, rel_pos_bias, scale):
 
 def _na_gather(q, k, v, kernel, dilation, rel_pos_bias, scale, tile=TILE):
     B, H, W, nh, d = q.shape
-    exporting = is_exporting()
-    if exporting:
-        tables = _export_tile_tables(H, W, kernel, dilation, q.device, tile)
-    else:
-        tables = na_tile_tables(H, W, kernel, dilation, q.device, tile)
+    tables = na_tile_tables(H, W, kernel, dilation, q.device, tile)
 
     def tokens(t):  # B, heads, N + 1, d with a zero padding token last
         t = _heads_first(t)
@@ -267,12 +248,78 @@ def _na_gather(q, k, v, kernel, dilation, rel_pos_bias, scale, tile=TILE):
     else:
         table = torch.cat([rel_pos_bias.flatten(1).to(logits.dtype),
                            logits.new_tensor([0.0, float('-inf')]).expand(nh, 2)], dim=1)
-        bias = table[:, tables.bias_patterns]
-        # export tables hold one pattern per tile (tile_pattern is the identity): skip the copy
-        logits = logits + (bias if exporting else bias.index_select(1, tables.tile_pattern))
+        logits = logits + table[:, tables.bias_patterns].index_select(1, tables.tile_pattern)
     out = logits.softmax(dim=-1) @ vt  # B, heads, tiles, T*T, d
     out = out.reshape(B, nh, -1, d)[:, :, tables.out_index]  # B, heads, N, d
     return out.transpose(1, 2).reshape(B, H, W, nh, d)
+
+
+def _export_axis_tiles(length, kernel: int, dilation: int, tile: int, device):
+    """One axis of the export path's tiling; `length` may be symbolic or a traced 0-dim tensor.
+
+    Fixed tiles of `tile` sub-grid positions (the last one padded), so only the tile count depends on the
+    size. Returns query rows (G, nT, T) and halo rows (G, nT, Th) as positions into the axis padded with one
+    zero position at index `length`; rpb offsets (G, nT, T, Th), 2k - 1 off-window and 2k for padding queries;
+    and the slot of each position (length,) in the flattened (G, nT, T) layout.
+    """
+    n_tiles = ceil_div(ceil_div(length, dilation), tile)
+    halo = tile + kernel - 1
+    i = torch.arange(length, device=device)
+    g = torch.arange(dilation, device=device)[:, None, None]
+    t = torch.arange(n_tiles, device=device)[None, :, None]
+    sub_len = (i[-1:, None, None] - g) // dilation + 1  # (G, 1, 1): positions of each dilation group
+    p = t * tile + torch.arange(tile, device=device)  # (1, nT, T) query sub-index
+    q_ok = p < sub_len
+    # a sub-index past its group's end lands at or past `length`: clamp it onto the padding position
+    q_pos = torch.minimum(g + dilation * p, i[-1:] + 1)
+    # windows start at clamp(p - k//2, 0, L_g - k), non-decreasing in p: the tile's halo starts at its first
+    h_sub = torch.minimum((t * tile - kernel // 2).clamp(min=0), sub_len - kernel) + torch.arange(halo, device=device)
+    h_pos = torch.minimum(g + dilation * h_sub, i[-1:] + 1)
+    start = torch.minimum((p - kernel // 2).clamp(min=0), sub_len - kernel)
+    off = h_sub[:, :, None, :] - start[..., None]  # (G, nT, T, Th): key offset inside the query's window
+    rel = torch.where((off >= 0) & (off < kernel), h_sub[:, :, None, :] - p[..., None] + kernel - 1, 2 * kernel - 1)
+    rel = torch.where(q_ok[..., None], rel, 2 * kernel)
+    slot = (i % dilation) * (n_tiles * tile) + i // dilation
+    return q_pos, h_pos, rel, slot
+
+
+def _na_export(q, k, v, kernel, dilation, rel_pos_bias, scale, tile=TILE):
+    """The gather path for export: same tiles-and-halos attention, everything separable per axis.
+
+    Nothing branches on or caches by the (possibly symbolic) size, and the index tables are computed in the
+    graph from it, so one exported graph runs at any size. Per axis: query / halo rows from
+    `_export_axis_tiles`; keys are gathered rows-then-columns with `index_select` from the map padded by one
+    zero row and column; the bias is one lookup in the rpb table padded with a -inf (off-window) and a 0
+    (padding query) row and column. No dedup (data-dependent shapes) and no 2-D token tables.
+    """
+    B, H, W, nh, d = q.shape
+    kh, kw = kernel
+    qr, hr, rr, sr = _export_axis_tiles(H, kh, dilation[0], tile, q.device)
+    qc, hc, rc, sc = _export_axis_tiles(W, kw, dilation[1], tile, q.device)
+    Gr, nTr, Th = hr.shape
+    Gc, nTc, Tw = hc.shape
+
+    def gather(t, rows, cols):  # (B, H, W, nh, d) -> (B, nh, Gr, nTr, Gc, nTc, R, C, d)
+        t = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 1, 0, 1))
+        t = t.index_select(1, rows.flatten()).index_select(2, cols.flatten())
+        t = t.reshape(B, Gr, nTr, rows.shape[-1], Gc, nTc, cols.shape[-1], nh, d)
+        return t.permute(0, 7, 1, 2, 4, 5, 3, 6, 8)
+
+    qt = gather(q * scale, qr, qc).reshape(B, nh, -1, tile * tile, d)  # B, heads, tiles, T*T, d
+    kt = gather(k, hr, hc).reshape(B, nh, -1, Th * Tw, d)  # B, heads, tiles, halo, d
+    vt = gather(v, hr, hc).reshape(B, nh, -1, Th * Tw, d)
+    logits = qt @ kt.transpose(-2, -1)  # B, heads, tiles, T*T, halo
+    table = logits.new_zeros(1, 2 * kh - 1, 2 * kw - 1) if rel_pos_bias is None else rel_pos_bias.to(logits.dtype)
+    table = torch.nn.functional.pad(table, (0, 1, 0, 1), value=float('-inf'))  # row / col 2k - 1: off-window
+    table = torch.nn.functional.pad(table, (0, 1, 0, 1), value=0.)  # row / col 2k: padding query
+    # (Gr, nTr, Gc, nTc, Tr, Tc, Thr, Thc): the tile order of qt / kt, then query slot, then halo slot
+    index = (rr[:, :, None, None, :, None, :, None] * (2 * kw + 1)
+             + rc[None, None, :, :, None, :, None, :]).reshape(-1, tile * tile, Th * Tw)
+    logits = logits + table.flatten(1)[:, index]
+    out = logits.softmax(dim=-1) @ vt  # B, heads, tiles, T*T, d
+    out = out.reshape(B, nh, Gr, nTr, Gc, nTc, tile, tile, d).permute(0, 1, 2, 3, 6, 4, 5, 7, 8)
+    out = out.reshape(B, nh, Gr * nTr * tile, Gc * nTc * tile, d).index_select(2, sr).index_select(3, sc)
+    return out.permute(0, 2, 3, 1, 4)  # B, H, W, heads, d
 
 
 def neighborhood_attention_ref(
@@ -294,7 +341,9 @@ def neighborhood_attention_ref(
     H, W, d = q.shape[1], q.shape[2], q.shape[4]
     scale = d ** -0.5 if scale is None else scale
     if impl == 'auto':
-        impl = 'gather' if is_exporting() or not use_dense(H, W, kernel_size) else 'dense'
+        if is_exporting():
+            return _na_export(q, k, v, kernel_size, dilation, rel_pos_bias, scale)
+        impl = 'dense' if use_dense(H, W, kernel_size) else 'gather'
     if impl == 'dense':
         return _na_dense(q, k, v, kernel_size, dilation, rel_pos_bias, scale)
     if impl == 'gather':

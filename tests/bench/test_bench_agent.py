@@ -33,4 +33,5 @@ def test_every_part_at_tiny_sizes(tmp_path, capsys):
 def test_zoo_bench_agent_subcommand(tmp_path):
     from zoo.bench.run import main as run_main
     assert run_main(['agent', '--parts', 'mixers', '--sizes', '8', '--repeats', '1', '--out', str(tmp_path)]) == 0
-    assert json.loads((tmp_path / 'agent.json').read_text())['meta']['command'].startswith('python -m zoo.bench.run agent')
+    meta = json.loads((tmp_path / 'agent.json').read_text())['meta']
+    assert meta['command'].startswith('python -m zoo.bench.run agent')

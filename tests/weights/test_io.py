@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from zoo.weights.io import (
-    IncompatibleKeysError, WeightsFileError, atomic_write, load_into, load_weights, save_weights,
+    IncompatibleKeysError, WeightsFileError, atomic_write, load_into, load_weights, read_torch_file, save_weights,
 )
 
 
@@ -226,3 +226,47 @@ def test_load_into_reports_shape_mismatch_even_when_not_strict(tmp_path):
     match = r"other shape \(2\): 'weight' is \(4, 3\) in the file, \(5, 3\) in the model"
     with pytest.raises(IncompatibleKeysError, match=match):
         load_into(nn.Linear(3, 5), path, strict=False)
+
+
+@pytest.mark.parametrize('content,match', [
+    (os.urandom(5000).replace(b'PK', b'pk').replace(b'\x80', b'\x81'), 'not a torch checkpoint: neither the zip'),
+    (b'hello world\n', r"not a torch checkpoint: .*starts with b'hell'"),
+    (b'', r'empty file \(0 bytes\), not a checkpoint'),
+    (b'\x80\x02' + bytes(range(90, 250)), 'corrupt or truncated torch checkpoint, or not a checkpoint at all'),
+    (b'PK\x03\x04' + os.urandom(300), 'corrupt or truncated torch checkpoint .*zip archive'),
+])
+def test_not_a_checkpoint_never_suggests_unpickling(tmp_path, content, match):
+    """Random bytes, text, an empty file, a broken pickle, a broken zip: said plainly, and never torch's advice to
+    retry with weights_only=False (which would unpickle an untrusted file)."""
+    path = tmp_path / 'w.pth'
+    path.write_bytes(content)
+    for read in (load_weights, read_torch_file):
+        with pytest.raises(WeightsFileError, match=match) as info:
+            read(path)
+        msg = str(info.value)
+        assert msg.startswith(str(path)) and 'weights_only=False' not in msg and 'likely succeed' not in msg, msg
+
+
+@pytest.mark.parametrize('keep', [0.5, 0.05])
+def test_truncated_pth_says_truncated(tmp_path, keep):
+    path = tmp_path / 'w.pth'
+    save_weights({'a': torch.randn(1000), 'b': torch.randn(30, 30)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(WeightsFileError, match=r'w\.pth: corrupt or truncated torch checkpoint') as info:
+        load_weights(path)
+    assert 'safely' not in str(info.value)
+    legacy = tmp_path / 'legacy.pth'  # torch's pre-zip format, cut short
+    torch.save({'a': torch.randn(1000)}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:-100])
+    with pytest.raises(WeightsFileError, match=r'legacy\.pth: corrupt or truncated torch checkpoint'):
+        load_weights(legacy)
+
+
+def test_read_torch_file_reads_training_checkpoints(tmp_path):
+    path = tmp_path / 'epoch_1.pth'
+    torch.save({'meta': {'epoch': 1, 'cfg': 'x = 1'}, 'state_dict': {'model.w': torch.ones(2)}}, path)
+    checkpoint = read_torch_file(path)
+    assert checkpoint['meta']['epoch'] == 1 and torch.equal(checkpoint['state_dict']['model.w'], torch.ones(2))
+    with pytest.raises(FileNotFoundError, match='nope.pth'):
+        read_torch_file(tmp_path / 'nope.pth')

@@ -156,11 +156,12 @@ def test_full_model_any_size():
     assert all(torch.isfinite(f).all() for f in feats)
 
 
-def test_dynamic_onnx_agent_stages(tmp_path):
-    """All-agent stages export once (legacy exporter, dynamic H x W) and run at other sizes, non-square and
-    smaller than the agent grids; the window stages follow Swin's rule (one padding regime per export)."""
+@pytest.mark.parametrize('attn_type', ['AAAB', 'AAAA'])
+def test_dynamic_onnx(attn_type, tmp_path):
+    """One export (legacy exporter, dynamic H x W) runs at other sizes, non-square and with maps smaller than the
+    agent grids (64 px: 4 x 4 map, 7 x 7 agents in stage 3); the dynamo exporter: tests/kernels/test_agent_op.py."""
     from zoo.weights.onnx import export_onnx
-    model = timm.create_model('agent_swin_tiny', attn_type='AAAA', **zoo.reduced_args('agent_swin_tiny')).eval()
+    model = timm.create_model('agent_swin_tiny', attn_type=attn_type, **zoo.reduced_args('agent_swin_tiny')).eval()
     report = export_onnx(model, tmp_path / 'a.onnx', img_size=(224, 224), dynamic=True, exporter='legacy',
                          check_sizes=[(97, 131), (64, 64)], atol=1e-4)
     assert report['max_abs_err'] <= 1e-4 and len(report['checks']) == 4, report
@@ -178,6 +179,8 @@ def test_bad_arguments():
         timm.create_model('agent_swin_tiny', agent_num=(9, 15, 49, 49), **small)
     with pytest.raises(ValueError, match=r'agent_num: 256 agents \(16 x 16\) exceed the tokens of the 14 x 14 map'):
         timm.create_model('agent_swin_tiny', agent_num=(9, 16, 256, 49), **small)
+    with pytest.raises(ValueError, match='the mixers follow attn_type and agent_num'):
+        timm.create_model('agent_swin_tiny', mixer='window', **small)
     with pytest.raises(ValueError, match='num_heads: expected a divisor of dim=96'):
         create_mixer('agent', 96, num_heads=5)
     with pytest.raises(ValueError, match='agent_num: expected a perfect square'):
