@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import timm
 import torch
@@ -104,7 +104,7 @@ def _method(name: str):
     return gather_baseline() if name == 'gather_baseline' else contextlib.nullcontext()
 
 
-def _build(args) -> torch.nn.Module:
+def _build(args: argparse.Namespace) -> torch.nn.Module:
     kwargs = zoo.reduced_args(args.model) if args.reduced else {}
     torch.manual_seed(0)
     return timm.create_model(args.model, **kwargs)
@@ -122,14 +122,14 @@ def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
-def _inputs(args, batch: int):
+def _inputs(args: argparse.Namespace, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, args.img_size, args.img_size, generator=g)
     y = torch.randint(0, 1000, (batch,), generator=g)
     return x, y
 
 
-def _tasks(model: torch.nn.Module, args) -> Dict[str, Callable[[], object]]:
+def _tasks(model: torch.nn.Module, args: argparse.Namespace) -> Dict[str, Callable[[], object]]:
     xf, _ = _inputs(args, args.fwd_batch)
     xt, yt = _inputs(args, args.batch)
 
@@ -144,7 +144,7 @@ def _tasks(model: torch.nn.Module, args) -> Dict[str, Callable[[], object]]:
     return {'fwd': fwd, 'train': train}
 
 
-def _memory_child(method: str, args) -> None:
+def _memory_child(method: str, args: argparse.Namespace) -> None:
     model = _build(args)
     train = _tasks(model, args)['train']
     with _method(method):
@@ -152,7 +152,7 @@ def _memory_child(method: str, args) -> None:
         print(json.dumps(dict(peak_mb=rss_peak_mb(train))))
 
 
-def _rss_in_child(method: str, args) -> Optional[float]:
+def _rss_in_child(method: str, args: argparse.Namespace) -> Optional[float]:
     cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', method, '--model', args.model,
            '--img-size', str(args.img_size), '--batch', str(args.batch), '--fwd-batch', str(args.fwd_batch),
            '--threads', str(args.threads)] + (['--reduced'] if args.reduced else [])
@@ -165,7 +165,7 @@ def _rss_in_child(method: str, args) -> Optional[float]:
         return None
 
 
-def run(args) -> List[dict]:
+def run(args: argparse.Namespace) -> List[dict]:
     """One row per method: wall / CPU medians of forward and training step, peak memory of a training step."""
     model = _build(args)
     tasks = _tasks(model, args)
@@ -209,7 +209,7 @@ def _fmt(x: Optional[float], digits: int = 2) -> str:
     return '-' if x is None else f'{x:.{digits}f}'
 
 
-def markdown(rows: List[dict], args) -> str:
+def markdown(rows: List[dict], args: argparse.Namespace) -> str:
     ours, base = (next(r for r in rows if r['method'] == m) for m in METHODS)
 
     def ratio(key: str, invert: bool = False) -> str:

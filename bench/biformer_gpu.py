@@ -104,7 +104,7 @@ def _timer(device: torch.device):
     return timed
 
 
-def run(args) -> List[dict]:
+def run(args: argparse.Namespace) -> List[dict]:
     device = torch.device('cuda' if torch.cuda.is_available() and not args.cpu else 'cpu')
     dtype = _DTYPES[args.dtype]
     timed = _timer(device)
@@ -158,7 +158,7 @@ def _fmt(x: Optional[float], digits: int = 2) -> str:
     return '-' if x is None else f'{x:.{digits}f}'
 
 
-def markdown(rows: List[dict], args) -> str:
+def markdown(rows: List[dict], args: argparse.Namespace) -> str:
     lines = [f'BiFormer-T routed stages at {args.img_size} px, batch {args.batch}, {args.dtype}, '
              f'device {rows[0]["device"] if rows else "-"}, median of {args.repeats}. Peak: CUDA memory above the '
              'inputs during one forward + backward.', '',

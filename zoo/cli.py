@@ -324,7 +324,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from zoo.weights.io import IncompatibleKeysError, WeightsFileError, load_into
-    from zoo.weights.onnx import OnnxExportError, export_onnx
+    from zoo.weights.onnx import OnnxExportError, dynamic_blockers, export_onnx
     _check_export_args(args)
     kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
     model = _create(args.model, **kwargs)
@@ -333,9 +333,16 @@ def cmd_export(args: argparse.Namespace) -> int:
             load_into(model, args.checkpoint)
         except (FileNotFoundError, WeightsFileError, IncompatibleKeysError) as e:
             raise CliError(f'--checkpoint: {e}', code=2)
+    if args.dynamic:  # say so before exporting when a mixer of the model cannot run at every size
+        blockers = dynamic_blockers(model)
+        if blockers:
+            raise CliError(f'--dynamic: {args.model} cannot export with dynamic height and width '
+                           f'({", ".join(blockers)}: onnx_dynamic=False in the mixer registry); '
+                           f'export without --dynamic at a fixed --img-size', code=2)
     try:
         report = export_onnx(model, args.output, img_size=_img_size(args.img_size), batch_size=args.batch_size,
-                             dynamic=args.dynamic, exporter=args.exporter, opset=args.opset, atol=args.atol)
+                             dynamic=args.dynamic, exporter=args.exporter, opset=args.opset, atol=args.atol,
+                             rtol=args.rtol)
     except OnnxExportError as e:
         if e.report.get('checks'):
             print(json.dumps(e.report, indent=2, default=list))
@@ -358,6 +365,8 @@ def _check_export_args(args: argparse.Namespace) -> None:
                        code=2)
     if not args.atol > 0:
         raise CliError(f'--atol: expected a positive tolerance, got {args.atol}', code=2)
+    if not args.rtol >= 0:
+        raise CliError(f'--rtol: expected a tolerance >= 0, got {args.rtol}', code=2)
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         raise CliError(f'--checkpoint: no such weight file: {args.checkpoint!r}', code=2)
     if args.opset is not None:
@@ -431,10 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', nargs='+', type=int, metavar='SIZE',
                    help='input size H [W] (default: the pretrained cfg)')
     p.add_argument('--batch-size', type=int, default=2, help='example batch (>= 2; batch is dynamic anyway)')
-    p.add_argument('--dynamic', action='store_true', help='dynamic height and width as well as batch')
+    p.add_argument('--dynamic', action='store_true',
+                   help='dynamic height and width as well as batch (checked at a smaller and a larger size)')
     p.add_argument('--exporter', choices=('dynamo', 'legacy'), default='dynamo')
     p.add_argument('--opset', type=int, default=None)
-    p.add_argument('--atol', type=float, default=1e-4, help='max abs error allowed against PyTorch')
+    p.add_argument('--atol', type=float, default=1e-4,
+                   help='absolute floor of the allowed error, max(atol, rtol * max |PyTorch output|)')
+    p.add_argument('--rtol', type=float, default=1e-5,
+                   help='allowed error relative to the largest |value| of each compared output')
     p.add_argument('--checkpoint', metavar='PATH', help='.safetensors / .pth weights to load (strict)')
     p.add_argument('--num-classes', type=int, default=None)
     p.set_defaults(func=cmd_export)

@@ -12,8 +12,11 @@ Semantics (official `ops/bra_legacy.py`, kv_downsample_mode='identity', no routi
 The official code gathers a top-k-times copy of K/V out of a broadcast view, whose backward allocates a gradient
 the size of S^2 copies of K/V (the slow "gather backward"). Here the map is permuted to region-major order once,
 the routed regions are read with `index_select` over a flat (batch * heads * regions) axis (backward: one
-`index_add` into a K/V-sized gradient), and attention runs as batched 4-D GEMMs (CPU fused SDPA; manual softmax
-while exporting). Memory: the routed K/V once, never N x N and never S^2 copies.
+`index_add` into a K/V-sized gradient), and attention runs as batched 4-D fused SDPA (manual softmax while
+exporting). In training, an autograd Function saves only q, k, v and the routing and recomputes the routed K/V
+and the probabilities in its backward. Maps whose (H W) x (H W) routing mask is no larger than one head's routed
+K/V (`use_dense`: BiFormer's third stage at 224-448 px) run as one dense masked SDPA with no gather at all.
+Memory: the routed K/V once (transiently), never S^2 copies, and N x N only below that bound.
 """
 import functools
 from typing import Optional, Tuple

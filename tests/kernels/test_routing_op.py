@@ -236,3 +236,59 @@ def test_dense_choice_keeps_memory_within_the_routed_kv():
         assert use_dense(tokens, topk, 32, 32) == (tokens * tokens <= tokens * topk * 64)
     with pytest.raises(ValueError, match="impl: expected None, 'gather' or 'dense', got 'flex'"):
         routed_attention_ref(*_qkv(4, 4, 1, 8, 8, grad=False), 2, 1, impl='flex')
+
+
+_COMPILE_SCRIPT = r"""
+import json, os
+os.environ.pop('TRITON_INTERPRET', None)
+import torch, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+import zoo.kernels.routing.triton as kt
+
+FP32_PTRS = ('lse_ptr', 'delta_ptr', 'dk_ptr', 'dv_ptr')
+
+def compile_kernel(backward, dtype, side, n_win, head_dim, capability):
+    fn = kt._routed_bwd_kernel if backward else kt._routed_fwd_kernel
+    q = torch.empty(1, side, side, 2, head_dim, dtype=dtype)
+    cfg = kt._config(q, q, n_win)
+    const = dict(BLOCK=cfg['block'], BLOCK_DK=cfg['block_dk'], BLOCK_DV=cfg['block_dv'],
+                 PRECISION=cfg['precision'], UPCAST=False)
+    ty = {torch.float16: 'fp16', torch.float32: 'fp32', torch.bfloat16: 'bf16'}[dtype]
+    sig = {n: 'constexpr' if n in const else '*fp32' if n in FP32_PTRS else '*i32' if n == 'idx_ptr' else
+           '*' + ty if n.endswith('_ptr') else 'fp32' if n == 'scale' else 'i32' for n in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, sig, const), target=GPUTarget('cuda', capability, 32),
+                            options=dict(num_warps=cfg['num_warps']))
+    assert kernel.asm['cubin'], 'no cubin'
+    return kernel.metadata.shared
+
+out = {}
+# BiFormer-T at 224 px: regions of 64 (stage 1), 16 (stage 2) and 4 (stage 3) tokens, head dim 32
+for backward in (False, True):
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for side in (56, 28, 14):
+            key = f"{'bwd' if backward else 'fwd'}_{str(dtype)[6:]}_{side}"
+            out[key] = compile_kernel(backward, dtype, side, 7, 32, 80)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.triton
+def test_triton_kernels_compile_for_gpu():
+    """Compile (no GPU needed) the kernels at BiFormer-T's shapes for sm_80: catches what the interpreter lets
+    through (non-constexpr globals, unsupported ops, dtype errors) and checks shared memory fits 99 KB."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import triton.backends
+    if 'nvidia' not in triton.backends.backends:
+        pytest.skip('this triton build has no CUDA backend to compile with')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    res = subprocess.run([sys.executable, '-c', _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    shared = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(shared) == 18
+    for key, nbytes in shared.items():
+        assert nbytes <= 99 * 1024, f'{key}: {nbytes} bytes of shared memory'

@@ -127,7 +127,7 @@ def test_sizes_multiple_of_the_region_grid_pad_nothing():
     assert calls and all(p[2] == p[4] for p in calls)  # (0, 0, 0, pad_w, 0, pad_h): bottom / right only
 
 
-@pytest.mark.parametrize('exporter', ['legacy', 'dynamo'])
+@pytest.mark.parametrize('exporter', ['legacy', pytest.param('dynamo', marks=pytest.mark.slow)])
 def test_onnx_one_export_runs_at_any_size(exporter, tmp_path):
     """One export with dynamic H, W (the mixers always pad / crop in exported graphs) runs at sizes that need
     no padding, other padding and a second batch, both exporters (the registry says onnx_dynamic=True)."""
