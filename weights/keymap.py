@@ -9,13 +9,11 @@ can never load a file that does not belong to the model.
 
 This module imports only torch: model files use it to declare their maps.
 """
-import contextlib
 import functools
 import importlib
 import re
-import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -150,6 +148,17 @@ def check_state_dict(
     return missing, unexpected
 
 
+def _renamed(entries: Mapping[str, Any], key_map: KeyMap) -> Iterator[Tuple[str, Any]]:
+    """(our key, value) of every entry `key_map` does not drop; `when` rules are decided on the source keys."""
+    rules = [r for r in key_map.rules if r.when is None or any(re.search(r.when, k) for k in entries)]
+    for k, v in entries.items():
+        if any(re.search(p, k) for p in key_map.drop):
+            continue
+        for rule in rules:
+            k = re.sub(rule.pattern, rule.repl, k)
+        yield k, v
+
+
 def remap_state_dict(
         state_dict: Mapping[str, Any],
         model: nn.Module,
@@ -173,14 +182,9 @@ def remap_state_dict(
     for pattern, message in key_map.reject:
         if any(re.search(pattern, k) for k in state_dict):
             raise IncompatibleKeysError(f'{source}: {message}', [], [], [])
-    rules = [r for r in key_map.rules if r.when is None or any(re.search(r.when, k) for k in state_dict)]
     own = model.state_dict()
     out = {}
-    for k, v in state_dict.items():
-        if any(re.search(p, k) for p in key_map.drop):
-            continue
-        for rule in rules:
-            k = re.sub(rule.pattern, rule.repl, k)
+    for k, v in _renamed(state_dict, key_map):
         for pattern, fn in key_map.transforms:
             if re.search(pattern, k) and k in own and v.shape != own[k].shape:
                 v = fn(v, own[k])
@@ -212,45 +216,6 @@ def strip_wrapper(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any
 
 # ------------------------------------------------------------------------------------ what is this file?
 
-_BUILD_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _weightless_modules():
-    """Build modules with meta-device parameters and buffers and no init compute: only names and shapes.
-
-    Patches nn.Module.register_parameter / register_buffer while active (serialised by a lock); the
-    in-place init ops on those meta tensors are skipped.
-    """
-    from torch.overrides import TorchFunctionMode
-
-    class _SkipMetaInit(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            name = getattr(func, '__name__', '')
-            if name.endswith('_') and not name.endswith('__') and args and \
-                    isinstance(args[0], torch.Tensor) and args[0].is_meta:
-                return args[0]
-            return func(*args, **(kwargs or {}))
-
-    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
-
-    def meta_parameter(self, name, param):
-        if param is not None:
-            param = nn.Parameter(param.to('meta'), requires_grad=param.requires_grad)
-        register_parameter(self, name, param)
-
-    def meta_buffer(self, name, tensor, persistent=True):
-        register_buffer(self, name, None if tensor is None else tensor.to('meta'), persistent)
-
-    with _BUILD_LOCK:
-        nn.Module.register_parameter, nn.Module.register_buffer = meta_parameter, meta_buffer
-        try:
-            with _SkipMetaInit():
-                yield
-        finally:
-            nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, register_buffer
-
-
 @dataclass(frozen=True)
 class _Signature:
     name: str
@@ -269,7 +234,7 @@ def _zoo_signatures() -> Tuple[_Signature, ...]:
         key_map = getattr(importlib.import_module(f'zoo.{module_name}'), 'KEY_MAP', None) or KeyMap()
         for name in timm.list_models(module=module_name):
             try:
-                with _weightless_modules():
+                with torch.device('meta'):  # names and shapes only: no memory, no init compute
                     model = timm.create_model(name)
             except Exception:  # a model that does not build this way is simply not recognised
                 continue
@@ -281,15 +246,7 @@ def _zoo_signatures() -> Tuple[_Signature, ...]:
 
 
 def _map_names(shapes: Dict[str, Tuple[int, ...]], key_map: KeyMap) -> Dict[str, Tuple[int, ...]]:
-    rules = [r for r in key_map.rules if r.when is None or any(re.search(r.when, k) for k in shapes)]
-    out = {}
-    for k, shape in shapes.items():
-        if any(re.search(p, k) for p in key_map.drop):
-            continue
-        for rule in rules:
-            k = re.sub(rule.pattern, rule.repl, k)
-        out[k] = shape
-    return out
+    return dict(_renamed(shapes, key_map))
 
 
 def _layout(keys) -> set:

@@ -68,7 +68,8 @@ class CbamResNet(HierarchicalBackbone):
         ]))
 
         attn_layer = partial(CBAM, reduction_ratio=reduction_ratio)
-        dpr = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        n_blocks = sum(layers)
+        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]  # linear, as torch.linspace
         stages, feature_info = [], []
         in_chs, reduction, block_idx = stem_width, 4, 0
         for i, (planes, depth) in enumerate(zip((64, 128, 256, 512), layers)):
