@@ -14,7 +14,10 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import (
+    AvgPool2dSame,
+    Conv2dSame,
     DropPath,
     LayerNorm,
     SEModule,
@@ -26,15 +29,64 @@ from timm.layers import (
     to_2tuple,
 )
 
+from zoo.kernels._sizes import ceil_div, size_max
 from zoo.kernels.window import window_attention
 
 from ._registry import check_input, register_mixer, resolve_heads
 from .block import MixerBlock
 
-__all__ = ['MbConvBlock', 'ShortcutDownsample', 'PartitionAttention', 'MaxVitBlock']
+__all__ = ['MbConvBlock', 'ShortcutDownsample', 'PartitionAttention', 'MaxVitBlock', 'pad_same',
+           'create_conv2d_same']
 
 _int_or_tuple_2_t = Union[int, Tuple[int, int]]
 _layer_t = Union[str, Callable[..., nn.Module]]
+
+
+def pad_same(x: torch.Tensor, kernel_size: Tuple[int, int], stride: Tuple[int, int],
+             dilation: Tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """Zero-pad the last two dims of `x` for TensorFlow 'SAME' (output ceil(size / stride)), as timm's `pad_same`.
+
+    The amounts come from the runtime size in integer arithmetic only: timm's version takes math.ceil of a float
+    division, which a dynamic torch.export turns into symbolic expressions that nest with every stride-2 stage
+    (a reduced MaxViT then took more than 10 minutes to export). Same numbers, same padding.
+    """
+    pads = []
+    for size, k, s, d in zip(reversed(x.shape[-2:]), reversed(kernel_size), reversed(stride), reversed(dilation)):
+        total = (ceil_div(size, s) - 1) * s + (k - 1) * d + 1 - size
+        if (k - 1) * d + 1 < s:  # the only case where the total can be negative
+            total = size_max(total, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
+
+
+class _SameConv2d(Conv2dSame):
+    """timm's Conv2dSame (same parameters and init) padding through `pad_same`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _SameAvgPool2d(AvgPool2dSame):
+    """timm's AvgPool2dSame padding through `pad_same`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pad_same(x, self.kernel_size, self.stride)
+        return F.avg_pool2d(x, self.kernel_size, self.stride, 0, self.ceil_mode, self.count_include_pad)
+
+
+def _same(module: nn.Module) -> nn.Module:
+    # timm builds its dynamic-'SAME' classes; swap in the subclasses above (they only replace forward)
+    if type(module) is Conv2dSame:
+        module.__class__ = _SameConv2d
+    elif type(module) is AvgPool2dSame:
+        module.__class__ = _SameAvgPool2d
+    return module
+
+
+def create_conv2d_same(in_chs: int, out_chs: int, kernel_size: int, **kwargs) -> nn.Module:
+    """timm's `create_conv2d`; a dynamic padding='same' conv pads with `pad_same` (exports stay fast and dynamic)."""
+    return _same(create_conv2d(in_chs, out_chs, kernel_size, **kwargs))
 
 
 class ShortcutDownsample(nn.Module):
@@ -46,7 +98,7 @@ class ShortcutDownsample(nn.Module):
 
     def __init__(self, in_chs: int, out_chs: int, padding: str = 'same', bias: bool = True):
         super().__init__()
-        self.pool = create_pool2d('avg', kernel_size=2, stride=2, padding=padding or 0)
+        self.pool = _same(create_pool2d('avg', kernel_size=2, stride=2, padding=padding or 0))
         self.expand = nn.Conv2d(in_chs, out_chs, 1, bias=bias) if in_chs != out_chs else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +152,8 @@ class MbConvBlock(nn.Module):
         self.pre_norm = norm_act_layer(in_chs, apply_act=False)
         self.conv1_1x1 = create_conv2d(in_chs, mid_chs, 1)
         self.norm1 = norm_act_layer(mid_chs)
-        self.conv2_kxk = create_conv2d(mid_chs, mid_chs, kernel_size, stride=stride, depthwise=True, padding=padding)
+        self.conv2_kxk = create_conv2d_same(mid_chs, mid_chs, kernel_size, stride=stride, depthwise=True,
+                                            padding=padding)
         self.norm2 = norm_act_layer(mid_chs)
         self.se = SEModule(mid_chs, rd_channels=int(se_ratio * out_chs), act_layer=get_act_layer(se_act_layer))
         self.conv3_1x1 = create_conv2d(mid_chs, out_chs, 1, bias=True)

@@ -40,3 +40,17 @@ def assert_close_to_scale():
     The tolerance follows the compared tensor's scale (logits of a randomised network may be 1 or 1000), so a
     check holds at any thread count and on any CPU; defaults by dtype (float32: rel 1e-5, floor 1e-6)."""
     return _assert_close_to_scale
+
+
+def pytest_collection_finish(session):
+    """Tests import the one package (`zoo.kernels`, ...): a top-level `kernels` / `blocks` / ... from this
+    checkout (on sys.path through the working directory) would be a second copy of the same modules."""
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    stray = [name for name in ('kernels', 'blocks', 'weights', 'train', 'bench')
+             if getattr(sys.modules.get(name), '__file__', None) and Path(sys.modules[name].__file__).resolve()
+             .is_relative_to(repo)]
+    if stray:
+        raise pytest.UsageError(f'tests imported the top-level package(s) {stray} from {repo}; '
+                                f'import them as zoo.{stray[0]} (one import package)')

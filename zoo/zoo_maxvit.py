@@ -25,7 +25,7 @@ from timm.layers import (
 )
 from timm.models import generate_default_cfgs, named_apply, register_model
 
-from zoo.blocks.multiaxis import MaxVitBlock
+from zoo.blocks.multiaxis import MaxVitBlock, create_conv2d_same
 from zoo.weights.keymap import KeyMap, KeyRule, make_filter
 
 from ._hierarchical import HierarchicalBackbone, Stage, build_backbone, default_cfg
@@ -45,7 +45,7 @@ class Stem(nn.Module):
             norm_eps: float = 1e-3,
     ):
         super().__init__()
-        self.conv1 = create_conv2d(in_chs, out_chs, 3, stride=2, padding=padding, bias=True)
+        self.conv1 = create_conv2d_same(in_chs, out_chs, 3, stride=2, padding=padding, bias=True)
         self.norm1 = get_norm_act_layer('batchnorm2d', act_layer)(out_chs, eps=norm_eps)
         self.conv2 = create_conv2d(out_chs, out_chs, 3, stride=1, padding=padding, bias=True)
 

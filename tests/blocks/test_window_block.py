@@ -6,7 +6,7 @@ import pytest
 import torch
 from timm.models.swin_transformer import PatchMerging as TimmPatchMerging
 
-import kernels.window.reference as window_ref
+import zoo.kernels.window.reference as window_ref
 from zoo.blocks import create_mixer
 from zoo.blocks import MixerBlock
 from zoo.blocks.block import PatchMerging

@@ -154,7 +154,7 @@ os.environ.pop('TRITON_INTERPRET', None)
 import torch, triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-import kernels.window.triton as kt
+import zoo.kernels.window.triton as kt
 
 def compile_kernel(backward, dtype, window, shift, mode, head_dim, capability):
     fn = kt._window_bwd_kernel if backward else kt._window_fwd_kernel
@@ -235,7 +235,7 @@ def test_backend_switch(monkeypatch):
 
 
 def test_backend_triton_on_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setattr(kernels.backend, 'interpreter_on', lambda: False)
+    monkeypatch.setattr(zoo.kernels.backend, 'interpreter_on', lambda: False)
     with pytest.raises(RuntimeError, match='TRITON_INTERPRET=1.*cpu'):
         _call(backend='triton')
     assert _path(_call(backend='auto')) == 'torch'

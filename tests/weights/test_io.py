@@ -1,6 +1,7 @@
 """weights.io: atomic writes, safetensors / weights-only torch round trips, clear errors on bad files."""
 import os
 import pickle
+import random
 
 import pytest
 import safetensors
@@ -228,13 +229,16 @@ def test_load_into_reports_shape_mismatch_even_when_not_strict(tmp_path):
         load_into(nn.Linear(3, 5), path, strict=False)
 
 
+_RANDOM = random.Random(0).randbytes  # fixed bytes: xdist workers must collect the same test ids
+
+
 @pytest.mark.parametrize('content,match', [
-    (os.urandom(5000).replace(b'PK', b'pk').replace(b'\x80', b'\x81'), 'not a torch checkpoint: neither the zip'),
+    (_RANDOM(5000).replace(b'PK', b'pk').replace(b'\x80', b'\x81'), 'not a torch checkpoint: neither the zip'),
     (b'hello world\n', r"not a torch checkpoint: .*starts with b'hell'"),
     (b'', r'empty file \(0 bytes\), not a checkpoint'),
     (b'\x80\x02' + bytes(range(90, 250)), 'corrupt or truncated torch checkpoint, or not a checkpoint at all'),
-    (b'PK\x03\x04' + os.urandom(300), 'corrupt or truncated torch checkpoint .*zip archive'),
-])
+    (b'PK\x03\x04' + _RANDOM(300), 'corrupt or truncated torch checkpoint .*zip archive'),
+], ids=['random-bytes', 'text', 'empty', 'broken-pickle', 'broken-zip'])
 def test_not_a_checkpoint_never_suggests_unpickling(tmp_path, content, match):
     """Random bytes, text, an empty file, a broken pickle, a broken zip: said plainly, and never torch's advice to
     retry with weights_only=False (which would unpickle an untrusted file)."""
