@@ -61,7 +61,7 @@ def test_export_with_checkpoint(tmp_path, capsys):
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report['path'] == str(out) and report['exporter'] == 'legacy' and report['dynamic'] is True
-    assert [c['input_shape'] for c in report['checks']] == [[2, 3, 64, 96], [3, 3, 96, 160]]
+    assert [c['input_shape'] for c in report['checks']] == [[2, 3, 64, 96], [3, 3, 48, 80], [3, 3, 88, 112]]
     assert report['max_abs_err'] <= 1e-4
     # the exported graph carries the checkpoint's weights, not a fresh init
     x = torch.randn(2, 3, 64, 64)
@@ -114,7 +114,7 @@ def test_check_real_images_and_onnx(capsys):
     assert cols[0] == MODEL and float(cols[1]) == pytest.approx(11.78, abs=0.01)
     assert cols[3] == '2x1000' and cols[4] == 'ok' and cols[5] == 'ok' and cols[-1] == 'ok'
     assert float(cols[6]) <= 1e-4  # onnxruntime max abs error of the exported model
-    assert 'checked in onnxruntime at 2x3x64x64, 3x3x96x128' in out
+    assert 'checked in onnxruntime at 2x3x64x64, 3x3x48x56, 3x3x88x72' in out
     assert '1/1 models passed' in out
 
 

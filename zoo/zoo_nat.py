@@ -18,11 +18,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import ClassifierHead, LayerNorm2d, PatchEmbed
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import init_weights_vit_timm
 
 from zoo.blocks.block import ConvTokenizer
+from zoo.kernels._sizes import ceil_div
 from zoo.weights.keymap import KeyMap, KeyRule, make_filter
 
 from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, build_stages, default_cfg
@@ -30,6 +32,17 @@ from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, buil
 __all__ = ['NAT', 'KEY_MAP', 'checkpoint_filter_fn']
 
 _LN_EPS = 1e-5  # nn.LayerNorm's default, used by the official models
+
+
+class _PatchEmbed(PatchEmbed):
+    """timm's PatchEmbed (DiNAT_s stem; same parameters) padding to a patch multiple without a modulo of the
+    size, so a dynamic ONNX export keeps simple size expressions (see `zoo.kernels._sizes`). NCHW out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        ph, pw = self.patch_size
+        x = F.pad(x, (0, ceil_div(W, pw) * pw - W, 0, ceil_div(H, ph) * ph - H))
+        return self.norm(self.proj(x))
 
 
 class NAT(HierarchicalBackbone):
@@ -103,7 +116,7 @@ class NAT(HierarchicalBackbone):
         if layout == 'nat':
             stem, reduction = ConvTokenizer(in_chans, dims[0], norm_eps=_LN_EPS), 4
         else:
-            stem = PatchEmbed(
+            stem = _PatchEmbed(
                 img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=dims[0],
                 norm_layer=partial(LayerNorm2d, eps=_LN_EPS), output_fmt='NCHW',
                 strict_img_size=False, dynamic_img_pad=True)

@@ -165,14 +165,15 @@ def _pieces_2d(H: int, W: int, window: Tuple[int, int], shift: Tuple[int, int]):
             yield hp, wp
 
 
-def _to_windows(t: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int], mode: str) -> torch.Tensor:
+def _to_windows(t: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int], mode: str,
+                exporting: Optional[bool] = None) -> torch.Tensor:
     """Pad + roll + partition: (B, H, W, heads, d) -> (B, nW, heads, wh * ww, d), contiguous.
 
     Eager block mode does it in one pass of slice copies; export / compile and grid mode pad, roll, reshape.
     """
     B, H, W, nh, d = t.shape
     wh, ww = window
-    exporting = is_exporting()
+    exporting = is_exporting() if exporting is None else exporting
     if mode == 'block' and not exporting:
         return _ToWindows.apply(t, window, shift).view(B, -1, nh, wh * ww, d)
     nH, nW = ceil_div(H, wh), ceil_div(W, ww)
@@ -189,6 +190,7 @@ def _to_windows(t: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int]
 
 def _from_windows(
         t: torch.Tensor, hw: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int], mode: str,
+        exporting: Optional[bool] = None,
 ) -> torch.Tensor:
     """Inverse of `_to_windows`, padding cropped: (B, nW, heads, wh * ww, d) -> (B, H, W, heads, d)."""
     B, _, nh, _, d = t.shape
@@ -196,7 +198,7 @@ def _from_windows(
     wh, ww = window
     nH, nW = ceil_div(H, wh), ceil_div(W, ww)
     t = t.reshape(B, nH, nW, nh, wh, ww, d)
-    exporting = is_exporting()
+    exporting = is_exporting() if exporting is None else exporting
     if mode == 'block' and not exporting:
         return _FromWindows.apply(t, (H, W), window, shift)
     if mode == 'block':
@@ -281,13 +283,14 @@ def window_attention_ref(
     scale = d ** -0.5 if scale is None else scale
     table_size = (window_size if rel_pos_bias is None else
                   ((rel_pos_bias.shape[-2] + 1) // 2, (rel_pos_bias.shape[-1] + 1) // 2))
-    if is_exporting():  # tables in the graph, from the runtime size: one export serves every H x W
+    exporting = is_exporting()
+    if exporting:  # tables in the graph, from the runtime size: one export serves every H x W
         bias_index = _bias_index((wh, ww), table_size, q.device)
         mask = _export_mask(H, W, (wh, ww), shift, mode, q.device)
     else:
         bias_index, mask = window_tables(H, W, (wh, ww), shift, mode, table_size, q.device)
 
-    qw, kw, vw = (_to_windows(t, (wh, ww), shift, mode) for t in (q, k, v))  # B, nW, heads, WA, d
+    qw, kw, vw = (_to_windows(t, (wh, ww), shift, mode, exporting) for t in (q, k, v))  # B, nW, heads, WA, d
     attn = (qw * scale) @ kw.transpose(-2, -1)  # B, nW, heads, WA, WA
     bias = None
     if rel_pos_bias is not None:
@@ -298,4 +301,4 @@ def window_attention_ref(
         attn = attn + bias
     # fp32 softmax for 16-bit inputs (TF MaxViT); fp32 / fp64 keep their own precision
     attn = attn.softmax(dim=-1, dtype=torch.float32 if attn.element_size() < 4 else None).to(vw.dtype)
-    return _from_windows(attn @ vw, (H, W), (wh, ww), shift, mode)
+    return _from_windows(attn @ vw, (H, W), (wh, ww), shift, mode, exporting)

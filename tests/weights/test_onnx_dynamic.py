@@ -17,7 +17,7 @@ EXPORT_SIZE = 224
 OTHER_SIZES = [(160, 192), (320, 256)]
 # one model per family through the dynamo exporter, only those whose dynamic export of the reduced model takes
 # under ~30 s here (2 CPU cores); the rest of the families export dynamically too, in minutes (see the README)
-DYNAMO = ['cbam_resnet18']
+DYNAMO = ['cbam_resnet18', 'hybrid_tiny']
 
 
 def _reduced(name: str) -> torch.nn.Module:
