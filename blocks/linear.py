@@ -1,0 +1,332 @@
+"""Linear attention: the 'linear' mixer and its variants (Efficient Attention, FLatten, InLine, ...).
+
+Every variant is non-causal linear attention over the whole map, ``O = phi(Q) (phi(K)^T V)`` with the method's
+normaliser, computed by one op (`zoo.kernels.linear.linear_attention`: sums over tokens in fp32, fused Triton path),
+plus the method's own feature map and local term:
+
+* 'efficient' - `Efficient Attention: Attention with Linear Complexities` (Shen et al., WACV 2021),
+  https://github.com/cmsflash/efficient-attention: K softmax over positions, Q softmax over each head's channels,
+  no normaliser, then the reprojection (`queries`, `keys`, `values`, `reprojection`; the official 1 x 1 convs are
+  linear layers here, channels-last).
+* 'flatten' - `FLatten Transformer: Vision Transformer using Focused Linear Attention` (Han et al., ICCV 2023),
+  https://github.com/LeapLabTHU/FLatten-Transformer (`FocusedLinearAttention`, the 2024 numerically fixed form):
+  ReLU + 1e-6 feature map divided by a learned softplus scale, focusing factor p, a learned positional encoding
+  added to K, a depthwise conv on V shared by the heads (`qkv`, `scale`, `positional_encoding`, `dwc`, `proj`).
+* 'inline' - `Bridging the Divide: Reconsidering Softmax and Linear Attention` (Han et al., NeurIPS 2024),
+  https://github.com/LeapLabTHU/InLine (`InLineAttention`): the injective form with the mean-of-V term and a 3 x 3
+  depthwise conv on V whose weights are predicted from the mean token (`qkv`, `residual`, `proj`).
+
+Parameter names and shapes are the official ones, so release checkpoints load by renaming prefixes only. Tables
+sized to a map at construction (FLatten's positional encoding) are resized in the graph to the actual H x W, so
+any size runs and one ONNX export serves every size. Feature maps run in fp32 whatever the input dtype.
+
+Adding a variant: subclass `LinearVariant` in its own section below and decorate it with `register_variant`.
+Everything channels-last: (B, H, W, C).
+"""
+import inspect
+from typing import Callable, ClassVar, Dict, Optional, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import to_2tuple
+
+from zoo.kernels.linear import linear_attention
+
+from ._registry import check_input, register_mixer, resolve_heads
+
+__all__ = ['LinearAttention', 'LinearVariant', 'register_variant', 'list_variants']
+
+
+class LinearVariant:
+    """One variant of the 'linear' mixer: its hyper-parameters, parameters, feature maps and local term.
+
+    A subclass sets `name` and `normalizer` (one of `zoo.kernels.linear.NORMALIZERS`); its `__init__` takes the
+    variant's own keyword arguments, with the defaults of the official tiny model, and checks them; `build`
+    creates its layers on the mixer under the official parameter names; `forward` maps the mixer's input
+    (B, H, W, dim) to its output (B, H, W, dim). The mixer (`LinearAttention`) provides `dim`, `num_heads`,
+    `head_dim`, `attn_dim` (= num_heads * head_dim), `proj_drop` and the helpers `split_heads` / `merge_heads`.
+    """
+    name: ClassVar[str] = ''
+    normalizer: ClassVar[str] = ''
+    no_weight_decay_keys: ClassVar[Tuple[str, ...]] = ()
+
+    def build(self, m: 'LinearAttention', qkv_bias: bool) -> None:
+        raise NotImplementedError
+
+    def forward(self, m: 'LinearAttention', x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ''
+
+
+_VARIANTS: Dict[str, Type[LinearVariant]] = {}
+
+
+def register_variant(cls: Type[LinearVariant]) -> Type[LinearVariant]:
+    """Class decorator: make `cls` available as ``create_mixer('linear', dim, variant=cls.name, ...)``."""
+    if not cls.name or cls.name in _VARIANTS and _VARIANTS[cls.name] is not cls:
+        raise ValueError(f'linear variant {cls.name!r}: expected a new, non-empty name')
+    _VARIANTS[cls.name] = cls
+    return cls
+
+
+def list_variants() -> Tuple[str, ...]:
+    """Names of the registered linear-attention variants."""
+    return tuple(sorted(_VARIANTS))
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Feature maps (powers, norms, exponentials) in fp32: half precision overflows in them."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+@register_mixer('linear', paper='Linear attention: Efficient Attention (WACV 2021), FLatten (ICCV 2023), '
+                                'InLine (NeurIPS 2024), ...', cost='O(N d^2)', triton=True)
+class LinearAttention(nn.Module):
+    """Linear attention over the whole map, one of several published variants. (B, H, W, dim) -> (B, H, W, dim),
+    any H, W.
+
+    Args:
+        dim: input and output channels.
+        num_heads: attention heads (see `resolve_heads`).
+        head_dim: channels per head (see `resolve_heads`).
+        variant: 'flatten', 'inline', 'efficient', ... (`list_variants()`).
+        qkv_bias: bias in the q / k / v projections.
+        attn_drop: must be 0: linear attention has no attention matrix to drop from.
+        proj_drop: dropout after the output projection.
+        **variant_kwargs: the variant's own arguments (FLatten: focusing_factor, kernel_size, pe_size; InLine:
+            kernel_func; Efficient: value_dim), defaulting to the official tiny model's.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: Optional[int] = None,
+            head_dim: Optional[int] = None,
+            variant: str = 'flatten',
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            **variant_kwargs,
+    ):
+        super().__init__()
+        if variant not in _VARIANTS:
+            raise ValueError(f'variant: expected one of {list_variants()}, got {variant!r}')
+        if attn_drop:
+            raise ValueError(f'attn_drop: linear attention has no attention matrix to drop from; expected 0, '
+                             f'got {attn_drop}')
+        self.dim = dim
+        self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
+        self.attn_dim = self.num_heads * self.head_dim
+        cls = _VARIANTS[variant]
+        accepted = [p for p in inspect.signature(cls).parameters if p != 'self']
+        unknown = sorted(set(variant_kwargs) - set(accepted))
+        if unknown:
+            raise ValueError(f'variant {variant!r}: unexpected arguments {unknown}; it takes {accepted} (and the '
+                             f'mixer contract: num_heads, head_dim, qkv_bias, attn_drop, proj_drop)')
+        self.variant = variant
+        self.impl = cls(**variant_kwargs)
+        self.impl.build(self, qkv_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @property
+    def no_weight_decay_keys(self) -> Tuple[str, ...]:
+        return self.impl.no_weight_decay_keys
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, heads * d) -> (B, heads, H * W, d)."""
+        B, H, W, _ = t.shape
+        return t.reshape(B, H * W, self.num_heads, -1).transpose(1, 2)
+
+    @staticmethod
+    def merge_heads(t: torch.Tensor, H: Union[int, torch.Tensor], W: Union[int, torch.Tensor]) -> torch.Tensor:
+        """(B, heads, H * W, d) -> (B, H, W, heads * d)."""
+        return t.transpose(1, 2).reshape(t.shape[0], H, W, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.dim, type(self).__name__)
+        return self.impl.forward(self, x)
+
+    def extra_repr(self) -> str:
+        extra = self.impl.extra_repr()
+        return f'dim={self.dim}, num_heads={self.num_heads}, variant={self.variant!r}' + (f', {extra}' if extra else '')
+
+
+# ------------------------------------------------------------------------------------------------ efficient
+
+@register_variant
+class EfficientVariant(LinearVariant):
+    """Efficient Attention: per head, softmax of K over positions, of Q over channels; O = Q (K^T V), reprojected.
+
+    Args:
+        value_dim: value channels (official `value_channels`), default the attention width.
+    """
+    name = 'efficient'
+    normalizer = 'none'
+
+    def __init__(self, value_dim: Optional[int] = None):
+        self.value_dim = value_dim
+
+    def build(self, m: LinearAttention, qkv_bias: bool) -> None:
+        value_dim = self.value_dim or m.attn_dim
+        if value_dim % m.num_heads:
+            raise ValueError(f'value_dim: expected a multiple of num_heads={m.num_heads}, got {value_dim}')
+        self.value_dim = value_dim
+        m.keys = nn.Linear(m.dim, m.attn_dim, bias=qkv_bias)
+        m.queries = nn.Linear(m.dim, m.attn_dim, bias=qkv_bias)
+        m.values = nn.Linear(m.dim, value_dim, bias=qkv_bias)
+        m.reprojection = nn.Linear(value_dim, m.dim)
+
+    def forward(self, m: LinearAttention, x: torch.Tensor) -> torch.Tensor:
+        _, H, W, _ = x.shape
+        q = _at_least_fp32(m.split_heads(m.queries(x))).softmax(dim=-1)  # over each head's channels
+        k = _at_least_fp32(m.split_heads(m.keys(x))).softmax(dim=-2)  # over positions
+        out = linear_attention(q, k, m.split_heads(m.values(x)), normalizer=self.normalizer)
+        return m.proj_drop(m.reprojection(m.merge_heads(out, H, W)))
+
+    def extra_repr(self) -> str:
+        return f'value_dim={self.value_dim}'
+
+
+# ------------------------------------------------------------------------------------------------ flatten
+
+@register_variant
+class FlattenVariant(LinearVariant):
+    """FLatten's focused linear attention (the 2024 numerically fixed form).
+
+    phi(x) = f_p(ReLU(x) + 1e-6) / softplus(scale)) with f_p(t) = ||t|| t^p / ||t^p|| (norms over all attention
+    channels, as official); K gets the learned positional encoding first; O = (q S) / (q . kbar + 1e-6) plus a
+    depthwise conv on V shared by the heads.
+
+    Args:
+        focusing_factor: p > 0 (official 3).
+        kernel_size: odd size of the depthwise conv on V (official 5).
+        pe_size: (rows, cols) the positional encoding is stored at: the map the model is built for
+            (FLatten-Swin: the stage's feature size at `img_size`, 56 in its first stage at 224 px); any other
+            map size gets it bilinearly resized.
+    """
+    name = 'flatten'
+    normalizer = 'flatten'
+
+    def __init__(self, focusing_factor: float = 3, kernel_size: int = 5, pe_size: Union[int, Tuple[int, int]] = 56):
+        if not isinstance(focusing_factor, (int, float)) or isinstance(focusing_factor, bool) or \
+                not focusing_factor > 0:
+            raise ValueError(f'focusing_factor: expected a number > 0, got {focusing_factor!r}')
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f'kernel_size: expected an odd positive int, got {kernel_size!r}')
+        pe_size = tuple(to_2tuple(pe_size))
+        if len(pe_size) != 2 or not all(isinstance(s, int) and s >= 1 for s in pe_size):
+            raise ValueError(f'pe_size: expected a positive int or (rows, cols), got {pe_size!r}')
+        self.focusing_factor, self.kernel_size, self.pe_size = focusing_factor, kernel_size, pe_size
+
+    def build(self, m: LinearAttention, qkv_bias: bool) -> None:
+        d, rows, cols = m.head_dim, *self.pe_size
+        m.qkv = nn.Linear(m.dim, m.attn_dim * 3, bias=qkv_bias)
+        m.proj = nn.Linear(m.attn_dim, m.dim)
+        m.dwc = nn.Conv2d(d, d, self.kernel_size, padding=self.kernel_size // 2, groups=d)
+        m.scale = nn.Parameter(torch.zeros(1, 1, m.attn_dim))
+        m.positional_encoding = nn.Parameter(torch.zeros(1, rows * cols, m.attn_dim))  # official: zeros
+
+    def resized_encoding(self, m: LinearAttention, H: Union[int, torch.Tensor],
+                         W: Union[int, torch.Tensor]) -> torch.Tensor:
+        """The table resized to the map (in the graph: any size exports): (1, H, W, attn_dim)."""
+        table = m.positional_encoding.reshape(1, *self.pe_size, -1).permute(0, 3, 1, 2)
+        return F.interpolate(table, size=(H, W), mode='bilinear', align_corners=False).permute(0, 2, 3, 1)
+
+    def focus(self, t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        t = (F.relu(_at_least_fp32(t)) + 1e-6) / scale
+        norm = t.norm(dim=-1, keepdim=True)
+        # ||t|| t^p / ||t^p||, with t divided by its largest entry first: the same value, and no power can overflow
+        # or underflow to 0 / 0
+        t = (t / t.amax(dim=-1, keepdim=True)) ** self.focusing_factor
+        return t / t.norm(dim=-1, keepdim=True) * norm
+
+    def forward(self, m: LinearAttention, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = x.shape
+        q, k, v = m.qkv(x).reshape(B, H, W, 3, m.attn_dim).unbind(3)
+        k = _at_least_fp32(k) + self.resized_encoding(m, H, W)
+        scale = F.softplus(_at_least_fp32(m.scale))
+        q, k = self.focus(q, scale), self.focus(k, scale)
+        out = linear_attention(m.split_heads(q), m.split_heads(k), m.split_heads(v), normalizer=self.normalizer,
+                               eps=1e-6)
+        out = m.merge_heads(out, H, W)
+        # the conv is shared by the heads: heads go to the batch, each head's channels are the conv's
+        nh, d = m.num_heads, m.head_dim
+        v = v.reshape(B, H, W, nh, d).permute(0, 3, 4, 1, 2).reshape(B * nh, d, H, W)
+        local = m.dwc(v).reshape(B, nh, d, H, W).permute(0, 3, 4, 1, 2).reshape(B, H, W, nh * d)
+        return m.proj_drop(m.proj(out + local.to(out.dtype)))
+
+    def extra_repr(self) -> str:
+        return f'focusing_factor={self.focusing_factor}, kernel_size={self.kernel_size}, pe_size={self.pe_size}'
+
+
+# ------------------------------------------------------------------------------------------------ inline
+
+def _exp_kernel(t: torch.Tensor) -> torch.Tensor:
+    return (0.2 * t).exp()
+
+
+_INLINE_KERNELS: Dict[str, Optional[Callable[[torch.Tensor], torch.Tensor]]] = {
+    'identity': None, 'relu': F.relu, 'leakyrelu': F.leaky_relu, 'exp': _exp_kernel}
+
+
+def dynamic_dwconv3x3(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-sample 3 x 3 depthwise cross-correlation, zero padding 1: v (B, H, W, C), weight (B, C, 3, 3) ->
+    (B, H, W, C). Nine shifted multiply-adds, so batch and map size stay dynamic in an ONNX export."""
+    H, W = v.shape[1], v.shape[2]
+    vp = F.pad(v, (0, 0, 1, 1, 1, 1))
+    w = weight.permute(0, 2, 3, 1)[:, :, :, None, None, :]  # B, 3, 3, 1, 1, C
+    out = vp[:, :H, :W] * w[:, 0, 0]
+    for i in range(3):
+        for j in range(3):
+            if i or j:
+                out = out + vp[:, i:i + H, j:j + W] * w[:, i, j]
+    return out
+
+
+@register_variant
+class InLineVariant(LinearVariant):
+    """InLine attention: O = s (q S) + (1 - s q . kbar) vbar with s = head_dim ** -0.5 (injective, rows of the
+    implied attention sum to 1), plus a 3 x 3 depthwise conv on V whose weights a grouped two-layer 1 x 1 conv
+    predicts from the mean input token.
+
+    Args:
+        kernel_func: feature map of Q and K: 'identity' (official default), 'relu', 'leakyrelu' or 'exp'
+            (exp(0.2 x)).
+    """
+    name = 'inline'
+    normalizer = 'inline'
+
+    def __init__(self, kernel_func: str = 'identity'):
+        if kernel_func not in _INLINE_KERNELS:
+            raise ValueError(f'kernel_func: expected one of {tuple(_INLINE_KERNELS)}, got {kernel_func!r}')
+        self.kernel_func = kernel_func
+
+    def build(self, m: LinearAttention, qkv_bias: bool) -> None:
+        if m.dim % m.num_heads:
+            raise ValueError(f'num_heads: the conv predicting the local weights is grouped by head, so num_heads '
+                             f'must divide dim={m.dim}; got {m.num_heads}')
+        m.qkv = nn.Linear(m.dim, m.attn_dim * 3, bias=qkv_bias)
+        m.proj = nn.Linear(m.attn_dim, m.dim)
+        m.residual = nn.Sequential(
+            nn.Conv1d(m.dim, m.attn_dim, kernel_size=1, groups=m.num_heads),
+            nn.GELU(),
+            nn.Conv1d(m.attn_dim, m.attn_dim * 9, kernel_size=1, groups=m.num_heads),
+        )
+
+    def forward(self, m: LinearAttention, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = x.shape
+        q, k, v = m.qkv(x).reshape(B, H, W, 3, m.attn_dim).unbind(3)
+        phi = _INLINE_KERNELS[self.kernel_func]
+        if phi is not None:
+            q, k = phi(_at_least_fp32(q)), phi(_at_least_fp32(k))
+        out = linear_attention(m.split_heads(q), m.split_heads(k), m.split_heads(v), normalizer=self.normalizer,
+                               scale=m.head_dim ** -0.5)
+        weight = m.residual(x.mean(dim=(1, 2))[:, :, None]).reshape(B, m.attn_dim, 3, 3)
+        out = m.merge_heads(out, H, W) + dynamic_dwconv3x3(v, weight).to(out.dtype)
+        return m.proj_drop(m.proj(out))
+
+    def extra_repr(self) -> str:
+        return f'kernel_func={self.kernel_func!r}'
