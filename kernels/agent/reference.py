@@ -18,11 +18,12 @@ Semantics, for any H and W:
     the official detection code's bilinear resize of their sum (bilinear weights factor per axis), and at the
     tables' own size the resize is the identity, which is the classification code's case.
 """
-import functools
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from .._cache import size_cache
 
 __all__ = ['AgentBias', 'agent_attention_ref', 'agent_pool', 'agent_bias_map', 'bin_matrix']
 
@@ -50,7 +51,7 @@ def _build_bin_matrix(size: _Size, bins: int, dtype: torch.dtype, device: torch.
     return inside.to(dtype) / (end - start)[:, None].to(dtype)
 
 
-_cached_bin_matrix = functools.lru_cache(maxsize=256)(_build_bin_matrix)
+_cached_bin_matrix = size_cache(256)(_build_bin_matrix)
 
 
 def bin_matrix(size: _Size, bins: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

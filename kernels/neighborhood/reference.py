@@ -19,13 +19,17 @@ Two implementations:
     O(N (T + k - 1)^2) with no N x N term, and the matmuls are batched GEMMs.
   * ``dense``: manual ``softmax(q k^T + bias) v`` over all N keys with a scattered -inf mask; O(N^2)
     memory, chosen automatically only for small maps (``DENSE_MAX_TOKENS``).
+
+While a model is exported (``is_exporting()``), the automatic choice is `_na_export`: the gather path's tiles
+and halos with fixed-size tiles, gathered separably per axis, and every index computed in the graph from the
+runtime size (no cache, no branch on the size), so one ONNX export runs at any H x W.
 """
-import functools
 import warnings
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from .._cache import size_cache
 from .._sizes import ceil_div
 from ..backend import is_exporting
 
@@ -42,7 +46,8 @@ def _static_sizes(H, W) -> Optional[Tuple[int, int]]:
     """(H, W) as ints for the table caches, or None while dynamo traces (tables then go into the graph).
 
     TorchScript tracing (the legacy ONNX exporter) hands sizes over as tensors; they are frozen to
-    ints so the tables become constants, as they are for a static-shape export anyway.
+    ints so the tables become constants (only an explicit impl='gather' / 'dense' gets here while exporting:
+    the automatic choice takes `_na_export`, whose tables follow the runtime size).
     """
     if torch.compiler.is_compiling():
         return None
@@ -51,21 +56,6 @@ def _static_sizes(H, W) -> Optional[Tuple[int, int]]:
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
         return int(H), int(W)
-
-
-def _untraced(fn):
-    """Run a table builder outside any TorchScript trace, so the legacy ONNX exporter sees constants."""
-    @functools.wraps(fn)
-    def wrapper(*args):
-        state = torch._C._get_tracing_state()
-        if state is None:
-            return fn(*args)
-        torch._C._set_tracing_state(None)
-        try:
-            return fn(*args)
-        finally:
-            torch._C._set_tracing_state(state)
-    return wrapper
 
 
 def _div(a, b):
@@ -93,7 +83,7 @@ def _build_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, 
     return key_index, bias_index
 
 
-_cached_tables = functools.lru_cache(maxsize=64)(_untraced(_build_tables))
+_cached_tables = size_cache(64)(_build_tables)
 
 
 def na_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device=None) -> Tuple[
@@ -173,7 +163,7 @@ def _build_tile_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[
     return NATileTables(token(qr, qc), token(hr, hc), out_index, mask, patterns, tile_pattern)
 
 
-_cached_tile_tables = functools.lru_cache(maxsize=64)(_untraced(_build_tile_tables))
+_cached_tile_tables = size_cache(64)(_build_tile_tables)
 
 
 def na_tile_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device=None,
@@ -193,7 +183,7 @@ def _build_dense_mask(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[i
         1, key_index, torch.zeros(key_index.shape, device=device))
 
 
-_cached_dense_mask = functools.lru_cache(maxsize=8)(_untraced(_build_dense_mask))
+_cached_dense_mask = size_cache(8)(_build_dense_mask)
 
 
 def dense_mask(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device=None) -> torch.Tensor:

@@ -18,12 +18,12 @@ and the probabilities in its backward. Maps whose (H W) x (H W) routing mask is 
 K/V (`use_dense`: BiFormer's third stage at 224-448 px) run as one dense masked SDPA with no gather at all.
 Memory: the routed K/V once (transiently), never S^2 copies, and N x N only below that bound.
 """
-import functools
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .._cache import size_cache
 from ..backend import is_exporting
 
 __all__ = ['routed_attention_ref', 'region_routing', 'to_regions', 'from_regions', 'default_scale', 'use_dense',
@@ -98,7 +98,7 @@ def use_dense(tokens: int, topk: int, dk: int, dv: int) -> bool:
     return tokens <= topk * (dk + dv)
 
 
-@functools.lru_cache(maxsize=64)
+@size_cache(64)
 def _token_regions(H: int, W: int, n_win: int, device: torch.device) -> torch.Tensor:
     rows = torch.arange(H, device=device) // (H // n_win)
     cols = torch.arange(W, device=device) // (W // n_win)

@@ -12,6 +12,10 @@ Semantics, for any H and W:
   * the relative-position bias is ``table[head, dr + Mh - 1, dc + Mw - 1]`` with ``(dr, dc)`` the
     key-minus-query offset inside the window (grid units in grid mode); the table
     ``(heads, 2Mh - 1, 2Mw - 1)`` may be larger than the window (its centre is used).
+
+While a model is exported (``is_exporting()``), the map is always padded and cropped (maybe by 0) and the mask
+is always built, in the graph from the runtime size with no branch on it and no cache, so one ONNX export runs
+at any H x W; eager keeps the cached tables and the piecewise partition.
 """
 import functools
 from typing import Optional, Tuple
@@ -19,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._cache import size_cache
 from .._sizes import ceil_div
 from ..backend import is_exporting
 
@@ -88,7 +93,7 @@ def _build_tables(
     return bias_index, mask
 
 
-_cached_tables = functools.lru_cache(maxsize=256)(_build_tables)
+_cached_tables = size_cache(256)(_build_tables)
 
 
 def _bias_index(window: Tuple[int, int], table_size: Tuple[int, int], device: torch.device) -> torch.Tensor:

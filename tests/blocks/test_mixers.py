@@ -81,6 +81,20 @@ def test_any_size_same_shape_and_gradients(name, hw):
 
 
 @pytest.mark.parametrize('name', MIXERS)
+def test_inference_mode_first_then_training(name):
+    # a size no other test uses, so any per-size table is first built under inference mode
+    mixer = create_mixer(name, 32, num_heads=2)
+    x = torch.randn(1, 23, 37, 32)
+    with torch.inference_mode():
+        ref = mixer(x)
+    x = x.clone().requires_grad_()
+    out = mixer(x)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-6)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize('name', MIXERS)
 def test_batch_items_are_independent(name):
     mixer = create_mixer(name, 32, num_heads=2).eval()
     x = torch.randn(3, 9, 12, 32)
