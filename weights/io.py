@@ -16,7 +16,9 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Opt
 import torch
 import torch.nn as nn
 
-from .keymap import IncompatibleKeysError, check_state_dict, strip_wrapper
+from .keymap import (
+    IncompatibleKeysError, check_state_dict, checkpoint_containers, strip_wrapper, unwrap_state_dict,
+)
 
 __all__ = [
     'WeightsFileError', 'IncompatibleKeysError', 'LoadResult',
@@ -26,10 +28,6 @@ __all__ = [
 
 SAFETENSORS_EXTS = ('.safetensors',)
 TORCH_EXTS = ('.pth', '.pt', '.bin', '.ckpt')
-# containers seen in the wild, in the order they are tried ('state_dict_ema' / 'model_ema' only with use_ema)
-_EMA_KEYS = ('state_dict_ema', 'model_ema')
-_CONTAINER_KEYS = ('state_dict', 'model', 'module', 'net')
-_STRIP_PREFIXES = ('module.', '_orig_mod.')
 _ALIASES_META = 'zoo.aliases'
 
 PathLike = Union[str, os.PathLike]
@@ -285,27 +283,12 @@ def _unwrap(checkpoint: Any, path: str, use_ema: bool) -> Dict[str, torch.Tensor
     if not isinstance(checkpoint, Mapping):
         raise WeightsFileError(f'{path}: expected a state dict (a mapping of name -> tensor), '
                                f'got {type(checkpoint).__name__}')
-    keys = (_EMA_KEYS if use_ema else ()) + _CONTAINER_KEYS
-    for _ in range(3):  # containers may nest, e.g. {'model': {'state_dict': ...}}
-        for key in keys:
-            if isinstance(checkpoint.get(key), Mapping):
-                checkpoint = checkpoint[key]
-                break
-        else:
-            break
-    bad = [k for k, v in checkpoint.items() if not torch.is_tensor(v)]
+    state_dict = unwrap_state_dict(checkpoint, use_ema=use_ema)
+    bad = [k for k, v in state_dict.items() if not torch.is_tensor(v)]
     if bad:
         raise WeightsFileError(
-            f'{path}: does not look like a state dict: {len(bad)} of {len(checkpoint)} entries are not tensors '
-            f'(e.g. {bad[:5]}); known containers are {list(keys)}')
-    state_dict = dict(checkpoint)
-    changed = True
-    while changed and state_dict:
-        changed = False
-        for prefix in _STRIP_PREFIXES:
-            if all(k.startswith(prefix) for k in state_dict):
-                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-                changed = True
+            f'{path}: does not look like a state dict: {len(bad)} of {len(state_dict)} entries are not tensors '
+            f'(e.g. {bad[:5]}); known containers are {list(checkpoint_containers(use_ema))}')
     return state_dict
 
 

@@ -20,11 +20,12 @@ import torch.nn as nn
 
 __all__ = [
     'IncompatibleKeysError', 'KeyRule', 'KeyMap', 'remap_state_dict', 'check_state_dict', 'make_filter',
-    'describe_checkpoint', 'strip_wrapper',
+    'describe_checkpoint', 'strip_wrapper', 'unwrap_state_dict', 'checkpoint_containers',
 ]
 
 Repl = Union[str, Callable[[re.Match], str]]
-_CONTAINERS = ('state_dict_ema', 'model_ema', 'state_dict', 'model', 'module', 'net')
+_EMA_CONTAINERS = ('state_dict_ema', 'model_ema')
+_CONTAINERS = ('state_dict', 'model', 'module', 'net')
 _PREFIXES = ('module.', '_orig_mod.')
 # where training wrappers put a backbone's weights: the zoo recipe's classifier ('model.'), mmdet-style
 # detectors ('backbone.'), the zoo recipe's detectors (the features_only body under the FPN)
@@ -64,18 +65,30 @@ class KeyMap:
     reject: Sequence[Tuple[str, str]] = ()
 
 
-def _unwrap(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+def checkpoint_containers(use_ema: bool = True) -> Tuple[str, ...]:
+    """The keys under which checkpoints seen in the wild hold their state dict, in the order they are tried."""
+    return (_EMA_CONTAINERS if use_ema else ()) + _CONTAINERS
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> Dict[str, Any]:
+    """The state dict inside a training checkpoint: nested containers (`checkpoint_containers(use_ema)`) opened,
+    then the prefixes of DataParallel / torch.compile (`_PREFIXES`) removed while every key has one."""
+    containers = checkpoint_containers(use_ema)
     for _ in range(3):  # containers nest, e.g. {'model': {'state_dict': ...}}
-        for key in _CONTAINERS:
-            if isinstance(state_dict.get(key), Mapping):
-                state_dict = state_dict[key]
+        for key in containers:
+            if isinstance(checkpoint.get(key), Mapping):
+                checkpoint = checkpoint[key]
                 break
         else:
             break
-    state_dict = dict(state_dict)
-    for prefix in _PREFIXES:
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    state_dict = dict(checkpoint)
+    changed = True
+    while changed and state_dict:
+        changed = False
+        for prefix in _PREFIXES:
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+                changed = True
     return state_dict
 
 
@@ -172,7 +185,7 @@ def remap_state_dict(
     key has it and no key of the model does. `input_convs`: see `check_state_dict`.
     """
     source = source or _source(model)
-    origin = state_dict = _unwrap(state_dict)
+    origin = state_dict = unwrap_state_dict(state_dict)
     state_dict = strip_wrapper(state_dict, model)
     non_tensors = [k for k, v in state_dict.items() if not torch.is_tensor(v)]
     if non_tensors:
@@ -283,7 +296,7 @@ def describe_checkpoint(state_dict: Mapping[str, Any], target: Optional[str] = N
     model that was being loaded, is named differently ("of the default configuration") when it matches.
     """
     try:
-        shapes = {k: tuple(v.shape) for k, v in _unwrap(state_dict).items() if hasattr(v, 'shape')}
+        shapes = {k: tuple(v.shape) for k, v in unwrap_state_dict(state_dict).items() if hasattr(v, 'shape')}
         views = [('', shapes)]
         for prefix in _WRAPPERS + (_DETECTOR_BODY,):
             sub = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
