@@ -41,6 +41,8 @@ EXPECTED = {
     'cbam_resnet18', 'cbam_resnet34', 'cbam_resnet50', 'nat_mini', 'nat_tiny', 'nat_small', 'nat_base',
     'dinat_mini', 'dinat_tiny', 'dinat_small', 'dinat_base', 'dinat_s_tiny', 'dinat_s_small', 'dinat_s_base',
     'hybrid_tiny', 'hybrid_small', 'biformer_tiny', 'biformer_small', 'biformer_base',
+    'flatten_swin_tiny', 'flatten_swin_small', 'flatten_swin_base', 'inline_swin_tiny', 'inline_swin_small',
+    'inline_swin_base',
 }
 
 

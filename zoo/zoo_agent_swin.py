@@ -10,7 +10,7 @@ of B: the first 2 blocks agent, the other 16 window); agents 9-16-49-49. The age
 stored at each stage's feature size for `img_size` and resized for any other input size.
 """
 import dataclasses
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,25 +21,9 @@ from zoo.weights.keymap import make_filter
 
 from ._hierarchical import build_backbone, default_cfg
 from .zoo_swin import KEY_MAP as _SWIN_KEY_MAP
-from .zoo_swin import SwinTransformer
+from .zoo_swin import SwinTransformer, block_mixers
 
 __all__ = ['agent_swin_layout', 'KEY_MAP', 'checkpoint_filter_fn']
-
-
-def _stage_types(attn_type: str, depths: Sequence[int]) -> List[str]:
-    """Official ATTN_TYPE ('AAAB', 'AAMB2') -> per stage 'A' * n_agent + 'B' * n_window."""
-    num_stages = len(depths)
-    head, tail = attn_type[:num_stages], attn_type[num_stages:]
-    if len(head) != num_stages or any(c not in 'ABM' for c in head) or ('M' in head) != bool(tail) \
-            or (tail and not tail.isdigit()):
-        raise ValueError(f"attn_type: expected one of 'A' (agent), 'B' (window), 'M' (mixed) per stage "
-                         f"({num_stages}), then the number of leading agent blocks of the 'M' stages, e.g. "
-                         f"'AAMB2'; got {attn_type!r}")
-    out = []
-    for c, depth in zip(head, depths):
-        n_agent = depth if c == 'A' else 0 if c == 'B' else min(int(tail), depth)
-        out.append('A' * n_agent + 'B' * (depth - n_agent))
-    return out
 
 
 def agent_swin_layout(
@@ -54,11 +38,11 @@ def agent_swin_layout(
     if len(agent_num) != len(depths):
         raise ValueError(f'agent_num: expected one count per stage ({len(depths)}), got {tuple(agent_num)}')
     img_h, img_w = to_2tuple(img_size)
-    mixer, mixer_kwargs = [], []
-    for i, types in enumerate(_stage_types(attn_type, depths)):
+    mixer = block_mixers(attn_type, depths, {'A': 'agent', 'B': 'window'})
+    mixer_kwargs = []
+    for i in range(len(depths)):
         stride = patch_size * 2 ** i
         size = (-(-img_h // stride), -(-img_w // stride))
-        mixer.append(['agent' if t == 'A' else 'window' for t in types])
         mixer_kwargs.append({'agent': dict(agent_num=int(agent_num[i]), bias_size=size)})
     return dict(mixer=mixer, mixer_kwargs=mixer_kwargs)
 

@@ -10,7 +10,7 @@ as timm does), so one ONNX export runs at every size. `KEY_MAP` loads both timm'
 official release files.
 """
 from functools import partial
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -25,7 +25,7 @@ from zoo.weights.keymap import KeyMap, KeyRule, make_filter
 
 from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, build_stages, default_cfg
 
-__all__ = ['SwinTransformer', 'KEY_MAP', 'checkpoint_filter_fn', 'swin_stage_specs']
+__all__ = ['SwinTransformer', 'KEY_MAP', 'checkpoint_filter_fn', 'swin_stage_specs', 'block_mixers']
 
 _LN_EPS = 1e-5  # nn.LayerNorm's default, used by the official model
 
@@ -83,6 +83,32 @@ def swin_stage_specs(
             depth=depth, dim=int(embed_dim * 2 ** i), mixer=names, mixer_kwargs=kwargs, num_heads=heads,
             downsample='patch_merging' if i else None, **spec_kwargs))
     return tuple(specs)
+
+
+def block_mixers(attn_type: str, depths: Sequence[int], letters: Mapping[str, str]) -> List[List[str]]:
+    """An official block-type string of the Swin-based families -> per stage, one mixer name per block.
+
+    `letters` maps each stage letter to a mixer name, 'window' (Swin's) among them, e.g. {'A': 'agent', 'B':
+    'window'}. A stage is one letter, or 'M' (mixed): its first n blocks the other mixer, the rest window, with n
+    the number after the stage letters: Agent-Swin 'AAAB' / 'AAMB2', FLatten-Swin 'LLSS', InLine-Swin 'IIMS2'.
+    """
+    num_stages = len(depths)
+    head, tail = attn_type[:num_stages], attn_type[num_stages:]
+    other = [c for c, name in letters.items() if name != 'window']
+    window = [c for c, name in letters.items() if name == 'window']
+    if len(other) != 1 or len(window) != 1:
+        raise ValueError(f'letters: expected one window letter and one other, got {dict(letters)}')
+    if len(head) != num_stages or any(c not in letters and c != 'M' for c in head) or ('M' in head) != bool(tail) \
+            or (tail and not tail.isdigit()):
+        choices = ', '.join(f'{c!r} ({name})' for c, name in letters.items())
+        raise ValueError(f"attn_type: expected one of {choices}, 'M' (mixed) per stage ({num_stages}), then the "
+                         f"number of leading {letters[other[0]]} blocks of the 'M' stages, e.g. "
+                         f"'{other[0] * 2}M{window[0]}2'; got {attn_type!r}")
+    out = []
+    for c, depth in zip(head, depths):
+        n = min(int(tail), depth) if c == 'M' else depth if c == other[0] else 0
+        out.append([letters[other[0]]] * n + ['window'] * (depth - n))
+    return out
 
 
 class SwinTransformer(HierarchicalBackbone):
