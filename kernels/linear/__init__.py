@@ -32,6 +32,8 @@ def check_linear_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normali
             or v.shape[2] != k.shape[2]:
         raise ValueError(f'q, k, v: expected q (B, heads, N, d), k (B, heads, Nk, d) and v (B, heads, Nk, dv) with '
                          f'one B, heads, d and Nk, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+    if k.shape[2] == 0:
+        raise ValueError(f'k, v: expected at least one key token, got Nk = 0 (k {tuple(k.shape)})')
     for name, t, like in (('q_norm', q_norm, q), ('k_norm', k_norm, k)):
         if t is not None and t.shape != like.shape:
             raise ValueError(f'{name}: expected the shape of {name[0]}, {tuple(like.shape)}, got {tuple(t.shape)}')
