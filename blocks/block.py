@@ -22,7 +22,7 @@ from ._registry import create_mixer
 
 __all__ = [
     'MixerBlock', 'DwConvMlp', 'ConvPosEmbed', 'PatchMerging', 'ConvDownsample', 'ConvBnDownsample', 'ConvTokenizer',
-    'create_downsample',
+    'create_downsample', 'ResDwConvMlp', 'LocalConcentration', 'NormConvDownsample',
 ]
 
 _layer_t = Union[str, Callable[..., nn.Module]]
@@ -57,7 +57,44 @@ class DwConvMlp(nn.Module):
         return self.fc2(self.drop(self.act(x)))
 
 
-_MLPS = {'mlp': Mlp, 'dwconv_mlp': DwConvMlp}
+class ResDwConvMlp(nn.Module):
+    """fc1 -> act -> x + 3x3 depthwise conv(x) -> fc2 (MALA's FFN). (B, H, W, C) -> (B, H, W, C)."""
+
+    def __init__(self, in_features: int, hidden_features: int, act_layer: Callable[..., nn.Module] = nn.GELU,
+                 drop: float = 0.):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, padding=1, groups=hidden_features)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.fc1(x))
+        x = x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.drop(self.fc2(x))
+
+
+class LocalConcentration(nn.Module):
+    """L2ViT's local concentration module: 7x7 depthwise conv -> act -> BatchNorm -> 7x7 depthwise conv.
+
+    (B, H, W, C) -> (B, H, W, C).
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 7, act_layer: Callable[..., nn.Module] = nn.GELU):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.act = act_layer()
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.bn(self.act(self.conv1(x.permute(0, 3, 1, 2)))))
+        return x.permute(0, 2, 3, 1)
+
+
+_MLPS = {'mlp': Mlp, 'dwconv_mlp': DwConvMlp, 'res_dwconv_mlp': ResDwConvMlp}
+_LOCAL_LAYERS = {'lcm': LocalConcentration}
 
 
 class MixerBlock(nn.Module):
@@ -70,8 +107,12 @@ class MixerBlock(nn.Module):
         num_heads, head_dim, qkv_bias, attn_drop: the mixer contract's arguments.
         proj_drop: dropout after the mixer's projection and in the MLP.
         mlp_ratio: MLP hidden width / dim.
-        mlp_layer: 'mlp' (Linear-act-Linear) or 'dwconv_mlp' (with a 3x3 depthwise conv).
+        mlp_layer: 'mlp' (Linear-act-Linear), 'dwconv_mlp' (with a 3x3 depthwise conv) or 'res_dwconv_mlp'
+            (fc1, act, then a residual 3x3 depthwise conv, fc2: MALA).
         pos_embed: kernel size of a depthwise conv position embedding before the block, 0 for none.
+        mlp_pos_embed: kernel size of a second one between the mixer and the MLP branches (L2ViT's LWA block).
+        local_layer: None, or 'lcm': a third residual branch between the mixer and the MLP, x + drop_path(
+            lcm(norm3(x))), with L2ViT's local concentration module (its LGA block).
         layer_scale: init of the per-channel scales `gamma1` / `gamma2`, None for none.
         drop_path: stochastic depth rate of both branches.
         act_layer: MLP activation (name or class).
@@ -97,18 +138,28 @@ class MixerBlock(nn.Module):
             act_layer: _layer_t = 'gelu',
             norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
             norm_eps: float = 1e-5,
+            mlp_pos_embed: int = 0,
+            local_layer: Optional[str] = None,
     ):
         super().__init__()
         if mlp_layer not in _MLPS:
             raise ValueError(f'mlp_layer: expected one of {sorted(_MLPS)}, got {mlp_layer!r}')
+        if local_layer is not None and local_layer not in _LOCAL_LAYERS:
+            raise ValueError(f'local_layer: expected None or one of {sorted(_LOCAL_LAYERS)}, got {local_layer!r}')
         self.pos_embed = ConvPosEmbed(dim, pos_embed) if pos_embed else None
         self.norm1 = norm_layer(dim, eps=norm_eps)
         self.attn = create_mixer(
             mixer, dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias, attn_drop=attn_drop,
             proj_drop=proj_drop, **(mixer_kwargs or {}))
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim, eps=norm_eps)
         act = get_act_layer(act_layer) if isinstance(act_layer, str) else act_layer
+        if local_layer is not None:
+            self.norm3 = norm_layer(dim, eps=norm_eps)
+            self.local = _LOCAL_LAYERS[local_layer](dim, act_layer=act)
+        else:
+            self.local = None
+        self.pos_embed2 = ConvPosEmbed(dim, mlp_pos_embed) if mlp_pos_embed else None
+        self.norm2 = norm_layer(dim, eps=norm_eps)
         self.mlp = _MLPS[mlp_layer](dim, int(dim * mlp_ratio), act_layer=act, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         if layer_scale is not None:
@@ -122,6 +173,10 @@ class MixerBlock(nn.Module):
             x = self.pos_embed(x)
         y = self.attn(self.norm1(x))
         x = x + self.drop_path1(y if self.gamma1 is None else self.gamma1 * y)
+        if self.local is not None:
+            x = x + self.drop_path1(self.local(self.norm3(x)))
+        if self.pos_embed2 is not None:
+            x = self.pos_embed2(x)
         y = self.mlp(self.norm2(x))
         x = x + self.drop_path2(y if self.gamma2 is None else self.gamma2 * y)
         return x
@@ -194,11 +249,27 @@ class ConvBnDownsample(nn.Module):
         return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
 
 
-_DOWNSAMPLES = {'patch_merging': PatchMerging, 'conv': ConvDownsample, 'conv_bn': ConvBnDownsample}
+class NormConvDownsample(nn.Module):
+    """L2ViT's downsample: LayerNorm, then a 2x2 stride-2 conv (with bias); odd H or W is zero-padded at the
+    bottom / right after the norm. (B, H, W, dim) -> (B, ceil(H / 2), ceil(W / 2), out_dim)."""
+
+    def __init__(self, dim: int, out_dim: Optional[int] = None, norm_layer: Callable[..., nn.Module] = nn.LayerNorm):
+        super().__init__()
+        self.norm = norm_layer(dim)
+        self.conv = nn.Conv2d(dim, out_dim or 2 * dim, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[1], x.shape[2]
+        x = F.pad(self.norm(x), (0, 0, 0, 2 * ceil_div(W, 2) - W, 0, 2 * ceil_div(H, 2) - H))
+        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+_DOWNSAMPLES = {'patch_merging': PatchMerging, 'conv': ConvDownsample, 'conv_bn': ConvBnDownsample,
+                'norm_conv': NormConvDownsample}
 
 
 def create_downsample(name: str, dim: int, out_dim: int, **kwargs) -> nn.Module:
-    """A channels-last stride-2 downsample by name ('patch_merging', 'conv' or 'conv_bn')."""
+    """A channels-last stride-2 downsample by name ('patch_merging', 'conv', 'conv_bn' or 'norm_conv')."""
     if name not in _DOWNSAMPLES:
         raise ValueError(f'downsample: expected one of {sorted(_DOWNSAMPLES)}, got {name!r}')
     return _DOWNSAMPLES[name](dim, out_dim, **kwargs)

@@ -43,8 +43,10 @@ class StageSpec:
         mlp_ratio, mlp_layer, layer_scale, pos_embed: `MixerBlock` arguments.
         qkv_bias: this stage's qkv bias, overriding `build_stages`' block-wide one (None: keep that one);
             BiFormer's last stage has none while its other stages do.
-        downsample: 'patch_merging', 'conv' or 'conv_bn' for attention stages; for conv stages any non-None
-            value makes the first block stride 2. None: no downsample.
+        downsample: 'patch_merging', 'conv', 'conv_bn' or 'norm_conv' for attention stages; for conv stages any
+            non-None value makes the first block stride 2. None: no downsample.
+        block_kwargs: further `MixerBlock` arguments (mlp_pos_embed, local_layer, ...), shared by the blocks or
+            one mapping per block (L2ViT alternates two block kinds).
     """
     depth: int
     dim: int
@@ -58,6 +60,16 @@ class StageSpec:
     pos_embed: int = 0
     qkv_bias: Optional[bool] = None
     downsample: Optional[str] = None
+    block_kwargs: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]] = field(default_factory=dict)
+
+    def blocks_kwargs(self) -> List[Dict[str, Any]]:
+        """The extra `MixerBlock` arguments of each block."""
+        if isinstance(self.block_kwargs, Mapping):
+            return [dict(self.block_kwargs)] * self.depth
+        if len(self.block_kwargs) != self.depth:
+            raise ValueError(f'StageSpec: expected one block_kwargs per block (depth={self.depth}), '
+                             f'got {len(self.block_kwargs)}')
+        return [dict(k) for k in self.block_kwargs]
 
     def per_block(self) -> List[Tuple[str, Dict[str, Any]]]:
         """(mixer name, mixer kwargs) of each block."""
@@ -151,8 +163,8 @@ def build_stages(
                 MixerBlock(
                     spec.dim, mixer, mixer_kwargs, num_heads=spec.num_heads, head_dim=spec.head_dim,
                     mlp_ratio=spec.mlp_ratio, mlp_layer=spec.mlp_layer, layer_scale=spec.layer_scale,
-                    pos_embed=spec.pos_embed, drop_path=dpr[i][j], **stage_kwargs)
-                for j, (mixer, mixer_kwargs) in enumerate(spec.per_block())
+                    pos_embed=spec.pos_embed, drop_path=dpr[i][j], **stage_kwargs, **extra)
+                for j, ((mixer, mixer_kwargs), extra) in enumerate(zip(spec.per_block(), spec.blocks_kwargs()))
             ]
             stages.append(Stage(blocks, downsample, fmt='NHWC'))
             in_dim = spec.dim
