@@ -34,6 +34,7 @@ from timm.layers import to_2tuple
 from zoo.kernels.linear import linear_attention
 
 from ._registry import check_input, register_mixer, resolve_heads
+from .attention import apply_rope, check_rope_dim, rope_2d
 
 __all__ = ['LinearAttention', 'LinearVariant', 'register_variant', 'list_variants']
 
@@ -330,3 +331,94 @@ class InLineVariant(LinearVariant):
 
     def extra_repr(self) -> str:
         return f'kernel_func={self.kernel_func!r}'
+
+# ------------------------------------------------------------------------------------------------ mala
+
+@register_variant
+class MalaVariant(LinearVariant):
+    """MALA's magnitude-aware linear attention (qhfan/MALA `AddLinearAttention`).
+
+    phi = ELU + 1 on q and k; the normaliser z = s q . kbar (s = head_dim ** -0.5) comes from these features, the
+    numerator from them after MALA's 2-D RoPE (`zoo.blocks.attention.rope_2d`, computed for the actual map):
+    O = s (q' S') (1 + 1 / (z + 1e-6)) - z vbar. Then LePE (depthwise conv on V) is added, the result is multiplied
+    by the linear gate o, and projected. One projection `qkvo` gives q, k, v and o (official 1 x 1 convs
+    `qkvo`, `lepe`, `proj`; linear layers here, channels-last).
+
+    Args:
+        kernel_size: odd size of the LePE depthwise conv on V (official 5).
+        rope: rotate q and k by 2-D RoPE before the numerator (official True; head_dim divisible by 4).
+    """
+    name = 'mala'
+    normalizer = 'mala'
+
+    def __init__(self, kernel_size: int = 5, rope: bool = True):
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f'kernel_size: expected an odd positive int, got {kernel_size!r}')
+        self.kernel_size, self.rope = kernel_size, bool(rope)
+
+    def build(self, m: LinearAttention, qkv_bias: bool) -> None:
+        if self.rope:
+            check_rope_dim(m.head_dim)
+        m.qkvo = nn.Linear(m.dim, m.attn_dim * 4, bias=qkv_bias)
+        m.lepe = nn.Conv2d(m.attn_dim, m.attn_dim, self.kernel_size, padding=self.kernel_size // 2,
+                           groups=m.attn_dim)
+        m.proj = nn.Linear(m.attn_dim, m.dim)
+
+    def forward(self, m: LinearAttention, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = x.shape
+        q, k, v, o = m.qkvo(x).reshape(B, H, W, 4, m.attn_dim).unbind(3)
+        q, k = (F.elu(_at_least_fp32(m.split_heads(t))) + 1 for t in (q, k))
+        q_rot, k_rot = q, k
+        if self.rope:
+            sin, cos = rope_2d(H, W, m.head_dim, device=x.device, dtype=q.dtype)  # q: fp32 or fp64
+            q_rot, k_rot = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        out = linear_attention(q_rot, k_rot, m.split_heads(v), normalizer=self.normalizer, scale=m.head_dim ** -0.5,
+                               eps=1e-6, q_norm=q, k_norm=k)
+        local = m.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = m.merge_heads(out, H, W) + local.to(out.dtype)
+        return m.proj_drop(m.proj(out * o.to(out.dtype)))
+
+    def extra_repr(self) -> str:
+        return f'kernel_size={self.kernel_size}, rope={self.rope}'
+
+
+# ------------------------------------------------------------------------------------------------ l2vit
+
+@register_variant
+class L2ViTVariant(LinearVariant):
+    """L2ViT's linear global attention (ChuanyangZheng/L2ViT `LinearAttention`).
+
+    phi = ReLU on q and k; O = t_h (q sum_j k_j^T v_j) / max(q . sum_j k_j, clamp_min) with a learned per-head
+    temperature t_h (official init head_dim ** -0.5; a 3-D parameter, so the official recipe decays it) and the
+    official floor of 100 on the denominator. Parameters `qkv`, `temperature`, `proj` as official.
+
+    The local concentration module (LCM: depthwise 7 x 7 -> GELU -> BatchNorm -> depthwise 7 x 7) is not part of
+    the mixer: officially it is a residual branch of its own, with its own norm, after the attention branch of
+    the LGA block; `MixerBlock(local_layer='lcm')` adds it there.
+
+    Args:
+        clamp_min: floor of the denominator (official 100).
+    """
+    name = 'l2vit'
+    normalizer = 'l2vit'
+
+    def __init__(self, clamp_min: float = 100.):
+        if not isinstance(clamp_min, (int, float)) or isinstance(clamp_min, bool) or not clamp_min > 0:
+            raise ValueError(f'clamp_min: expected a number > 0, got {clamp_min!r}')
+        self.clamp_min = float(clamp_min)
+
+    def build(self, m: LinearAttention, qkv_bias: bool) -> None:
+        m.qkv = nn.Linear(m.dim, m.attn_dim * 3, bias=qkv_bias)
+        m.temperature = nn.Parameter(torch.full((m.num_heads, 1, 1), m.head_dim ** -0.5))
+        m.proj = nn.Linear(m.attn_dim, m.dim)
+
+    def forward(self, m: LinearAttention, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = x.shape
+        q, k, v = m.qkv(x).reshape(B, H, W, 3, m.attn_dim).unbind(3)
+        q, k = (F.relu(_at_least_fp32(m.split_heads(t))) for t in (q, k))
+        out = linear_attention(q, k, m.split_heads(v), normalizer=self.normalizer, clamp_min=self.clamp_min)
+        out = out * m.temperature.to(out.dtype)
+        return m.proj_drop(m.proj(m.merge_heads(out, H, W)))
+
+    def extra_repr(self) -> str:
+        return f'clamp_min={self.clamp_min}'
