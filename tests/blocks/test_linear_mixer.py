@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import zoo.kernels as kernels
 from zoo.blocks import create_mixer, mixer_info
 from zoo.blocks.linear import LinearAttention, list_variants
 
@@ -135,6 +136,22 @@ def test_inline_kernel_functions(kernel_func, assert_close_to_scale):
         m.residual[2].weight.zero_()  # no local term: the attention alone
         m.residual[2].bias.zero_()
         assert_close_to_scale(m(x), F.linear(out, m.proj.weight, m.proj.bias))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize('variant', ['efficient', 'inline'])  # 'flatten' (the default): tests/blocks/test_mixers.py
+def test_triton_path_matches_reference(variant, assert_close_to_scale):
+    m = create_mixer('linear', 32, num_heads=2, variant=variant)
+    x = torch.randn(1, 5, 6, 32)
+    results = []
+    for backend in ('torch', 'triton'):
+        xb = x.clone().requires_grad_()
+        with kernels.use_backend(backend):
+            out = m(xb)
+        grads = torch.autograd.grad(out.square().sum(), [xb] + list(m.parameters()))
+        results.append((out.detach(),) + grads)
+    for got, want in zip(*results):
+        assert_close_to_scale(got, want, rel=1e-4, floor=1e-5)
 
 
 def test_official_parameter_names_and_shapes():
