@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import to_2tuple, trunc_normal_
-from timm.layers.pos_embed_sincos import apply_rot_embed, build_rotary_pos_embed
+from timm.layers.pos_embed_sincos import apply_rot_embed
 
 from zoo.kernels.backend import is_exporting
 from zoo.kernels.window import window_attention
@@ -45,9 +45,15 @@ def rope_2d(
     n = head_dim / 4 (a linspace of exponents from 0 to 1, both ends included).
     """
     check_rope_dim(head_dim)
-    bands = 1. / (temperature ** torch.linspace(0, 1, head_dim // 4, device=device, dtype=dtype))
-    return build_rotary_pos_embed((height, width), bands=bands, dim=head_dim, in_pixels=False, grid_indexing='ij',
-                                  dtype=dtype)
+    n = head_dim // 4
+    bands = 1. / (temperature ** torch.linspace(0, 1, n, device=device, dtype=dtype))
+    # timm's build_rotary_pos_embed gives the same tables, but its repeat_interleave layout does not survive a
+    # dynamic-size ONNX export; these are plain broadcasts
+    rows = (torch.arange(height, device=device, dtype=dtype)[:, None] * bands)[:, None, :].expand(-1, width, -1)
+    cols = (torch.arange(width, device=device, dtype=dtype)[:, None] * bands)[None, :, :].expand(height, -1, -1)
+    angle = torch.cat([rows, cols], dim=-1)  # (H, W, head_dim / 2): one angle per channel pair
+    angle = torch.stack([angle, angle], dim=-1).reshape(-1, head_dim)  # each angle for both channels of its pair
+    return angle.sin(), angle.cos()
 
 
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:

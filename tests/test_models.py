@@ -42,7 +42,8 @@ EXPECTED = {
     'dinat_mini', 'dinat_tiny', 'dinat_small', 'dinat_base', 'dinat_s_tiny', 'dinat_s_small', 'dinat_s_base',
     'hybrid_tiny', 'hybrid_small', 'biformer_tiny', 'biformer_small', 'biformer_base',
     'flatten_swin_tiny', 'flatten_swin_small', 'flatten_swin_base', 'inline_swin_tiny', 'inline_swin_small',
-    'inline_swin_base',
+    'inline_swin_base', 'mala_tiny', 'mala_small', 'mala_base', 'mala_large', 'l2vit_tiny', 'l2vit_small',
+    'l2vit_base',
 }
 
 

@@ -7,7 +7,8 @@ Official code: https://github.com/qhfan/MALA (`classfication_release/model.py`);
 A conv stem (3x3 stride-2 conv, then two 3x3 convs, then a 3x3 stride-2 conv, BatchNorm after each, GELU between),
 four stages of the one `MixerBlock` (3x3 depthwise conv position embedding, LayerNorm eps 1e-6, mixer, layer
 scale, FFN with a residual 3x3 depthwise conv, mlp ratio 3.5) with a 3x3 stride-2 conv + BatchNorm downsample
-before stages 2-4, and a head that projects the last map with a 1x1 conv + BatchNorm + SiLU before pooling.
+before stages 2-4, then a 1x1 conv + BatchNorm + SiLU projection of the last map (the model's final `norm`, so
+forward_features gives the projected map, as timm's EfficientNet does with its conv head) and a linear head.
 Official block types (`flagss`): stages 1-2 MALA linear attention ('linear' mixer, variant 'mala'), stages 3-4
 softmax attention with 2-D RoPE, LePE and the linear gate ('global' mixer); head_dim 64 everywhere. The RoPE tables
 are computed for the actual map, so any input size runs.
@@ -16,14 +17,14 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, trunc_normal_
+from timm.layers import ClassifierHead, ConvNormAct, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
 from zoo.weights.keymap import KeyMap, KeyRule, make_filter
 
 from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, build_stages, default_cfg
 
-__all__ = ['Mala', 'ProjClassifierHead', 'mala_stage_specs', 'KEY_MAP', 'checkpoint_filter_fn']
+__all__ = ['Mala', 'mala_stage_specs', 'KEY_MAP', 'checkpoint_filter_fn']
 
 _LN_EPS = 1e-6
 _TYPES = {'L': ('linear', dict(variant='mala')), 'V': ('global', dict(rope=True, lepe=5, gate=True))}
@@ -38,34 +39,6 @@ def _stem(in_chans: int, dim: int) -> nn.Sequential:
         if i < 3:
             layers.append(nn.GELU())
     return nn.Sequential(*layers)
-
-
-class ProjClassifierHead(ClassifierHead):
-    """1x1 conv projection + BatchNorm + SiLU on the map, then timm's pool / dropout / fc.
-
-    (B, in_features, H, W) -> (B, num_classes), or the pooled (B, hidden_size) with pre_logits.
-    """
-
-    def __init__(self, in_features: int, hidden_size: int, num_classes: int, pool_type: str = 'avg',
-                 drop_rate: float = 0.):
-        super().__init__(hidden_size, num_classes, pool_type=pool_type, drop_rate=drop_rate)
-        self.proj = nn.Conv2d(in_features, hidden_size, 1)
-        self.norm = nn.BatchNorm2d(hidden_size)
-        self.act = nn.SiLU()
-
-    def reset(self, num_classes: int, pool_type: Optional[str] = None, reset_other: bool = False,
-              in_features: Optional[int] = None, **kwargs) -> None:
-        """New classifier; with `reset_other` the projection goes too and the pooled width is `in_features`."""
-        if reset_other:
-            self.proj, self.norm, self.act = nn.Identity(), nn.Identity(), nn.Identity()
-            if in_features is None:
-                raise ValueError('in_features: expected the width of the features once the projection is removed')
-        else:
-            in_features = None
-        super().reset(num_classes, pool_type=pool_type, in_features=in_features, **kwargs)
-
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return super().forward(self.act(self.norm(self.proj(x))), pre_logits=pre_logits)
 
 
 def mala_stage_specs(
@@ -117,7 +90,7 @@ class Mala(HierarchicalBackbone):
         attn_types: block type per stage, 'L' (MALA linear attention) or 'V' (softmax attention with RoPE).
         mlp_ratio: FFN hidden width / dim.
         layer_scale: layer-scale init, one value or one per stage (None: no layer scale).
-        projection: channels of the head's 1x1 projection.
+        projection: channels of the final 1x1 projection (the features the classifier sees).
         drop_rate: dropout before the classifier.
         proj_drop_rate: dropout after attention projections and in FFNs.
         attn_drop_rate: attention dropout of the softmax stages (linear attention has none: must be 0 with 'L').
@@ -152,13 +125,11 @@ class Mala(HierarchicalBackbone):
             stem=_stem(in_chans, embed_dim[0]),
             stages=stages,
             feature_info=feature_info,
-            norm=None,
-            head=ProjClassifierHead(embed_dim[-1], projection, num_classes, pool_type=global_pool,
-                                    drop_rate=drop_rate),
+            norm=ConvNormAct(embed_dim[-1], projection, 1, bias=True, act_layer=nn.SiLU),
+            head=ClassifierHead(projection, num_classes, pool_type=global_pool, drop_rate=drop_rate),
             num_classes=num_classes,
             in_chans=in_chans,
-            num_features=embed_dim[-1],
-            head_hidden_size=projection,
+            num_features=projection,
         )
         self.apply(_init_weights)
 
@@ -171,7 +142,8 @@ def _to_model_shape(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 # Official (`model.py`, files {'model': ..., 'model_ema': ...}): `patch_embed.proj.{0..10}` (stem),
 # `layers.N.blocks.M.{pos, norm1.norm, attn.{qkvo, lepe, proj}, gamma_1, norm2.norm, ffn.{fc1, dwconv, fc2},
 # gamma_2}` (1x1 convs), `layers.N.downsample.{reduction, norm}` at the END of stage N (ours: start of N + 1),
-# `layers.N.RoPE.angle` (a constant: dropped), `proj` / `norm` (head projection), `head` (a 1x1 conv).
+# `layers.N.RoPE.angle` (a constant: dropped), `proj` + `norm` (the final projection, ours `norm.conv` + `norm.bn`),
+# `head` (a 1x1 conv). Our own layout passes through unchanged.
 KEY_MAP = KeyMap(
     rules=(
         KeyRule(r'^patch_embed\.proj\.', 'stem.'),
@@ -182,7 +154,8 @@ KEY_MAP = KeyMap(
         KeyRule(r'\.norm([12])\.norm\.', r'.norm\1.'),
         KeyRule(r'\.gamma_([12])$', r'.gamma\1'),
         KeyRule(r'\.ffn\.', '.mlp.'),
-        KeyRule(r'^(proj|norm)\.', r'head.\1.'),
+        KeyRule(r'^proj\.(weight|bias)$', r'norm.conv.\1'),
+        KeyRule(r'^norm\.(weight|bias|running_mean|running_var|num_batches_tracked)$', r'norm.bn.\1'),
         KeyRule(r'^head\.(weight|bias)$', r'head.fc.\1'),
     ),
     drop=(r'\.RoPE\.angle$',),
