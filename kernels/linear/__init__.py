@@ -5,8 +5,10 @@ from typing import Optional
 
 import torch
 
-from ..backend import is_exporting, resolve_backend
+from ..backend import get_backend, is_exporting, resolve_backend
 from .reference import NORMALIZERS, linear_attention_ref, out_dtype
+
+MAX_HEAD_DIM = 128  # widest d the Triton kernels take ('auto' runs the reference above it)
 
 __all__ = ['linear_attention', 'linear_attention_ref', 'check_linear_args', 'NORMALIZERS', 'out_dtype']
 
@@ -80,7 +82,8 @@ def linear_attention(
         clamp_min: L2ViT's denominator floor (> 0).
         q_norm, k_norm: features that feed the normaliser instead of q / k (shapes of q / k); MALA computes its
             normaliser before RoPE and the numerator after.
-        backend: 'torch', 'triton' or 'auto' (see `kernels.backend`); export always takes the reference.
+        backend: 'torch', 'triton' or 'auto' (see `kernels.backend`); export always takes the reference, and
+            'auto' takes it for d > 128 (the widest head the kernels tile; dv may be any).
 
     Returns:
         (B, heads, N, dv) in v's dtype (under autocast: the autocast dtype); every sum over tokens and the
@@ -88,7 +91,10 @@ def linear_attention(
     """
     check_linear_args(q, k, v, normalizer, scale, eps, clamp_min, q_norm, k_norm)
     tensors = [t for t in (q, k, v, q_norm, k_norm) if t is not None]
-    if resolve_backend(backend, *tensors) == 'triton':
+    path = resolve_backend(backend, *tensors)
+    if path == 'triton' and q.shape[-1] > MAX_HEAD_DIM and (backend or get_backend()) == 'auto':
+        path = 'torch'  # wider heads than the kernels tile: cuBLAS matmuls in the reference
+    if path == 'triton':
         from .triton import linear_attention_triton
         return linear_attention_triton(q, k, v, normalizer, float(scale), float(eps), float(clamp_min),
                                        q_norm, k_norm)

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .._args import KERNEL_DTYPES
+from . import MAX_HEAD_DIM
 from .reference import out_dtype
 
 __all__ = ['linear_attention_triton']
@@ -237,16 +238,23 @@ def _key_bwd_kernel(
     _store(dv_ptr, dv, _base(bh, heads, srb, srh), n0, srn, srd, NK, DV, BLOCK_N, BLOCK_DV)
 
 
+DV_CHUNK = 64  # dv is processed in chunks of DV_CHUNK columns; d up to MAX_HEAD_DIM in one block
+
+
 def _config(q: torch.Tensor, v: torch.Tensor) -> dict:
+    """Tile sizes: d x dv state blocks of up to 128 x 64 fp32, token tiles that keep the backward's shared memory
+    within 99 KB (sm_86 / sm_89; checked by compiling for sm_80 in the tests)."""
     if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == 'highest' or not q.is_cuda:
         precision = 'ieee'
     else:
-        precision = 'tf32'  # half inputs: tf32 products of fp32-cast tiles are as exact as the inputs
+        precision = 'tf32'  # 16-bit inputs: tf32 holds their mantissas exactly; fp32 inputs: torch's own setting
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
     block_dv = max(16, triton.next_power_of_2(v.shape[-1]))
-    block_n = 16 if not q.is_cuda else 64 if max(block_d, block_dv) <= 64 else 32
-    return dict(block_n=block_n, block_d=block_d, block_dv=block_dv, precision=precision,
-                num_warps=4 if max(block_d, block_dv) <= 64 else 8)
+    if not q.is_cuda:
+        block_n = 16  # the interpreter: small tiles, so the tests cover several tiles and a ragged last one
+    else:
+        block_n = 64 if max(block_d, block_dv) <= 32 else 32 if block_d <= 64 else 16
+    return dict(block_n=block_n, block_d=block_d, block_dv=block_dv, precision=precision, num_warps=4)
 
 
 def _splits(bh: int, n: int, block_n: int, device: torch.device) -> Tuple[int, int]:
@@ -361,6 +369,12 @@ def linear_attention_triton(
     q, k, v = q.to(common), k.to(common), v.to(common)
     q_norm = None if q_norm is None else q_norm.to(common)
     k_norm = None if k_norm is None else k_norm.to(common)
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f'q, k: the Triton path takes head dims d <= {MAX_HEAD_DIM}, got d = {q.shape[-1]} '
+                         "(use backend='torch' or 'auto')")
     if q.numel() == 0:
         return q.new_zeros((*q.shape[:3], v.shape[-1]), dtype=dtype)
-    return _LinearAttention.apply(q, k, v, q_norm, k_norm, normalizer, scale, eps, clamp_min, dtype)
+    # every normaliser acts on each output column through v's column alone: wide values run in column chunks
+    outs = [_LinearAttention.apply(q, k, v[..., i:i + DV_CHUNK], q_norm, k_norm, normalizer, scale, eps, clamp_min,
+                                   dtype) for i in range(0, v.shape[-1], DV_CHUNK)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, -1)

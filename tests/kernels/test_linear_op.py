@@ -275,11 +275,13 @@ def test_fewer_keys_and_auto_backend_on_cpu_is_the_reference():
 needs_triton = pytest.mark.skipif(not (triton_available() and (interpreter_on() or torch.cuda.is_available())),
                                   reason='needs triton with CUDA or TRITON_INTERPRET=1')
 
-# (N, Nk, d, dv, q_norm / k_norm given): N off the 16-token tile, d and dv below / above / at 16, Nk != N
+# (N, Nk, d, dv, q_norm / k_norm given): N off the 16-token tile, d and dv below / above / at 16, Nk != N, dv
+# wider than one 64-column chunk
 TRITON_CASES = {
     'n37_d8_dv20': (37, 37, 8, 20, False),
     'n33_nk19_d16_dv8_norms': (33, 19, 16, 8, True),
     'n16_d32_dv16_norms': (16, 16, 32, 16, True),
+    'n18_d8_dv72_two_value_chunks': (18, 18, 8, 72, True),
 }
 
 
@@ -347,3 +349,69 @@ def test_triton_half_precision(dtype, assert_close_to_scale):
     assert_close_to_scale(out.double(), want.detach(), rel=1e-2)
     for g, w in zip(grads, want_grads):
         assert_close_to_scale(g.double(), w, rel=2e-2)
+
+
+_COMPILE_SCRIPT = r"""
+import json, os
+os.environ.pop('TRITON_INTERPRET', None)
+import torch, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+import zoo.kernels.linear.triton as kt
+
+KERNELS = dict(reduce=kt._reduce_kernel, apply=kt._apply_kernel, query_bwd=kt._query_bwd_kernel,
+               key_bwd=kt._key_bwd_kernel)
+FP32_PTRS = ('s_ptr', 'ks_ptr', 'vs_ptr', 'kb_ptr', 'vb_ptr', 'ds_ptr', 'dkb_ptr', 'dvb_ptr')
+
+class Cuda(torch.Tensor):  # the host config as for a CUDA tensor, without one
+    is_cuda = True
+
+def compile_kernel(name, dtype, d, dv, norm):
+    fn = KERNELS[name]
+    q = torch.empty(1, 1, 1, d, dtype=dtype).as_subclass(Cuda)
+    cfg = kt._config(q, torch.empty(1, 1, 1, min(dv, kt.DV_CHUNK)))
+    const = dict(BLOCK_N=cfg['block_n'], BLOCK_D=cfg['block_d'], BLOCK_DV=cfg['block_dv'],
+                 PRECISION=cfg['precision'])
+    const.update({f: True for f in ('HAS_KN', 'HAS_QN', 'ADD_DKB') if f in fn.arg_names})
+    if 'NORM' in fn.arg_names:
+        const['NORM'] = norm
+    ty = {torch.float16: 'fp16', torch.float32: 'fp32', torch.bfloat16: 'bf16'}[dtype]
+    sig = {n: 'constexpr' if n in const else '*fp32' if n in FP32_PTRS else '*' + ty if n.endswith('_ptr') else
+           'fp32' if n in ('eps', 'clamp_min') else 'i32' for n in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn, sig, const), target=GPUTarget('cuda', 80, 32),
+                            options=dict(num_warps=cfg['num_warps']))
+    assert kernel.asm['cubin'], 'no cubin'
+    return kernel.metadata.shared
+
+out = {}
+# every kernel at head dim 32 (Swin-family variants) in fp16; the backward's query kernel, the largest, at 64 (MALA)
+# and at the widest d = 128 in fp32 (the largest tiles), for MALA's normaliser (the most live values)
+for name in KERNELS:
+    out[f'{name}_fp16_32'] = compile_kernel(name, torch.float16, 32, 32, 3)
+out['query_bwd_bf16_64'] = compile_kernel('query_bwd', torch.bfloat16, 64, 64, 3)
+out['query_bwd_fp32_64'] = compile_kernel('query_bwd', torch.float32, 64, 64, 3)
+out['query_bwd_fp32_128'] = compile_kernel('query_bwd', torch.float32, 128, 128, 3)
+out['key_bwd_fp32_128'] = compile_kernel('key_bwd', torch.float32, 128, 128, 0)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.triton
+def test_triton_kernels_compile_for_gpu():
+    """Compile (no GPU needed) the kernels for sm_80 at the head dims in use: catches what the interpreter lets
+    through (non-constexpr globals, unsupported ops, dtype errors) and checks shared memory fits 99 KB."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import triton.backends
+    if 'nvidia' not in triton.backends.backends:
+        pytest.skip('this triton build has no CUDA backend to compile with')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    res = subprocess.run([sys.executable, '-c', _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    shared = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(shared) == 8
+    for key, nbytes in shared.items():
+        assert nbytes <= 99 * 1024, f'{key}: {nbytes} bytes of shared memory'
