@@ -21,7 +21,7 @@ from zoo.weights.keymap import make_filter
 
 from ._hierarchical import build_backbone, default_cfg
 from .zoo_swin import KEY_MAP as _SWIN_KEY_MAP
-from .zoo_swin import SwinTransformer, block_mixers
+from .zoo_swin import SwinTransformer, block_mixers, typed_swin_args
 
 __all__ = ['agent_swin_layout', 'KEY_MAP', 'checkpoint_filter_fn']
 
@@ -70,12 +70,7 @@ _TAG_ARGS = {'in1k_288': dict(img_size=288, window_size=9), 'in1k_384': dict(img
 
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> SwinTransformer:
-    tag = kwargs.get('pretrained_cfg')
-    for key, value in (_TAG_ARGS.get(tag, {}) if isinstance(tag, str) else {}).items():
-        kwargs.setdefault(key, value)  # 'agent_swin_small.in1k_288' builds the model that release fits
-    if 'mixer' in kwargs or 'mixer_kwargs' in kwargs:
-        raise ValueError(f'{variant}: the mixers follow attn_type and agent_num; pass those instead of mixer / '
-                         f'mixer_kwargs (or build zoo.zoo_swin.SwinTransformer with them)')
+    kwargs = typed_swin_args(variant, kwargs, _TAG_ARGS, 'attn_type and agent_num')
     attn_type, agent_num = kwargs.pop('attn_type'), kwargs.pop('agent_num')
     layout = agent_swin_layout(attn_type, kwargs['depths'], agent_num, kwargs.get('img_size') or 224,
                                kwargs.get('patch_size', 4))

@@ -24,7 +24,7 @@ from zoo.weights.keymap import make_filter
 
 from ._hierarchical import build_backbone, default_cfg
 from .zoo_swin import KEY_MAP as _SWIN_KEY_MAP
-from .zoo_swin import SwinTransformer, block_mixers
+from .zoo_swin import SwinTransformer, block_mixers, typed_swin_args
 
 __all__ = ['linear_swin_layout', 'KEY_MAP', 'checkpoint_filter_fn']
 
@@ -78,12 +78,7 @@ _TAG_ARGS = {'in1k_384': dict(img_size=384, window_size=12)}
 
 
 def _create_linear_swin(variant: str, family: str, pretrained: bool = False, **kwargs) -> SwinTransformer:
-    tag = kwargs.get('pretrained_cfg')
-    for key, value in (_TAG_ARGS.get(tag, {}) if isinstance(tag, str) else {}).items():
-        kwargs.setdefault(key, value)  # 'flatten_swin_base.in1k_384' builds the model that release fits
-    if 'mixer' in kwargs or 'mixer_kwargs' in kwargs:
-        raise ValueError(f'{variant}: the mixers follow attn_type; pass that instead of mixer / mixer_kwargs (or '
-                         f'build zoo.zoo_swin.SwinTransformer with them)')
+    kwargs = typed_swin_args(variant, kwargs, _TAG_ARGS, 'attn_type')
     family_kwargs = {k: kwargs.pop(k) for k in ('focusing_factor', 'kernel_size', 'kernel_func') if k in kwargs}
     layout = linear_swin_layout(family, kwargs.pop('attn_type'), kwargs['depths'], kwargs.get('img_size') or 224,
                                 kwargs.get('patch_size', 4), **family_kwargs)

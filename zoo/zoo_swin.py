@@ -25,7 +25,8 @@ from zoo.weights.keymap import KeyMap, KeyRule, make_filter
 
 from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, build_stages, default_cfg
 
-__all__ = ['SwinTransformer', 'KEY_MAP', 'checkpoint_filter_fn', 'swin_stage_specs', 'block_mixers']
+__all__ = [
+    'SwinTransformer', 'KEY_MAP', 'checkpoint_filter_fn', 'swin_stage_specs', 'block_mixers', 'typed_swin_args']
 
 _LN_EPS = 1e-5  # nn.LayerNorm's default, used by the official model
 
@@ -109,6 +110,21 @@ def block_mixers(attn_type: str, depths: Sequence[int], letters: Mapping[str, st
         n = min(int(tail), depth) if c == 'M' else depth if c == other[0] else 0
         out.append([letters[other[0]]] * n + ['window'] * (depth - n))
     return out
+
+
+def typed_swin_args(variant: str, kwargs: Dict[str, Any], tag_args: Mapping[str, Mapping[str, Any]],
+                    layout_args: str) -> Dict[str, Any]:
+    """`kwargs` of a Swin-based family whose mixers follow an official block-type string: the pretrained tag's
+    build arguments filled in (e.g. '.in1k_384' -> img_size 384, window 12: the model that release fits), and
+    mixer / mixer_kwargs refused (`layout_args` names what sets them instead)."""
+    kwargs = dict(kwargs)
+    tag = kwargs.get('pretrained_cfg')
+    for key, value in (tag_args.get(tag, {}) if isinstance(tag, str) else {}).items():
+        kwargs.setdefault(key, value)
+    if 'mixer' in kwargs or 'mixer_kwargs' in kwargs:
+        raise ValueError(f'{variant}: the mixers follow {layout_args}; pass that instead of mixer / mixer_kwargs '
+                         f'(or build zoo.zoo_swin.SwinTransformer with them)')
+    return kwargs
 
 
 class SwinTransformer(HierarchicalBackbone):
