@@ -378,6 +378,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
     if argv[:1] == ['agent']:  # `zoo bench agent ...`: Agent-Swin vs Swin, agent vs window / global (bench/agent.py)
         from .agent import main as agent_main
         return agent_main(argv[1:], prog=f"{prog or 'python -m zoo.bench.run'} agent")
+    if argv[:1] == ['linear']:  # `zoo bench linear ...`: linear-attention mixers and backbones (bench/linear.py)
+        from .linear import main as linear_main
+        return linear_main(argv[1:], prog=f"{prog or 'python -m zoo.bench.run'} linear")
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     names, pairs = _resolve(parser, args)

@@ -18,7 +18,8 @@ __all__ = ['main']
 
 _FORWARDED = {
     'bench': ('zoo.bench.run', 'benchmarks: speed, memory, FLOPs vs timm (bench/run.py); `zoo bench mixers`: every '
-                               'token mixer\'s time and memory by token count (bench/mixers.py)'),
+                               'token mixer\'s time and memory by token count (bench/mixers.py); `zoo bench linear`: '
+                               'linear attention vs window / global, linear backbones vs Swin-T (bench/linear.py)'),
     'train': ('zoo.train.cli', 'train from a config: zoo train CONFIG [--opts k=v ...] [--resume]'),
     'eval': ('zoo.train.cli', 'evaluate a checkpoint: zoo eval CONFIG CHECKPOINT'),
     'demo': ('zoo.train.demo', 'the main job: fine-tune on the embedded data, evaluate, export to ONNX (train/demo.py)'),
