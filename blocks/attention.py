@@ -13,7 +13,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import to_2tuple, trunc_normal_
+from timm.layers import to_2tuple
 from timm.layers.pos_embed_sincos import apply_rot_embed
 
 from zoo.kernels.backend import is_exporting
@@ -118,11 +118,6 @@ class GlobalAttention(nn.Module):
         self.lepe = nn.Conv2d(attn_dim, attn_dim, lepe, padding=lepe // 2, groups=attn_dim) if lepe else None
         self.proj = nn.Linear(attn_dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        for m in self.modules():  # MALA's init: trunc-normal weights, zero bias
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                trunc_normal_(m.weight, std=.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.dim, type(self).__name__)

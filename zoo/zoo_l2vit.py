@@ -18,8 +18,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, LayerNorm2d, trunc_normal_
+from timm.layers import ClassifierHead, LayerNorm2d
 from timm.models import generate_default_cfgs, register_model
+from timm.models.convnext import _init_weights as init_weights_convnext
 
 from zoo.kernels._sizes import ceil_div
 from zoo.weights.keymap import KeyMap, KeyRule, make_filter
@@ -77,14 +78,6 @@ def l2vit_stage_specs(
     return tuple(specs)
 
 
-def _init_weights(m: nn.Module) -> None:
-    """Official init: trunc-normal(0.02) conv and linear weights, zero bias."""
-    if isinstance(m, (nn.Conv2d, nn.Linear)):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
 class L2ViT(HierarchicalBackbone):
     """L2ViT. (B, in_chans, H, W) -> (B, num_classes), any H, W.
 
@@ -136,7 +129,7 @@ class L2ViT(HierarchicalBackbone):
             in_chans=in_chans,
             num_features=embed_dim[-1],
         )
-        self.apply(_init_weights)
+        self.apply(init_weights_convnext)  # the official init: trunc-normal(0.02) conv / linear weights, zero bias
 
 
 # Official (`l2vit.py`, files {'model': ..., 'model_ema': ...}): `downsample_layers.0.{proj.proj.{0,1,3,4}, norm}`

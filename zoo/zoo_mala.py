@@ -17,8 +17,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, ConvNormAct, trunc_normal_
+from timm.layers import ClassifierHead, ConvNormAct
 from timm.models import generate_default_cfgs, register_model
+from timm.models.convnext import _init_weights as init_weights_convnext
 
 from zoo.weights.keymap import KeyMap, KeyRule, make_filter
 
@@ -67,14 +68,6 @@ def mala_stage_specs(
             depth=depth, dim=dim, mixer=mixer, mixer_kwargs=mixer_kwargs, num_heads=heads, mlp_ratio=mlp_ratio,
             mlp_layer='res_dwconv_mlp', layer_scale=scales[i], pos_embed=3, downsample='conv_bn' if i else None))
     return tuple(specs)
-
-
-def _init_weights(m: nn.Module) -> None:
-    """Official init: trunc-normal(0.02) conv and linear weights, zero bias."""
-    if isinstance(m, (nn.Conv2d, nn.Linear)):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 class Mala(HierarchicalBackbone):
@@ -131,7 +124,7 @@ class Mala(HierarchicalBackbone):
             in_chans=in_chans,
             num_features=projection,
         )
-        self.apply(_init_weights)
+        self.apply(init_weights_convnext)  # the official init: trunc-normal(0.02) conv / linear weights, zero bias
 
 
 def _to_model_shape(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
