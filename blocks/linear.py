@@ -15,6 +15,12 @@ plus the method's own feature map and local term:
 * 'inline' - `Bridging the Divide: Reconsidering Softmax and Linear Attention` (Han et al., NeurIPS 2024),
   https://github.com/LeapLabTHU/InLine (`InLineAttention`): the injective form with the mean-of-V term and a 3 x 3
   depthwise conv on V whose weights are predicted from the mean token (`qkv`, `residual`, `proj`).
+* 'mala' - `Rectifying Magnitude Neglect in Linear Attention` (Fan et al., ICCV 2025), https://github.com/qhfan/MALA
+  (`AddLinearAttention`): ELU + 1, the magnitude-aware scale and offset with the normaliser taken before 2-D RoPE,
+  LePE on V and a linear gate (`qkvo`, `lepe`, `proj`).
+* 'l2vit' - `The Linear Attention Resurrection in Vision Transformer` (Zheng, 2025),
+  https://github.com/ChuanyangZheng/L2ViT (`LinearAttention`): ReLU, per-head temperature, denominator clamped at
+  100 (`qkv`, `temperature`, `proj`); its local concentration module is a block branch (`MixerBlock(local_layer=)`).
 
 Parameter names and shapes are the official ones, so release checkpoints load by renaming prefixes only. Tables
 sized to a map at construction (FLatten's positional encoding) are resized in the graph to the actual H x W, so
@@ -98,7 +104,8 @@ class LinearAttention(nn.Module):
         attn_drop: must be 0: linear attention has no attention matrix to drop from.
         proj_drop: dropout after the output projection.
         **variant_kwargs: the variant's own arguments (FLatten: focusing_factor, kernel_size, pe_size; InLine:
-            kernel_func; Efficient: value_dim), defaulting to the official tiny model's.
+            kernel_func; Efficient: value_dim; MALA: kernel_size, rope; L2ViT: clamp_min), defaulting to the
+            official tiny model's.
     """
 
     def __init__(
