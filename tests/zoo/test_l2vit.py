@@ -160,3 +160,18 @@ def test_bad_arguments():
         MixerBlock(32, 'linear', dict(variant='l2vit'), local_layer='lcn')
     with pytest.raises(ValueError, match=r'StageSpec: expected one block_kwargs per block \(depth=2\), got 1'):
         zoo.StageSpec(2, 32, block_kwargs=[{}]).blocks_kwargs()
+
+
+def test_stem_and_downsample_pad_odd_sizes_as_official(assert_close_to_scale):
+    """Official PatchEmbed: the image zero-padded to a multiple of 4 before the stem; before the 2x2 conv, the
+    LayerNorm-ed map zero-padded to even sizes at the bottom / right."""
+    model = timm.create_model('l2vit_tiny', **SMALL).eval()
+    x = torch.randn(1, 3, 37, 42)
+    with torch.no_grad():
+        want = model.stem.norm(model.stem.proj(F.pad(x, (0, 2, 0, 3))))
+        assert_close_to_scale(model.stem(x), want)
+        down = model.stages[1].downsample
+        t = torch.randn(1, 9, 11, 16)
+        want = down.conv(F.pad(down.norm(t), (0, 0, 0, 1, 0, 1)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        assert_close_to_scale(down(t), want)
+        assert down(t).shape == (1, 5, 6, 32)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import zoo
 from zoo.blocks.attention import GlobalAttention
@@ -149,3 +150,24 @@ def test_bad_arguments():
         timm.create_model('mala_tiny', layer_scale=(1., 1.), **SMALL)
     with pytest.raises(ValueError, match='rope: 2-D RoPE needs head_dim divisible by 4'):
         timm.create_model('mala_tiny', **dict(SMALL, num_heads=(2, 2, 4, 4), embed_dim=(12, 32, 64, 64)))
+
+
+def test_block_is_the_official_formula(assert_close_to_scale):
+    """Official Block: x + pos(x), then x + gamma_1 * attn(norm1(x)), then x + gamma_2 * ffn(norm2(x)) with
+    ffn = fc2(h + dwconv(h)), h = gelu(fc1(x))."""
+    model = timm.create_model('mala_tiny', **SMALL).eval()
+    with torch.no_grad():
+        for t in model.parameters():
+            t.normal_(0, 0.2)
+        for block in (model.stages[0].blocks[0], model.stages[2].blocks[0]):
+            x = torch.randn(2, 9, 13, block.attn.dim)
+            y = x + block.pos_embed.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            y = y + block.gamma1 * block.attn(F.layer_norm(y, y.shape[-1:], block.norm1.weight, block.norm1.bias,
+                                                           1e-6))
+            mlp = block.mlp
+            h = F.gelu(F.linear(F.layer_norm(y, y.shape[-1:], block.norm2.weight, block.norm2.bias, 1e-6),
+                                mlp.fc1.weight, mlp.fc1.bias))
+            h = h + F.conv2d(h.permute(0, 3, 1, 2), mlp.dwconv.weight, mlp.dwconv.bias, padding=1,
+                             groups=h.shape[-1]).permute(0, 2, 3, 1)
+            want = y + block.gamma2 * F.linear(h, mlp.fc2.weight, mlp.fc2.bias)
+            assert_close_to_scale(block(x), want)
