@@ -15,7 +15,8 @@ mixers  C=--dim, --num-heads heads (default 96, 3 x 32: stage 1 of the Swin-T fa
 models  a training step (forward, cross-entropy, backward, AdamW step) and an eval forward at --img-size,
         batch --batch, of every registered linear-attention backbone among flatten_swin_tiny, inline_swin_tiny,
         mala_tiny, l2vit_tiny, with swin_tiny as the anchor, interleaved in one run; params and peak memory.
-        --reduced builds each at its family's reduced test width (`zoo.reduced_args`: a check of the script).
+        --reduced builds each at its family's reduced test width (`zoo.reduced_args`), one run per model: a
+        check of the script, not a comparison.
 
 Peak memory: bytes PyTorch's CPU allocator hands out during one call beyond what was allocated before
 (torch.profiler allocation events, `zoo.bench.mixers.peak_allocated`). Writes DIR/linear.{json,md,png}.
@@ -28,7 +29,7 @@ import platform
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .agent import _median_ms, _mib
+from .agent import _f, _median_ms, _mib
 
 __all__ = ['main', 'build_parser', 'MODELS', 'ANCHOR']
 
@@ -71,32 +72,20 @@ def _mixers(args) -> Dict[str, Callable[[], Any]]:
 
 def bench_mixers(args) -> List[Dict[str, Any]]:
     import torch
+
+    from .mixers import _passes
     rows: List[Dict[str, Any]] = []
     builders = _mixers(args)
     for size in args.sizes:
         torch.manual_seed(0)
         names = [n for n in builders if n != 'global' or size * size <= args.global_max_tokens]
-        modules = {n: builders[n]() for n in names}
-        x = torch.randn(1, size, size, args.dim)
-        cot = torch.randn_like(x)
         passes = {}
-        for name, m in modules.items():
-            params = [p for p in m.parameters() if p.requires_grad]
-
-            def fwd(m=m):
-                m.eval()
-                with torch.no_grad():
-                    return m(x)
-
-            def fwd_bwd(m=m, params=params):
-                m.train()
-                xg = x.detach().requires_grad_()
-                return torch.autograd.grad(m(xg), [xg] + params, cot)
-            passes[f'{name}/fwd'], passes[f'{name}/fwdbwd'] = fwd, fwd_bwd
-        print(f'[bench linear] {len(modules)} mixers at {size}x{size}', file=sys.stderr, flush=True)
+        for name in names:
+            passes[f'{name}/fwd'], passes[f'{name}/fwdbwd'] = _passes(builders[name](), size, args.dim)
+        print(f'[bench linear] {len(names)} mixers at {size}x{size}', file=sys.stderr, flush=True)
         times = _median_ms(passes, args.repeats)
         for name in builders:
-            if name not in modules:
+            if name not in names:
                 rows.append(dict(mixer=name, size=size, tokens=size * size, skipped='> --global-max-tokens'))
                 continue
             rows.append(dict(mixer=name, size=size, tokens=size * size, fwd_ms=times[f'{name}/fwd'],
@@ -121,50 +110,26 @@ def _add_ratios(rows: List[Dict[str, Any]]) -> None:
 # ------------------------------------------------------------------------------------------------ models
 
 def bench_models(args) -> List[Dict[str, Any]]:
-    import timm
-    import torch
-
+    """Every registered linear backbone and the anchor in one interleaved run (`zoo.bench.agent.bench_models`);
+    with --reduced, each at its own reduced width, one run per model (a check of the script, not a comparison)."""
     import zoo
+
+    from .agent import bench_models as time_models
     registered = set(zoo.list_zoo_models())
     names = [n for n in MODELS if n in registered] + [ANCHOR]
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
-    target = torch.randint(0, 1000, (args.batch,))
-    passes, rows = {}, []
-    for name in names:
-        torch.manual_seed(0)
-        model = timm.create_model(name, **(zoo.reduced_args(name) if args.reduced else {}))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-
-        def forward(model=model):
-            model.eval()
-            with torch.no_grad():
-                return model(x)
-
-        def train_step(model=model, opt=opt):
-            model.train()
-            opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(x), target)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-        passes[f'{name}/fwd'], passes[f'{name}/train'] = forward, train_step
-        rows.append(dict(model=name, params_m=sum(p.numel() for p in model.parameters()) / 1e6))
     print(f'[bench linear] models {names}', file=sys.stderr, flush=True)
-    times = _median_ms(passes, args.repeats)
-    anchor_ms = times[f'{ANCHOR}/train']
+    if args.reduced:
+        rows = [row for n in names
+                for row in time_models(argparse.Namespace(**dict(vars(args), models=[n],
+                                                                 model_kwargs=zoo.reduced_args(n))))]
+    else:
+        rows = time_models(argparse.Namespace(**dict(vars(args), models=names, model_kwargs={})))
     for row in rows:
-        name = row['model']
-        row.update(fwd_ms=times[f'{name}/fwd'], train_ms=times[f'{name}/train'],
-                   train_vs_anchor=times[f'{name}/train'] / anchor_ms,
-                   fwd_peak_mib=_mib(passes[f'{name}/fwd']), train_peak_mib=_mib(passes[f'{name}/train']))
+        row['train_vs_anchor'] = row['train_ms'] / rows[-1]['train_ms']
     return rows
 
 
 # ------------------------------------------------------------------------------------------------ output
-
-def _f(v: Optional[float], digits: int = 1) -> str:
-    return '-' if v is None else f'{v:.{digits}f}'
-
 
 def markdown(result: Dict[str, Any]) -> str:
     meta, lines = result['meta'], []

@@ -21,11 +21,11 @@ import os
 import platform
 import statistics
 import sys
-import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
+from zoo.bench.biformer_gpu import _fmt, _timer
 from zoo.kernels.linear import NORMALIZERS, linear_attention
 from zoo.weights.io import atomic_write
 
@@ -41,23 +41,6 @@ def stage_shapes(img_size: int) -> List[dict]:
             dict(model='swin-family', stage=2, size=s2, heads=6, head_dim=32),
             dict(model='mala', stage=1, size=s1, heads=1, head_dim=64),
             dict(model='mala', stage=2, size=s2, heads=2, head_dim=64)]
-
-
-def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    if device.type == 'cuda':
-        def timed(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-    else:
-        def timed(fn):
-            t0 = time.perf_counter()
-            fn()
-            return 1e3 * (time.perf_counter() - t0)
-    return timed
 
 
 def _inputs(shape: dict, normalizer: str, batch: int, device: torch.device, dtype: torch.dtype) -> Dict:
@@ -114,10 +97,6 @@ def run(args: argparse.Namespace) -> List[dict]:
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
-
-
-def _fmt(x: Optional[float], digits: int = 2) -> str:
-    return '-' if x is None else f'{x:.{digits}f}'
 
 
 def markdown(rows: List[dict], args: argparse.Namespace) -> str:

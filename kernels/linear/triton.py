@@ -1,23 +1,26 @@
 """Non-causal linear attention in Triton: two fused passes forward, two backward, fp32 state.
 
-With the per-normaliser constants folded in on the host (``a = 1`` for 'none' / 'l2vit', ``1/Nk`` for 'flatten',
-``scale/Nk`` for 'inline' / 'mala'; the same ``b`` for the key sum, and ``scale`` on it only for 'inline' / 'mala'):
+With one constant per normaliser folded in on the host (``a = 1`` for 'none' / 'l2vit', ``1/Nk`` for 'flatten',
+``scale/Nk`` for 'inline' / 'mala'):
 
   forward
     * reduce (`_reduce_kernel`, one program per (batch*head, split of the keys)): one pass over the keys
       accumulates ``sum_j k_j^T v_j``, ``sum_j k~_j`` and ``sum_j v_j`` in fp32; the splits are added on the host,
-      giving ``S' = a sum k^T v``, ``kbar' = b sum k~``, ``vbar = (1/Nk) sum v`` (tiny, saved for backward);
+      giving ``S' = a sum k^T v``, ``kbar' = a sum k~``, ``vbar = (1/Nk) sum v`` (tiny, saved for backward);
     * apply (`_apply_kernel`, one program per (batch*head, query tile)): ``qs = q S'``, ``den = q~ . kbar'`` and
       the normaliser, ``O = f(qs, den, vbar)``, stored in the output dtype.
   backward (nothing N-sized saved: qs and den are recomputed)
     * queries (`_query_bwd_kernel`, per (batch*head, split of the queries)): ``dqs = df/dqs dO``,
       ``dden = df/dden . dO``; writes ``dq = dqs S'^T (+ dden kbar')`` and ``dq_norm = dden kbar'``, and reduces
-      ``dS' = sum_i q_i^T dqs_i``, ``dkbar' = sum_i dden_i q~_i``, ``dvbar = sum_i c_i dO_i`` in fp32;
-    * keys (`_key_bwd_kernel`, per (batch*head, key tile)): ``dk = a v dS'^T (+ b dkbar')``,
-      ``dv = a k dS' + dvbar / Nk``; ``dk_norm = b dkbar'`` is a broadcast.
+      ``dS' = sum_i q_i^T dqs_i``, ``dkbar' = sum_i dden_i q~_i``, ``dvbar = sum_i c_i dO_i`` (c = 1 - den for InLine, -den for
+      MALA) in fp32;
+    * keys (`_key_bwd_kernel`, per (batch*head, key tile)): ``dk = a v dS'^T (+ a dkbar')``,
+      ``dv = a k dS' + dvbar / Nk``; ``dk_norm = a dkbar'`` is a broadcast.
 
 Every reduction is a plain store of per-program partials added on the host: no atomics (the interpreter runs
 no bf16 atomics), fp32 accumulators throughout. Tensors may be strided views (slices of one qkv projection).
+Head dims d up to 128 in one block; values wider than 64 columns run in 64-column chunks (every normaliser acts
+on an output column through that column of v alone).
 """
 import functools
 from typing import Optional, Tuple
@@ -224,7 +227,7 @@ def _key_bwd_kernel(
         ADD_DKB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         PRECISION: tl.constexpr,
 ):
-    # dS', dkbar', dvbar arrive with the constants a, b, 1/Nk folded in; dk has strides sg*, dv sr*
+    # dS', dkbar', dvbar arrive with the constants a, a, 1/Nk folded in; dk has strides sg*, dv sr*
     bh = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     ds, dkb, dvb = _state(ds_ptr, dkb_ptr, dvb_ptr, bh, D, DV, BLOCK_D, BLOCK_DV)
@@ -254,7 +257,7 @@ def _config(q: torch.Tensor, v: torch.Tensor) -> dict:
         block_n = 16  # the interpreter: small tiles, so the tests cover several tiles and a ragged last one
     else:
         block_n = 64 if max(block_d, block_dv) <= 32 else 32 if block_d <= 64 else 16
-    return dict(block_n=block_n, block_d=block_d, block_dv=block_dv, precision=precision, num_warps=4)
+    return dict(BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, PRECISION=precision, num_warps=4)
 
 
 def _splits(bh: int, n: int, block_n: int, device: torch.device) -> Tuple[int, int]:
@@ -270,13 +273,24 @@ def _splits(bh: int, n: int, block_n: int, device: torch.device) -> Tuple[int, i
     return per, triton.cdiv(tiles, per)
 
 
-def _constants(normalizer: str, scale: float, nk: int) -> Tuple[float, float]:
-    """a (on sum k^T v) and b (on sum k~) of each normaliser."""
+def _constants(normalizer: str, scale: float, nk: int) -> float:
+    """The constant on sum k^T v and on sum k~ of each normaliser (a = b)."""
     if normalizer in ('none', 'l2vit'):
-        return 1.0, 1.0
-    if normalizer == 'flatten':
-        return 1.0 / nk, 1.0 / nk
-    return scale / nk, scale / nk
+        return 1.0
+    return 1.0 / nk if normalizer == 'flatten' else scale / nk
+
+
+def _partials(bh: int, n: int, D: int, DV: int, cfg: dict, device: torch.device):
+    """Launch grid of a split reduction over n tokens, tiles per split, and its empty fp32 partial buffers
+    (bh, splits, D, DV), (bh, splits, D), (bh, splits, DV)."""
+    per, splits = _splits(bh, n, cfg['BLOCK_N'], device)
+    parts = [torch.empty(bh, splits, *shape, dtype=torch.float32, device=device) for shape in ((D, DV), (D,), (DV,))]
+    return (bh, splits), per, parts
+
+
+def _finish(parts, a: float, nk: int):
+    """Sum the splits: a * (D, DV) state, a * (D,) key sum, (DV,) value sum / nk; each (bh, ...) contiguous."""
+    return parts[0].sum(1).mul_(a), parts[1].sum(1).mul_(a), parts[2].sum(1).div_(nk)
 
 
 class _LinearAttention(torch.autograd.Function):
@@ -285,26 +299,17 @@ class _LinearAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, q_norm, k_norm, normalizer, scale, eps, clamp_min, dtype):
         B, nh, N, D = q.shape
         NK, DV = k.shape[2], v.shape[-1]
-        bh = B * nh
         cfg = _config(q, v)
-        common = dict(BLOCK_N=cfg['block_n'], BLOCK_D=cfg['block_d'], BLOCK_DV=cfg['block_dv'],
-                      PRECISION=cfg['precision'], num_warps=cfg['num_warps'])
         qn = q if q_norm is None else q_norm
         kn = k if k_norm is None else k_norm
-        per, splits = _splits(bh, NK, cfg['block_n'], q.device)
-        f32 = dict(dtype=torch.float32, device=q.device)
-        s_part, ks_part, vs_part = (torch.empty(bh, splits, *shape, **f32) for shape in ((D, DV), (D,), (DV,)))
-        _reduce_kernel[(bh, splits)](
-            k, v, kn, s_part, ks_part, vs_part, *k.stride(), *v.stride(), *kn.stride(),
-            nh, NK, D, DV, per, splits, HAS_KN=k_norm is not None, **common)
-        a, b = _constants(normalizer, scale, NK)
-        s = s_part.sum(1).mul_(a)
-        kbar = ks_part.sum(1).mul_(b)
-        vbar = vs_part.sum(1).div_(NK)
+        grid, per, parts = _partials(B * nh, NK, D, DV, cfg, q.device)
+        _reduce_kernel[grid](k, v, kn, *parts, *k.stride(), *v.stride(), *kn.stride(),
+                             nh, NK, D, DV, per, grid[1], HAS_KN=k_norm is not None, **cfg)
+        s, kbar, vbar = _finish(parts, _constants(normalizer, scale, NK), NK)
         out = torch.empty(B, nh, N, DV, dtype=dtype, device=q.device)
-        _apply_kernel[(bh, triton.cdiv(N, cfg['block_n']))](
+        _apply_kernel[(B * nh, triton.cdiv(N, cfg['BLOCK_N']))](
             q, qn, s, kbar, vbar, out, *q.stride(), *qn.stride(), *out.stride(),
-            nh, N, D, DV, eps, clamp_min, NORM=_CODES[normalizer], HAS_QN=q_norm is not None, **common)
+            nh, N, D, DV, eps, clamp_min, NORM=_CODES[normalizer], HAS_QN=q_norm is not None, **cfg)
         ctx.save_for_backward(q, k, v, q_norm, k_norm, s, kbar, vbar)
         ctx.args = (normalizer, scale, eps, clamp_min)
         return out
@@ -316,30 +321,21 @@ class _LinearAttention(torch.autograd.Function):
         normalizer, scale, eps, clamp_min = ctx.args
         B, nh, N, D = q.shape
         NK, DV = k.shape[2], v.shape[-1]
-        bh = B * nh
         cfg = _config(q, v)
-        common = dict(BLOCK_N=cfg['block_n'], BLOCK_D=cfg['block_d'], BLOCK_DV=cfg['block_dv'],
-                      PRECISION=cfg['precision'], num_warps=cfg['num_warps'])
         qn = q if q_norm is None else q_norm
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dqn = dq if q_norm is None else torch.empty(q_norm.shape, dtype=q_norm.dtype, device=q.device)
-        per, splits = _splits(bh, N, cfg['block_n'], q.device)
-        f32 = dict(dtype=torch.float32, device=q.device)
-        ds_part, dkb_part, dvb_part = (torch.empty(bh, splits, *shape, **f32) for shape in ((D, DV), (D,), (DV,)))
-        _query_bwd_kernel[(bh, splits)](
-            q, qn, grad_out, s, kbar, vbar, dq, dqn, ds_part, dkb_part, dvb_part,
+        grid, per, parts = _partials(B * nh, N, D, DV, cfg, q.device)
+        _query_bwd_kernel[grid](
+            q, qn, grad_out, s, kbar, vbar, dq, dqn, *parts,
             *q.stride(), *qn.stride(), *grad_out.stride(), *dq.stride(), *dqn.stride(),
-            nh, N, D, DV, eps, clamp_min, per, splits,
-            NORM=_CODES[normalizer], HAS_QN=q_norm is not None, **common)
-        a, b = _constants(normalizer, scale, NK)
-        ds = ds_part.sum(1).mul_(a)
-        dkb = dkb_part.sum(1).mul_(b)
-        dvb = dvb_part.sum(1).div_(NK)
+            nh, N, D, DV, eps, clamp_min, per, grid[1], NORM=_CODES[normalizer], HAS_QN=q_norm is not None, **cfg)
+        ds, dkb, dvb = _finish(parts, _constants(normalizer, scale, NK), NK)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        _key_bwd_kernel[(bh, triton.cdiv(NK, cfg['block_n']))](
+        _key_bwd_kernel[(B * nh, triton.cdiv(NK, cfg['BLOCK_N']))](
             k, v, ds, dkb, dvb, dk, dv, *k.stride(), *v.stride(), *dk.stride(), *dv.stride(),
-            nh, NK, D, DV, ADD_DKB=k_norm is None, **common)
+            nh, NK, D, DV, ADD_DKB=k_norm is None, **cfg)
         dkn = None if k_norm is None else dkb.view(B, nh, 1, D).to(k_norm.dtype).expand(k_norm.shape)
         return dq, dk, dv, None if q_norm is None else dqn, dkn, None, None, None, None, None
 

@@ -370,8 +370,7 @@ def compile_kernel(name, dtype, d, dv, norm):
     fn = KERNELS[name]
     q = torch.empty(1, 1, 1, d, dtype=dtype).as_subclass(Cuda)
     cfg = kt._config(q, torch.empty(1, 1, 1, min(dv, kt.DV_CHUNK)))
-    const = dict(BLOCK_N=cfg['block_n'], BLOCK_D=cfg['block_d'], BLOCK_DV=cfg['block_dv'],
-                 PRECISION=cfg['precision'])
+    const = {key: cfg[key] for key in ('BLOCK_N', 'BLOCK_D', 'BLOCK_DV', 'PRECISION')}
     const.update({f: True for f in ('HAS_KN', 'HAS_QN', 'ADD_DKB') if f in fn.arg_names})
     if 'NORM' in fn.arg_names:
         const['NORM'] = norm
