@@ -10,8 +10,8 @@ scale, FFN with a residual 3x3 depthwise conv, mlp ratio 3.5) with a 3x3 stride-
 before stages 2-4, then a 1x1 conv + BatchNorm + SiLU projection of the last map (the model's final `norm`, so
 forward_features gives the projected map, as timm's EfficientNet does with its conv head) and a linear head.
 Official block types (`flagss`): stages 1-2 MALA linear attention ('linear' mixer, variant 'mala'), stages 3-4
-softmax attention with 2-D RoPE, LePE and the linear gate ('global' mixer); head_dim 64 everywhere. The RoPE tables
-are computed for the actual map, so any input size runs.
+softmax attention with 2-D RoPE, LePE and the linear gate ('global' mixer); head_dim 64 (B and L: 96 in stages 1-2).
+The RoPE tables are computed for the actual map, so any input size runs.
 """
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
