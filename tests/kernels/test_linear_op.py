@@ -351,6 +351,32 @@ def test_triton_half_precision(dtype, assert_close_to_scale):
         assert_close_to_scale(g.double(), w, rel=2e-2)
 
 
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_autocast_large_activations(assert_close_to_scale):
+    """MALA's normaliser in fp16 autocast with sums over 1024 tokens of ~1e2..1e3 (past fp16's 65504): the kernels
+    accumulate in fp32, so the output and gradients stay finite and close to the fp64 result."""
+    g = torch.Generator().manual_seed(1)
+    shape = (1, 2, 1024, 16)
+    q = torch.empty(shape).uniform_(1., 10., generator=g)
+    k = torch.empty(shape).uniform_(1e2, 1e3, generator=g)
+    v = torch.empty(shape).uniform_(-1., 1., generator=g)
+    q, k, v = (t.half().requires_grad_() for t in (q, k, v))
+    with torch.autocast('cpu', dtype=torch.float16):
+        out = linear_attention(q, k, v, normalizer='mala', scale=0.25, q_norm=q, k_norm=k, backend='triton')
+    grad_out = torch.full(out.shape, 1e-3, dtype=torch.float16)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = linear_attention_naive(q64, k64, v64, 'mala', scale=0.25)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), grad_out.double())
+    assert out.dtype == torch.float16
+    assert_close_to_scale(out.double(), want.detach(), rel=1e-2)
+    for got, w in zip(grads, want_grads):
+        assert torch.isfinite(got).all()
+        assert_close_to_scale(got.double(), w, rel=2e-2)
+    assert not torch.isfinite(linear_attention_naive(q.detach(), k.detach(), v.detach(), 'mala', scale=0.25)).all()
+
 _COMPILE_SCRIPT = r"""
 import json, os
 os.environ.pop('TRITON_INTERPRET', None)
