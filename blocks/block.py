@@ -2,6 +2,8 @@
 
     x = x + pos_embed(x)                                  (optional depthwise conv position embedding)
     x = x + drop_path(gamma1 * mixer(norm1(x)))           (mixer from `create_mixer`, layer scale optional)
+    x = x + drop_path(local(norm3(x)))                    (optional local branch: L2ViT's LCM)
+    x = x + pos_embed2(x)                                 (optional second position embedding: L2ViT's LWA)
     x = x + drop_path(gamma2 * mlp(norm2(x)))             (MLP, or MLP with a depthwise conv)
 
 Swin, NAT / DiNAT / DiNAT_s and MaxViT's partition attention are this block with another mixer; per-block
