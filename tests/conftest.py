@@ -42,6 +42,48 @@ def assert_close_to_scale():
     return _assert_close_to_scale
 
 
+GPU_COMPILE_PREAMBLE = r"""
+import json, os
+os.environ.pop('TRITON_INTERPRET', None)
+import torch, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+
+def build(fn, sig, const, capability, **options):
+    kernel = triton.compile(ASTSource(fn, sig, const), target=GPUTarget('cuda', capability, 32), options=options)
+    assert kernel.asm['cubin'], 'no cubin'
+    return kernel.metadata.shared
+"""
+SHARED_MEMORY_LIMIT = 99 * 1024  # bytes per block on sm_80 / sm_86
+
+
+def _compile_for_gpu(script: str, count: int, timeout: int = 900) -> dict:
+    """Run `script` (after GPU_COMPILE_PREAMBLE; it prints a JSON {kernel: shared bytes}) with Triton's CUDA
+    compiler and no GPU; assert `count` kernels compiled and each fits SHARED_MEMORY_LIMIT."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import triton.backends
+    if 'nvidia' not in triton.backends.backends:
+        pytest.skip('this triton build has no CUDA backend to compile with')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    res = subprocess.run([sys.executable, '-c', GPU_COMPILE_PREAMBLE + script], env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    shared = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(shared) == count, sorted(shared)
+    for key, nbytes in shared.items():
+        assert nbytes <= SHARED_MEMORY_LIMIT, f'{key}: {nbytes} bytes of shared memory'
+    return shared
+
+
+@pytest.fixture
+def compile_for_gpu():
+    """`_compile_for_gpu`: compile Triton kernels for a CUDA target without a GPU."""
+    return _compile_for_gpu
+
+
 def pytest_collection_finish(session):
     """Tests import the one package (`zoo.kernels`, ...): a top-level `kernels` / `blocks` / ... from this
     checkout (on sys.path through the working directory) would be a second copy of the same modules."""

@@ -378,11 +378,6 @@ def test_triton_autocast_large_activations(assert_close_to_scale):
     assert not torch.isfinite(linear_attention_naive(q.detach(), k.detach(), v.detach(), 'mala', scale=0.25)).all()
 
 _COMPILE_SCRIPT = r"""
-import json, os
-os.environ.pop('TRITON_INTERPRET', None)
-import torch, triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
 import zoo.kernels.linear.triton as kt
 
 KERNELS = dict(reduce=kt._reduce_kernel, apply=kt._apply_kernel, query_bwd=kt._query_bwd_kernel,
@@ -403,10 +398,7 @@ def compile_kernel(name, dtype, d, dv, norm):
     ty = {torch.float16: 'fp16', torch.float32: 'fp32', torch.bfloat16: 'bf16'}[dtype]
     sig = {n: 'constexpr' if n in const else '*fp32' if n in FP32_PTRS else '*' + ty if n.endswith('_ptr') else
            'fp32' if n in ('eps', 'clamp_min') else 'i32' for n in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, sig, const), target=GPUTarget('cuda', 80, 32),
-                            options=dict(num_warps=cfg['num_warps']))
-    assert kernel.asm['cubin'], 'no cubin'
-    return kernel.metadata.shared
+    return build(fn, sig, const, 80, num_warps=cfg['num_warps'])
 
 out = {}
 # every kernel at head dim 32 (Swin-family variants) in fp16; the backward's query kernel, the largest, at 64 (MALA)
@@ -422,21 +414,7 @@ print(json.dumps(out))
 
 
 @pytest.mark.triton
-def test_triton_kernels_compile_for_gpu():
+def test_triton_kernels_compile_for_gpu(compile_for_gpu):
     """Compile (no GPU needed) the kernels for sm_80 at the head dims in use: catches what the interpreter lets
     through (non-constexpr globals, unsupported ops, dtype errors) and checks shared memory fits 99 KB."""
-    import json
-    import os
-    import subprocess
-    import sys
-    import triton.backends
-    if 'nvidia' not in triton.backends.backends:
-        pytest.skip('this triton build has no CUDA backend to compile with')
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    res = subprocess.run([sys.executable, '-c', _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    shared = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(shared) == 8
-    for key, nbytes in shared.items():
-        assert nbytes <= 99 * 1024, f'{key}: {nbytes} bytes of shared memory'
+    compile_for_gpu(_COMPILE_SCRIPT, count=8, timeout=900)

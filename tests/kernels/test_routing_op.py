@@ -239,11 +239,6 @@ def test_dense_choice_keeps_memory_within_the_routed_kv():
 
 
 _COMPILE_SCRIPT = r"""
-import json, os
-os.environ.pop('TRITON_INTERPRET', None)
-import torch, triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
 import zoo.kernels.routing.triton as kt
 
 FP32_PTRS = ('lse_ptr', 'delta_ptr', 'dk_ptr', 'dv_ptr')
@@ -257,10 +252,7 @@ def compile_kernel(backward, dtype, side, n_win, head_dim, capability):
     ty = {torch.float16: 'fp16', torch.float32: 'fp32', torch.bfloat16: 'bf16'}[dtype]
     sig = {n: 'constexpr' if n in const else '*fp32' if n in FP32_PTRS else '*i32' if n == 'idx_ptr' else
            '*' + ty if n.endswith('_ptr') else 'fp32' if n == 'scale' else 'i32' for n in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn, sig, const), target=GPUTarget('cuda', capability, 32),
-                            options=dict(num_warps=cfg['num_warps']))
-    assert kernel.asm['cubin'], 'no cubin'
-    return kernel.metadata.shared
+    return build(fn, sig, const, capability, num_warps=cfg['num_warps'])
 
 out = {}
 # BiFormer-T at 224 px: regions of 64 (stage 1), 16 (stage 2) and 4 (stage 3) tokens, head dim 32
@@ -274,21 +266,7 @@ print(json.dumps(out))
 
 
 @pytest.mark.triton
-def test_triton_kernels_compile_for_gpu():
+def test_triton_kernels_compile_for_gpu(compile_for_gpu):
     """Compile (no GPU needed) the kernels at BiFormer-T's shapes for sm_80: catches what the interpreter lets
     through (non-constexpr globals, unsupported ops, dtype errors) and checks shared memory fits 99 KB."""
-    import json
-    import os
-    import subprocess
-    import sys
-    import triton.backends
-    if 'nvidia' not in triton.backends.backends:
-        pytest.skip('this triton build has no CUDA backend to compile with')
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    res = subprocess.run([sys.executable, '-c', _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    shared = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(shared) == 18
-    for key, nbytes in shared.items():
-        assert nbytes <= 99 * 1024, f'{key}: {nbytes} bytes of shared memory'
+    compile_for_gpu(_COMPILE_SCRIPT, count=18, timeout=900)
