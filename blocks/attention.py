@@ -1,27 +1,23 @@
-"""Plain softmax attention mixers: 'global' (the whole map) and 'plain_window' (windows, no bias), and the 2-D rotary
-position embedding 'global' shares with MALA's linear attention.
+"""Softmax attention over the whole map ('global'), and the 2-D rotary position embedding it shares with MALA's
+linear attention.
 
 'global' is softmax attention over every token of the map: the quadratic anchor the linear-attention family is
 measured against, and MALA's stages 3-4 (`Rectifying Magnitude Neglect in Linear Attention`, Fan et al., ICCV 2025 -
 https://github.com/qhfan/MALA, `VanillaSelfAttention`: 2-D RoPE on q and k, LePE on V, a linear output gate).
-'plain_window' is L2ViT's local window attention (`The Linear Attention Resurrection in Vision Transformer`,
-Zheng, 2025 - https://github.com/ChuanyangZheng/L2ViT, `WindowAttention`): Swin's windows without bias or shift.
 Everything channels-last: (B, H, W, C); any H x W (the RoPE tables are computed for the actual map, not learned).
 """
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import to_2tuple
 from timm.layers.pos_embed_sincos import apply_rot_embed
 
 from zoo.kernels.backend import is_exporting
-from zoo.kernels.window import window_attention
 
 from ._registry import check_input, register_mixer, resolve_heads
 
-__all__ = ['GlobalAttention', 'PlainWindowAttention', 'rope_2d', 'apply_rope', 'check_rope_dim']
+__all__ = ['GlobalAttention', 'rope_2d', 'apply_rope', 'check_rope_dim']
 
 
 def check_rope_dim(head_dim: int) -> None:
@@ -148,56 +144,3 @@ class GlobalAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, rope={self.rope}, '
                 f'lepe={self.lepe.kernel_size[0] if self.lepe is not None else 0}, gate={self.gate}')
-
-
-@register_mixer('plain_window', paper='L2ViT (Zheng et al., 2025): local window attention (LWA); Swin windows',
-                cost='O(N M^2), window M', triton=True)
-class PlainWindowAttention(nn.Module):
-    """Softmax attention inside non-overlapping M x M windows, with no position bias and no shift (L2ViT's LWA).
-
-    (B, H, W, dim) -> (B, H, W, dim) for any H, W: the window op pads the map to window multiples and masks the
-    padding (officially the zero-padded tokens take part as keys; at map sizes that are multiples of M, e.g.
-    every L2ViT stage at 224 px, nothing is padded and both agree).
-
-    Args:
-        dim: input and output channels.
-        num_heads: attention heads (see `resolve_heads`).
-        head_dim: channels per head (see `resolve_heads`).
-        window_size: window height and width M.
-        qkv_bias: bias in the qkv projection.
-        attn_drop: the window op has no dropout: only 0 is accepted.
-        proj_drop: dropout after the output projection.
-    """
-    no_weight_decay_keys: Tuple[str, ...] = ()
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: Optional[int] = None,
-            head_dim: Optional[int] = None,
-            window_size: Union[int, Tuple[int, int]] = 7,
-            qkv_bias: bool = True,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-    ):
-        super().__init__()
-        if attn_drop:
-            raise ValueError(f'attn_drop: the window attention op has no dropout, expected 0, got {attn_drop}')
-        self.dim = dim
-        self.num_heads, self.head_dim = resolve_heads(dim, num_heads, head_dim)
-        self.window_size = tuple(to_2tuple(window_size))
-        if min(self.window_size) < 1:
-            raise ValueError(f'window_size: expected positive sizes, got {self.window_size}')
-        self.qkv = nn.Linear(dim, 3 * self.num_heads * self.head_dim, bias=qkv_bias)
-        self.proj = nn.Linear(self.num_heads * self.head_dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.dim, type(self).__name__)
-        B, H, W, _ = x.shape
-        q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
-        x = window_attention(q, k, v, self.window_size, scale=self.head_dim ** -0.5)
-        return self.proj_drop(self.proj(x.reshape(B, H, W, -1)))
-
-    def extra_repr(self) -> str:
-        return f'dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}'

@@ -50,6 +50,8 @@ class WindowAttention(nn.Module):
         head_dim: channels per head (see `resolve_heads`).
         window_size: window height and width M (the bias table covers offsets up to M - 1).
         shift_size: cyclic shift of the windows (Swin uses M // 2 in every other block).
+        rel_pos_bias: learn Swin's relative position bias table; False: plain window softmax with no bias
+            (L2ViT's local window attention).
         qkv_bias: bias in the qkv projection.
         attn_drop: attention dropout; the window op has none, so only 0 is accepted.
         proj_drop: dropout after the output projection.
@@ -63,6 +65,7 @@ class WindowAttention(nn.Module):
             head_dim: Optional[int] = None,
             window_size: _int_or_tuple_2_t = 7,
             shift_size: _int_or_tuple_2_t = 0,
+            rel_pos_bias: bool = True,
             qkv_bias: bool = True,
             attn_drop: float = 0.,
             proj_drop: float = 0.,
@@ -82,15 +85,21 @@ class WindowAttention(nn.Module):
         attn_dim = head_dim * num_heads
         self.scale = head_dim ** -0.5
         win_h, win_w = self.window_size
-        # Swin's layout: ((2Mh-1) * (2Mw-1), heads), row-major over the query-minus-key offset
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * win_h - 1) * (2 * win_w - 1), num_heads))
+        if rel_pos_bias:
+            # Swin's layout: ((2Mh-1) * (2Mw-1), heads), row-major over the query-minus-key offset
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * win_h - 1) * (2 * win_w - 1), num_heads))
+            trunc_normal_(self.relative_position_bias_table, std=.02)
+        else:
+            self.relative_position_bias_table = None
         self.qkv = nn.Linear(dim, attn_dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(attn_dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        trunc_normal_(self.relative_position_bias_table, std=.02)
 
-    def rel_pos_bias(self) -> torch.Tensor:
-        """The bias table in the op's layout: (heads, 2Mh - 1, 2Mw - 1) indexed by key minus query."""
+    def rel_pos_bias(self) -> Optional[torch.Tensor]:
+        """The bias table in the op's layout: (heads, 2Mh - 1, 2Mw - 1) indexed by key minus query; None without."""
+        if self.relative_position_bias_table is None:
+            return None
         win_h, win_w = self.window_size
         table = self.relative_position_bias_table.view(2 * win_h - 1, 2 * win_w - 1, self.num_heads)
         return table.flip(0, 1).permute(2, 0, 1)
@@ -106,4 +115,4 @@ class WindowAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, '
-                f'shift_size={self.shift_size}')
+                f'shift_size={self.shift_size}, rel_pos_bias={self.relative_position_bias_table is not None}')

@@ -3,6 +3,7 @@
 Formats: ``.safetensors`` (what the zoo writes) and torch pickles (``.pth``, ``.pt``, ``.bin``, ``.ckpt``),
 which are only ever read with ``torch.load(weights_only=True)``; arbitrary pickled objects are refused.
 """
+import argparse
 import contextlib
 import json
 import os
@@ -249,10 +250,16 @@ def read_torch_file(path: PathLike, map_location: Any = 'cpu') -> Any:
     return _read_torch(path, map_location)
 
 
+# plain-data classes that official training scripts pickle beside the weights (DeiT / ConvNeXt-style
+# `save_model` stores the argparse `args`): rebuilding one only sets attributes, nothing is called
+_SAFE_GLOBALS = [argparse.Namespace]
+
+
 def _read_torch(path: str, map_location: Any) -> Any:
     check_torch_file(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # never repeat torch's advice to retry with weights_only=False: the file may be anything
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]

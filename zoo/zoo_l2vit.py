@@ -7,7 +7,7 @@ A conv stem (two 3x3 stride-2 convs with BatchNorm, ReLU between, then LayerNorm
 multiple of 4 first, as official), four stages of the one `MixerBlock` with a LayerNorm + 2x2 stride-2 conv
 downsample before stages 2-4, a final LayerNorm and a linear head. Blocks alternate (official
 'mix_local_enhanced_vit'): even blocks are LWA - softmax attention in 7 x 7 windows with no bias and no shift
-('plain_window' mixer), with a 3x3 depthwise conv position embedding (CPE) before the attention and another before
+('window' mixer with rel_pos_bias=False), with a 3x3 depthwise conv position embedding (CPE) before the attention and another before
 the MLP; odd blocks are LGA - L2ViT's linear attention over the whole map ('linear' mixer, variant 'l2vit') with a
 CPE before it and the local concentration module (LCM) as a residual branch of its own after it. MLP ratio 4,
 LayerNorm eps 1e-5, no layer scale. Any input size runs: windows pad and mask (officially the padding joins the
@@ -66,7 +66,7 @@ def l2vit_stage_specs(
     if not len(embed_dim) == len(num_heads) == n:
         raise ValueError(f'embed_dim, depths, num_heads: expected one entry per stage each, got {tuple(embed_dim)}, '
                          f'{tuple(depths)}, {tuple(num_heads)}')
-    lwa = ('plain_window', dict(window_size=window_size), dict(mlp_pos_embed=cpe_kernel))
+    lwa = ('window', dict(window_size=window_size, rel_pos_bias=False), dict(mlp_pos_embed=cpe_kernel))
     lga = ('linear', dict(variant='l2vit'), dict(local_layer='lcm') if lcm else {})
     specs = []
     for i, (dim, depth, heads) in enumerate(zip(embed_dim, depths, num_heads)):

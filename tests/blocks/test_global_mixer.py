@@ -1,6 +1,6 @@
-"""The 'global' mixer (softmax attention over the whole map; MALA's RoPE, LePE and gate) and 'plain_window' (L2ViT's
-LWA) against brute-force statements written here (explicit N x N attention, explicit pair rotations, fp64, forward
-and gradients), MALA's RoPE layout, the export path, any size, and clear errors."""
+"""The 'global' mixer (softmax attention over the whole map; MALA's RoPE, LePE and gate) and the 'window' mixer
+without bias (L2ViT's LWA) against brute-force statements written here (explicit N x N attention, explicit pair
+rotations, fp64, forward and gradients), MALA's RoPE layout, the export path, any size, and clear errors."""
 import math
 
 import pytest
@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import zoo.blocks.attention as attention
 from zoo.blocks import create_mixer
-from zoo.blocks.attention import GlobalAttention, PlainWindowAttention, apply_rope, rope_2d
+from zoo.blocks.attention import GlobalAttention, apply_rope, rope_2d
+from zoo.blocks.window import WindowAttention
 
 
 def _rotate(x: torch.Tensor, H: int, W: int, temperature: float = 10000.) -> torch.Tensor:
@@ -95,7 +96,7 @@ def test_malas_configuration():
     assert sorted(n for n, _ in plain.named_parameters()) == ['proj.bias', 'proj.weight', 'qkv.bias', 'qkv.weight']
 
 
-def _windows_brute_force(m: PlainWindowAttention, x: torch.Tensor) -> torch.Tensor:
+def _windows_brute_force(m: WindowAttention, x: torch.Tensor) -> torch.Tensor:
     """Softmax attention among the tokens of each M x M window (windows tile the map from the top left; a partial
     window at the bottom / right holds only real tokens), no bias."""
     B, H, W, C = x.shape
@@ -112,9 +113,9 @@ def _windows_brute_force(m: PlainWindowAttention, x: torch.Tensor) -> torch.Tens
 
 
 @pytest.mark.parametrize('hw', [(6, 9), (7, 5), (2, 2)])
-def test_plain_window_is_window_softmax_without_bias(hw, assert_close_to_scale):
+def test_window_without_bias_is_plain_window_softmax(hw, assert_close_to_scale):
     torch.manual_seed(0)
-    m = create_mixer('plain_window', 32, num_heads=2, window_size=3).double()
+    m = create_mixer('window', 32, num_heads=2, window_size=3, rel_pos_bias=False).double()
     assert sorted(n for n, _ in m.named_parameters()) == ['proj.bias', 'proj.weight', 'qkv.bias', 'qkv.weight']
     x = torch.randn(2, *hw, 32, dtype=torch.float64, requires_grad=True)
     out = m(x)
@@ -135,9 +136,5 @@ def test_bad_arguments():
         create_mixer('global', 32, num_heads=5)
     with pytest.raises(ValueError, match=r'attn_drop: expected a rate in \[0, 1\)'):
         create_mixer('global', 32, attn_drop=1.)
-    with pytest.raises(ValueError, match='window_size: expected positive sizes'):
-        create_mixer('plain_window', 32, window_size=0)
-    with pytest.raises(ValueError, match='attn_drop: the window attention op has no dropout'):
-        create_mixer('plain_window', 32, attn_drop=0.1)
     with pytest.raises(ValueError, match=r'GlobalAttention: expected input \(B, H, W, 32\), got \(1, 4, 4, 16\)'):
         create_mixer('global', 32)(torch.randn(1, 4, 4, 16))

@@ -183,6 +183,14 @@ def test_pickled_arbitrary_object_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_training_args_beside_the_weights_load(tmp_path):
+    # DeiT / ConvNeXt-style official checkpoints (L2ViT's among them) pickle the argparse namespace with the weights
+    import argparse
+    sd = {'x': torch.randn(2)}
+    torch.save({'model': sd, 'epoch': 3, 'args': argparse.Namespace(lr=1e-3, model='l2vit_tiny')}, tmp_path / 'a.pth')
+    assert torch.equal(load_weights(tmp_path / 'a.pth')['x'], sd['x'])
+
+
 def test_unwraps_containers_and_prefixes(tmp_path):
     a, b = torch.randn(2), torch.randn(3)
     torch.save({'epoch': 3, 'model': {'module.x': a, 'module.y.z': b}}, tmp_path / 'ddp.pth')

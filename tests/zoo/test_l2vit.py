@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import zoo
 from zoo.blocks import MixerBlock
-from zoo.blocks.attention import PlainWindowAttention
+from zoo.blocks.window import WindowAttention
 from zoo.blocks.block import LocalConcentration, NormConvDownsample
 from zoo.blocks.linear import LinearAttention
 from zoo.weights.keymap import IncompatibleKeysError
@@ -58,7 +58,8 @@ def test_layout_per_stage(name, depths, heads):
             assert block.attn.num_heads == heads[i] and block.gamma1 is None
             assert block.pos_embed.proj.kernel_size == (3, 3) and block.mlp.fc1.out_features == 4 * block.attn.dim
             if j % 2 == 0:
-                assert isinstance(block.attn, PlainWindowAttention) and block.attn.window_size == (7, 7)
+                assert isinstance(block.attn, WindowAttention) and block.attn.window_size == (7, 7)
+                assert block.attn.shift_size == (0, 0) and block.attn.relative_position_bias_table is None
                 assert block.pos_embed2.proj.kernel_size == (3, 3) and block.local is None
             else:
                 assert isinstance(block.attn, LinearAttention) and block.attn.variant == 'l2vit'
