@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import to_2tuple
 
+from zoo.kernels.backend import is_exporting
 from zoo.kernels.linear import linear_attention
 
 from ._registry import check_input, register_mixer, resolve_heads
@@ -245,11 +246,12 @@ class FlattenVariant(LinearVariant):
 
     def focus(self, t: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
         t = (F.relu(_at_least_fp32(t)) + 1e-6) * inv_scale
-        norm = t.norm(dim=-1, keepdim=True)
         # ||t|| t^p / ||t^p||, with t divided by its largest entry first: the same value (so the divisor needs no
-        # gradient), and no power can overflow or underflow to 0 / 0
+        # gradient), and no power can overflow or underflow to 0 / 0. Entries are > 0, so the norms are > 0 and
+        # are taken as sqrt(sum of squares), whose backward is cheaper than norm's
+        norm = (t * t).sum(-1, keepdim=True).sqrt()
         t = (t * t.amax(dim=-1, keepdim=True).detach().reciprocal()) ** self.focusing_factor
-        return t * (norm / t.norm(dim=-1, keepdim=True))
+        return t * (norm * (t * t).sum(-1, keepdim=True).rsqrt())
 
     def forward(self, m: LinearAttention, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
@@ -284,8 +286,13 @@ _INLINE_KERNELS: Dict[str, Optional[Callable[[torch.Tensor], torch.Tensor]]] = {
 
 def dynamic_dwconv3x3(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Per-sample 3 x 3 depthwise cross-correlation, zero padding 1: v (B, H, W, C), weight (B, C, 3, 3) ->
-    (B, H, W, C). Nine shifted multiply-adds, so batch and map size stay dynamic in an ONNX export."""
-    H, W = v.shape[1], v.shape[2]
+    (B, H, W, C). Eager: one conv with a group per (sample, channel). While exporting: nine shifted multiply-adds
+    (the same sums), since a group count that depends on the batch cannot stay dynamic in an ONNX graph."""
+    B, H, W, C = v.shape
+    if not is_exporting():
+        x = v.permute(0, 3, 1, 2).reshape(1, B * C, H, W)
+        out = F.conv2d(x, weight.reshape(B * C, 1, 3, 3), padding=1, groups=B * C)
+        return out.reshape(B, C, H, W).permute(0, 2, 3, 1)
     vp = F.pad(v, (0, 0, 1, 1, 1, 1))
     w = weight.permute(0, 2, 3, 1)[:, :, :, None, None, :]  # B, 3, 3, 1, 1, C
     out = vp[:, :H, :W] * w[:, 0, 0]

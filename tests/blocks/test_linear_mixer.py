@@ -154,6 +154,21 @@ def test_triton_path_matches_reference(variant, assert_close_to_scale):
         assert_close_to_scale(got, want, rel=1e-4, floor=1e-5)
 
 
+def test_inline_export_path_equals_eager(monkeypatch, assert_close_to_scale):
+    """InLine's per-sample 3 x 3 conv: one grouped conv in eager mode, shifted multiply-adds while exporting."""
+    import zoo.blocks.linear as linear
+    m = create_mixer('linear', 32, num_heads=2, variant='inline').double()
+    x = torch.randn(3, 7, 10, 32, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for exporting in (False, True):
+        monkeypatch.setattr(linear, 'is_exporting', lambda: exporting)
+        out = m(x)
+        outs.append((out, torch.autograd.grad(out.square().sum(), [x] + list(m.parameters()))))
+    assert_close_to_scale(outs[1][0], outs[0][0])
+    for a, b in zip(outs[1][1], outs[0][1]):
+        assert_close_to_scale(a, b)
+
+
 def test_official_parameter_names_and_shapes():
     f = create_mixer('linear', 96, num_heads=3, variant='flatten')
     assert {n: tuple(p.shape) for n, p in f.named_parameters()} == {
