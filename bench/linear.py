@@ -24,6 +24,7 @@ Peak memory: bytes PyTorch's CPU allocator hands out during one call beyond what
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -107,6 +108,21 @@ def _add_ratios(rows: List[Dict[str, Any]]) -> None:
                                              if prev[f'{key}_peak_mib'] else None)
 
 
+def growth(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
+    """Per mixer, the time ratio per 4x tokens over its whole measured range (smallest to largest size, sizes
+    doubling): (time(S_max) / time(S_min)) ** (1 / doublings), the geometric mean of the steps, for fwd and fwd+bwd.
+    Less noisy than one step; the steps show where the growth is."""
+    out = {}
+    for name in dict.fromkeys(r['mixer'] for r in rows):
+        own = sorted((r for r in rows if r['mixer'] == name and not r.get('skipped')), key=lambda r: r['size'])
+        if len(own) < 2:
+            continue
+        doublings = math.log2(own[-1]['size'] / own[0]['size'])
+        out[name] = {key: (own[-1][f'{key}_ms'] / own[0][f'{key}_ms']) ** (1 / doublings) for key in ('fwd', 'fwdbwd')}
+        out[name]['range'] = f"{own[0]['size']}^2..{own[-1]['size']}^2"
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ models
 
 def bench_models(args) -> List[Dict[str, Any]]:
@@ -150,6 +166,10 @@ def markdown(result: Dict[str, Any]) -> str:
             lines.append(f"| {r['mixer']} | {r['size']}^2 | {_f(r['fwd_ms'], 2)} | {_f(r['fwdbwd_ms'], 2)} | "
                          f"{'-' if ratio is None else f'{ratio:.2f}x'} | {_f(r['fwd_peak_mib'])} | "
                          f"{_f(r['fwdbwd_peak_mib'])} |")
+        lines += ['', 'Time per 4x tokens over the whole range (geometric mean of the steps above):', '',
+                  '| mixer | range | fwd | fwd+bwd |', '|---|---|---:|---:|']
+        for name, g in growth(result['mixers']).items():
+            lines.append(f"| {name} | {g['range']} | {g['fwd']:.2f}x | {g['fwdbwd']:.2f}x |")
         lines.append('')
     if result.get('models'):
         width = ' (reduced widths)' if meta['reduced'] else ''

@@ -41,8 +41,18 @@ def test_every_part_at_tiny_sizes(tmp_path, capsys):
     table = (tmp_path / 'linear.md').read_text()
     assert '| linear/flatten | 8^2 |' in table and '| global | 8^2 | skipped' in table
     assert '| mala_tiny |' in table and '| swin_tiny |' in table and '(reduced widths)' in table
+    assert '| linear/flatten | 4^2..8^2 |' in table and '| global | 4^2..8^2 |' not in table  # global: one size
     assert (tmp_path / 'linear.png').read_bytes()[:8] == PNG_MAGIC
     assert 'wrote' in capsys.readouterr().out
+
+
+def test_growth_is_the_geometric_mean_of_the_steps():
+    from zoo.bench.linear import growth
+    rows = [dict(mixer='m', size=s, fwd_ms=t, fwdbwd_ms=2 * t) for s, t in ((28, 1.), (56, 3.), (112, 16.))]
+    rows.append(dict(mixer='g', size=28, fwd_ms=1., fwdbwd_ms=1.))
+    g = growth(rows)
+    assert set(g) == {'m'} and g['m']['range'] == '28^2..112^2'
+    assert g['m']['fwd'] == pytest.approx(4.0) and g['m']['fwdbwd'] == pytest.approx(4.0)  # sqrt(16 / 1)
 
 
 def test_zoo_bench_linear_subcommand_and_bad_arguments(tmp_path, capsys):
