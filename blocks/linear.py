@@ -350,6 +350,13 @@ class InLineVariant(LinearVariant):
 
 # ------------------------------------------------------------------------------------------------ mala
 
+def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
+    """ELU(x) + 1 as relu(x) + exp(x - relu(x)): the same values and gradients (1 at 0), and on CPU several times
+    faster than F.elu, whose expm1 is not vectorised."""
+    r = F.relu(x)
+    return r + (x - r).exp()
+
+
 @register_variant
 class MalaVariant(LinearVariant):
     """MALA's magnitude-aware linear attention (qhfan/MALA `AddLinearAttention`).
@@ -383,7 +390,7 @@ class MalaVariant(LinearVariant):
     def forward(self, m: LinearAttention, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
         q, k, v, o = m.qkvo(x).reshape(B, H, W, 4, m.attn_dim).unbind(3)
-        q, k = (F.elu(_at_least_fp32(m.split_heads(t))) + 1 for t in (q, k))
+        q, k = (elu_plus_one(_at_least_fp32(m.split_heads(t))) for t in (q, k))
         q_rot, k_rot = q, k
         if self.rope:
             sin, cos = rope_2d(H, W, m.head_dim, device=x.device, dtype=q.dtype)  # q: fp32 or fp64

@@ -166,3 +166,14 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match='num_heads: expected a divisor of dim=64'):
         create_mixer('linear', 64, num_heads=5, variant='mala')
     assert math.isclose(create_mixer('linear', 64, variant='l2vit').impl.clamp_min, 100.)
+
+
+def test_elu_plus_one_is_elu_plus_one():
+    from zoo.blocks.linear import elu_plus_one
+    x = torch.tensor([-40., -1., -1e-4, 0., 1e-4, 3.], dtype=torch.float64, requires_grad=True)
+    want = F.elu(x) + 1
+    got = elu_plus_one(x)
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-15)
+    g_got, = torch.autograd.grad(got.sum(), x)
+    g_want, = torch.autograd.grad(want.sum(), x)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-15, atol=1e-15)  # 1 at 0, like ELU
