@@ -350,11 +350,28 @@ class InLineVariant(LinearVariant):
 
 # ------------------------------------------------------------------------------------------------ mala
 
+class _EluPlusOne(torch.autograd.Function):
+    """ELU(x) + 1 = relu(x) + exp(min(x, 0)), vectorised (F.elu's expm1 is not, on CPU); saves only its output y,
+    since the gradient is y where x <= 0 and 1 elsewhere, i.e. min(y, 1)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(x) + x.clamp(max=0).exp()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        y, = ctx.saved_tensors
+        return grad * y.clamp(max=1)
+
+
 def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
-    """ELU(x) + 1 as relu(x) + exp(x - relu(x)): the same values and gradients (1 at 0), and on CPU several times
-    faster than F.elu, whose expm1 is not vectorised."""
-    r = F.relu(x)
-    return r + (x - r).exp()
+    """ELU(x) + 1, the same values and gradients as ``F.elu(x) + 1`` (several times faster on CPU, the memory of
+    one saved tensor); exports as ``F.elu(x) + 1``."""
+    if is_exporting():
+        return F.elu(x) + 1
+    return _EluPlusOne.apply(x)
 
 
 @register_variant
