@@ -14,6 +14,7 @@ import timm.models._builder
 import torch
 
 import zoo  # noqa: F401  (registers the models)
+from zoo import _hierarchical
 from zoo.blocks import _registry
 from zoo.weights import save_weights
 from zoo.weights import sources
@@ -60,6 +61,15 @@ def no_downloads(monkeypatch, tmp_path):
         return None  # would download from the hub or a url
 
     monkeypatch.setattr(timm.models._builder, 'load_pretrained', load_local_only)
+    prepare = _hierarchical.prepare_pretrained
+
+    def prepare_local_only(variant, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None):
+        overlay = dict(pretrained_cfg_overlay or {})
+        if overlay.get('file') or overlay.get('state_dict') is not None:
+            return prepare(variant, pretrained_cfg, overlay, cache_dir)
+        return overlay  # a hub or url source: nothing is probed or downloaded (and the load above is skipped)
+
+    monkeypatch.setattr(_hierarchical, 'prepare_pretrained', prepare_local_only)
     # README blocks may register mixers: keep them out of the registry other tests iterate
     monkeypatch.setattr(_registry, '_MIXERS', dict(_registry._MIXERS))
     monkeypatch.setattr(_registry, '_GATES', dict(_registry._GATES))

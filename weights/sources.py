@@ -5,7 +5,8 @@
 errors for a missing, truncated, corrupt or unsafe file); a download must be able to start: a cached copy is used
 as is, ``HF_HUB_OFFLINE`` is respected, and otherwise the host is probed once with a short socket connect, so an
 offline machine fails in seconds (not after a minute of retries) with a message naming the model and how to load
-a local file instead.
+a local file instead. A url release (not the Hugging Face hub) is downloaded here into torch.hub's checkpoint cache
+and read with the same safe reader as a local file.
 
 This module imports only the standard library at module level (timm, huggingface_hub and the readers lazily):
 the model builder uses it.
@@ -91,6 +92,17 @@ def _url_cached(url: str, cache_dir: Optional[str]) -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
+def _download(url: str, cache_dir: Optional[str]) -> str:
+    """`url` into torch.hub's checkpoint cache (or `cache_dir`), where `_url_cached` finds it; torch.hub writes a
+    temporary file and renames it when complete, so an interrupted download leaves nothing behind."""
+    import torch.hub
+    folder = cache_dir or os.path.join(torch.hub.get_dir(), 'checkpoints')
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, os.path.basename(urllib.parse.urlsplit(url).path))
+    torch.hub.download_url_to_file(url, path, progress=True)
+    return path
+
+
 def _read_local(variant: str, path: str) -> Dict[str, Any]:
     from .io import SAFETENSORS_EXTS, TORCH_EXTS, load_weights
     if not os.path.isfile(path):
@@ -152,10 +164,15 @@ def prepare_pretrained(
     else:
         endpoint, what = loc, loc
         cached = _url_cached(loc, cache_dir)
-        if cached:
-            return overlay  # torch.hub reads its cache without the network
+        if cached:  # read with the zoo's reader, as a download is (below)
+            return dict(overlay, file=cached, **_read_local(variant, cached))
     why = probe_host(endpoint)
     if why is None:
+        if load_from == 'url':
+            # downloaded here and read with the zoo's reader, not torch.hub's: official release files often hold
+            # the training state beside the weights (ConvNeXt-style `args`), which the reader accepts as data
+            path = _download(loc, cache_dir)
+            return dict(overlay, file=path, **_read_local(variant, path))
         return overlay
     if cached:  # the hub would retry for a minute before falling back to this copy
         return dict(overlay, file=cached, **_read_local(variant, cached))

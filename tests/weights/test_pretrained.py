@@ -245,3 +245,27 @@ def test_cached_hub_weights_load_without_network(offline, monkeypatch, tmp_path)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+def test_release_url_is_downloaded_and_read_safely(monkeypatch, tmp_path):
+    """A url release is downloaded into the cache and read with the zoo's reader: an official ConvNeXt-style
+    file (weights, EMA weights, optimizer state and the pickled argparse `args`) loads, EMA first as in timm, and
+    the second build reads the cached copy without downloading."""
+    import argparse
+    raw, ema = _reduced('l2vit_tiny').eval(), _reduced('l2vit_tiny').eval()
+    calls = []
+
+    def fake_download(url, dst, progress=True):
+        calls.append(url)
+        torch.save({'model': raw.state_dict(), 'model_ema': ema.state_dict(), 'optimizer': {'state': {}},
+                    'epoch': 299, 'args': argparse.Namespace(model='L2ViT_Tiny', lr=4e-3)}, dst)
+
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', fake_download)
+    monkeypatch.setattr(sources, 'probe_host', lambda *a, **k: None)
+    x = torch.randn(1, 3, 64, 64)
+    for _ in range(2):
+        model = _reduced('l2vit_tiny', pretrained=True, cache_dir=str(tmp_path)).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ema(x), rtol=0, atol=0)
+    assert len(calls) == 1 and calls[0].endswith('/L2ViT-Tiny-checkpoint-best-ema.pth')
+    assert os.path.isfile(tmp_path / 'L2ViT-Tiny-checkpoint-best-ema.pth')
