@@ -19,10 +19,23 @@ import urllib.request
 from typing import Any, Dict, Optional, Tuple
 
 __all__ = ['NoPretrainedWeightsError', 'prepare_pretrained', 'release_pretrained_state_dict', 'probe_host',
-           'PROBE_TIMEOUT']
+           'PROBE_TIMEOUT', 'prefer_raw_weights']
 
 PROBE_TIMEOUT = 2.5  # seconds for the one connect to the download host
 _TRUE = ('1', 'on', 'yes', 'true')
+
+
+# model-name prefixes whose official checkpoints are evaluated from their raw weights ('model') even when they also
+# hold EMA weights ('model_ema'); every other model reads the EMA weights first, as timm does
+_RAW_WEIGHTS_PREFIXES: Tuple[str, ...] = ()
+
+
+def prefer_raw_weights(prefix: str) -> None:
+    """Read pretrained files of the models named `prefix`* from their raw weights, not their EMA weights, when
+    a file holds both (a family whose official evaluation loads 'model' from files that also carry 'model_ema')."""
+    global _RAW_WEIGHTS_PREFIXES
+    if prefix not in _RAW_WEIGHTS_PREFIXES:
+        _RAW_WEIGHTS_PREFIXES += (prefix,)
 
 
 class NoPretrainedWeightsError(RuntimeError):
@@ -111,7 +124,8 @@ def _read_local(variant: str, path: str) -> Dict[str, Any]:
         raise FileNotFoundError(f'{variant}: pretrained weight file {path!r} {kind}{where}')
     if os.path.splitext(path)[1].lower() not in SAFETENSORS_EXTS + TORCH_EXTS:
         return {}  # another format (e.g. .pth.tar): timm reads it
-    return dict(state_dict=load_weights(path, use_ema=True))  # timm's default prefers EMA weights too
+    use_ema = not variant.startswith(_RAW_WEIGHTS_PREFIXES)  # timm's default prefers EMA weights too
+    return dict(state_dict=load_weights(path, use_ema=use_ema))
 
 
 def prepare_pretrained(

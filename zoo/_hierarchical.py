@@ -26,7 +26,8 @@ from zoo.blocks.block import create_downsample
 from zoo.weights.keymap import KeyMap, make_filter
 from zoo.weights.sources import prepare_pretrained, release_pretrained_state_dict
 
-__all__ = ['StageSpec', 'Stage', 'build_stages', 'HierarchicalBackbone', 'build_backbone', 'default_cfg']
+__all__ = ['StageSpec', 'Stage', 'build_stages', 'HierarchicalBackbone', 'build_backbone', 'default_cfg',
+           'with_tag_args']
 
 
 @dataclass
@@ -322,6 +323,16 @@ class HierarchicalBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def with_tag_args(kwargs: Dict[str, Any], tag_args: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    """`kwargs` with the build arguments of the pretrained tag they name filled in where not given, so
+    'name.tag' builds the model that release fits (e.g. a 384 px fine-tune with larger windows)."""
+    kwargs = dict(kwargs)
+    tag = kwargs.get('pretrained_cfg')
+    for key, value in (tag_args.get(tag, {}) if isinstance(tag, str) else {}).items():
+        kwargs.setdefault(key, value)
+    return kwargs
 
 
 def default_cfg(url: str = '', **kwargs) -> Dict[str, Any]:

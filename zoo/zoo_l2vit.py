@@ -24,8 +24,9 @@ from timm.models.convnext import _init_weights as init_weights_convnext
 
 from zoo.kernels._sizes import ceil_div
 from zoo.weights.keymap import KeyMap, KeyRule, make_filter
+from zoo.weights.sources import prefer_raw_weights
 
-from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, build_stages, default_cfg
+from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, build_stages, default_cfg, with_tag_args
 
 __all__ = ['L2ViT', 'l2vit_stage_specs', 'KEY_MAP', 'checkpoint_filter_fn']
 
@@ -150,7 +151,15 @@ KEY_MAP = KeyMap(rules=(
 checkpoint_filter_fn = make_filter(KEY_MAP)
 
 
+# the official evaluation (`main.py --eval true --resume <file>`) loads each release file's raw weights ('model'),
+# though the files also hold EMA weights ('model_ema')
+prefer_raw_weights('l2vit_')
+# the 384 px fine-tune uses windows of 12 (official `L2ViT_Base_384`)
+_TAG_ARGS = {'in22k_ft_in1k_384': dict(window_size=12)}
+
+
 def _create_l2vit(variant: str, pretrained: bool = False, **kwargs) -> L2ViT:
+    kwargs = with_tag_args(kwargs, _TAG_ARGS)
     return build_backbone(
         L2ViT, variant, pretrained, checkpoint_filter_fn=KEY_MAP,
         num_stages=len(kwargs.get('depths', (2, 2, 6, 2))), **kwargs)
@@ -158,18 +167,23 @@ def _create_l2vit(variant: str, pretrained: bool = False, **kwargs) -> L2ViT:
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     # official evaluation: ConvNeXt's (resize to 256 / 224 of the size, centre crop, bicubic)
+    kwargs = dict(dict(crop_pct=0.875), **kwargs)
     return default_cfg(
         url=url, first_conv='stem.proj.0', license='mit', paper_ids='arXiv:2501.16182',
-        origin_url='https://github.com/ChuanyangZheng/L2ViT', crop_pct=0.875, **kwargs)
+        origin_url='https://github.com/ChuanyangZheng/L2ViT', **kwargs)
 
 
 _RELEASE = 'https://github.com/ChuanyangZheng/L2ViT/releases/download/v1.0'
 
-# the EMA weights of the best epoch (the file's 'model_ema' entry, which the key map reads first)
 default_cfgs = generate_default_cfgs({
     'l2vit_tiny.in1k': _cfg(f'{_RELEASE}/L2ViT-Tiny-checkpoint-best-ema.pth'),
     'l2vit_small.in1k': _cfg(f'{_RELEASE}/L2ViT-Small-checkpoint-best-ema.pth'),
     'l2vit_base.in1k': _cfg(f'{_RELEASE}/L2ViT-Base-checkpoint-best-ema.pth'),
+    # ImageNet-22k pre-training (the official 22k -> 1k class mapping), fine-tuned on ImageNet-1k
+    'l2vit_base.in22k_ft_in1k': _cfg(f'{_RELEASE}/L2ViT-Base-22k21k-finetune-224-checkpoint-best.pth'),
+    # official evaluation at 384: resized to 384 x 384, no crop
+    'l2vit_base.in22k_ft_in1k_384': _cfg(f'{_RELEASE}/L2ViT-Base-22k21k-finetune-384-checkpoint-best.pth',
+                                         input_size=(3, 384, 384), crop_pct=1.0, crop_mode='squash'),
 })
 
 # narrow and shallow, same structure: LWA and LGA blocks in every stage (see zoo.reduced_args)

@@ -23,7 +23,7 @@ from zoo.blocks.window import effective_window_shift
 from zoo.kernels._sizes import ceil_div
 from zoo.weights.keymap import KeyMap, KeyRule, make_filter
 
-from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, build_stages, default_cfg
+from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, build_stages, default_cfg, with_tag_args
 
 __all__ = [
     'SwinTransformer', 'KEY_MAP', 'checkpoint_filter_fn', 'swin_stage_specs', 'block_mixers', 'typed_swin_args']
@@ -117,10 +117,7 @@ def typed_swin_args(variant: str, kwargs: Dict[str, Any], tag_args: Mapping[str,
     """`kwargs` of a Swin-based family whose mixers follow an official block-type string: the pretrained tag's
     build arguments filled in (e.g. '.in1k_384' -> img_size 384, window 12: the model that release fits), and
     mixer / mixer_kwargs refused (`layout_args` names what sets them instead)."""
-    kwargs = dict(kwargs)
-    tag = kwargs.get('pretrained_cfg')
-    for key, value in (tag_args.get(tag, {}) if isinstance(tag, str) else {}).items():
-        kwargs.setdefault(key, value)
+    kwargs = with_tag_args(kwargs, tag_args)
     if 'mixer' in kwargs or 'mixer_kwargs' in kwargs:
         raise ValueError(f'{variant}: the mixers follow {layout_args}; pass that instead of mixer / mixer_kwargs '
                          f'(or build zoo.zoo_swin.SwinTransformer with them)')

@@ -247,25 +247,35 @@ def test_cached_hub_weights_load_without_network(offline, monkeypatch, tmp_path)
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
 
 
-def test_release_url_is_downloaded_and_read_safely(monkeypatch, tmp_path):
+@pytest.mark.parametrize('name, entry', [('l2vit_tiny', 'model'), ('nat_mini', 'model_ema')])
+def test_release_url_is_downloaded_and_read_safely(name, entry, monkeypatch, tmp_path):
     """A url release is downloaded into the cache and read with the zoo's reader: an official ConvNeXt-style
-    file (weights, EMA weights, optimizer state and the pickled argparse `args`) loads, EMA first as in timm, and
-    the second build reads the cached copy without downloading."""
+    file (weights, EMA weights, optimizer state and the pickled argparse `args`) loads, and the second build reads
+    the cached copy without downloading. Which weights: the EMA ones first, as in timm, except for families whose
+    official evaluation loads the raw ones (L2ViT)."""
     import argparse
-    raw, ema = _reduced('l2vit_tiny').eval(), _reduced('l2vit_tiny').eval()
+    weights = {'model': _reduced(name).eval(), 'model_ema': _reduced(name).eval()}
     calls = []
 
     def fake_download(url, dst, progress=True):
         calls.append(url)
-        torch.save({'model': raw.state_dict(), 'model_ema': ema.state_dict(), 'optimizer': {'state': {}},
-                    'epoch': 299, 'args': argparse.Namespace(model='L2ViT_Tiny', lr=4e-3)}, dst)
+        torch.save({'model': weights['model'].state_dict(), 'model_ema': weights['model_ema'].state_dict(),
+                    'optimizer': {'state': {}}, 'epoch': 'best', 'args': argparse.Namespace(model=name, lr=4e-3)}, dst)
 
     monkeypatch.setattr(torch.hub, 'download_url_to_file', fake_download)
     monkeypatch.setattr(sources, 'probe_host', lambda *a, **k: None)
     x = torch.randn(1, 3, 64, 64)
     for _ in range(2):
-        model = _reduced('l2vit_tiny', pretrained=True, cache_dir=str(tmp_path)).eval()
+        model = _reduced(name, pretrained=True, cache_dir=str(tmp_path)).eval()
         with torch.no_grad():
-            torch.testing.assert_close(model(x), ema(x), rtol=0, atol=0)
-    assert len(calls) == 1 and calls[0].endswith('/L2ViT-Tiny-checkpoint-best-ema.pth')
-    assert os.path.isfile(tmp_path / 'L2ViT-Tiny-checkpoint-best-ema.pth')
+            torch.testing.assert_close(model(x), weights[entry](x), rtol=0, atol=0)
+    assert len(calls) == 1
+    assert os.path.isfile(tmp_path / os.path.basename(calls[0]))
+
+
+def test_l2vit_384_release_builds_its_model():
+    with torch.device('meta'):
+        model = timm.create_model('l2vit_base.in22k_ft_in1k_384')
+    assert model.stages[0].blocks[0].attn.window_size == (12, 12)
+    assert model.pretrained_cfg['input_size'] == (3, 384, 384) and model.pretrained_cfg['crop_pct'] == 1.0
+    assert model.pretrained_cfg['url'].endswith('/L2ViT-Base-22k21k-finetune-384-checkpoint-best.pth')
