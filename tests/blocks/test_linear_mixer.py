@@ -207,15 +207,18 @@ def test_default_is_flatten_with_the_official_tiny_arguments():
 
 
 # input scale per variant: large activations whose fp32 output still fits fp16 (InLine's output grows as the cube)
-_LARGE = {'efficient': 100., 'flatten': 300., 'inline': 30.}
+# per variant, large activations whose fp32 output still fits fp16
+_LARGE = {'efficient': 100., 'flatten': 300., 'inline': 30., 'mala': 10., 'l2vit': 300.}
 
 
-@pytest.mark.parametrize('variant', VARIANTS)
+@pytest.mark.parametrize('variant', sorted(_LARGE))
 @pytest.mark.parametrize('dtype, rel', [(torch.bfloat16, 0.25), (torch.float16, 0.05)])
 def test_half_precision_autocast_with_large_activations(variant, dtype, rel):
     """Activations of tens to hundreds: FLatten's q ** 3 and the sums of N products overflow fp16 if done in it; the
     feature maps run in fp32 and the op sums in fp32, so the output is finite. It is as close to fp32's as the
-    half-precision projections allow (bf16's 8-bit mantissa moves Efficient's softmax logits of ~100 by ~1)."""
+    half-precision projections allow (bf16's 8-bit mantissa moves Efficient's softmax logits of ~100 by ~1). Every
+    registered variant is covered."""
+    assert sorted(_LARGE) == sorted(list_variants())
     torch.manual_seed(0)
     kwargs = dict(pe_size=16) if variant == 'flatten' else {}
     m = create_mixer('linear', 32, num_heads=2, variant=variant, **kwargs)
