@@ -84,6 +84,21 @@ def compile_for_gpu():
     return _compile_for_gpu
 
 
+def _official_checkpoint(layout, path):
+    """A release-layout checkpoint (``{'model': state_dict}``, as the official training scripts save it) of random
+    tensors with the (name, shape) pairs of `layout`, written to `path`; returns (state_dict, path)."""
+    torch.manual_seed(0)
+    state = {k: torch.randn(shape) for k, shape in layout}
+    torch.save({'model': state}, path)
+    return state, path
+
+
+@pytest.fixture
+def official_checkpoint():
+    """`_official_checkpoint(layout, path) -> (state_dict, path)`."""
+    return _official_checkpoint
+
+
 def pytest_collection_finish(session):
     """Tests import the one package (`zoo.kernels`, ...): a top-level `kernels` / `blocks` / ... from this
     checkout (on sys.path through the working directory) would be a second copy of the same modules."""

@@ -77,17 +77,14 @@ def test_fine_tuned_release_tags_build_their_layout(tag, size, window, params):
     assert model.stages[2].blocks[-1].attn.shift_size == (window // 2,) * 2
 
 
-def _official_file(name: str, tmp_path: Path):
-    torch.manual_seed(0)
-    state = {k: torch.randn(shape) for k, shape in OFFICIAL_LAYOUT[name]}
-    path = tmp_path / f'{name}_official.pth'
-    torch.save({'model': state}, path)
-    return state, path
+@pytest.fixture
+def official_file(official_checkpoint, tmp_path):
+    return lambda name: official_checkpoint(OFFICIAL_LAYOUT[name], tmp_path / f'{name}_official.pth')
 
 
 @pytest.mark.parametrize('name', ['agent_swin_tiny', 'agent_swin_base'])
-def test_official_checkpoint_layout_loads(name, tmp_path):
-    state, path = _official_file(name, tmp_path)
+def test_official_checkpoint_layout_loads(name, official_file):
+    state, path = official_file(name)
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     ours = model.state_dict()
     buffers = [k for k in state if k.endswith(('relative_position_index', 'attn_mask'))]
@@ -106,9 +103,9 @@ def test_official_checkpoint_layout_loads(name, tmp_path):
         torch.testing.assert_close(ours[own], state[theirs], rtol=0, atol=0, msg=theirs)
 
 
-def test_file_for_224_loads_into_another_size(tmp_path):
+def test_file_for_224_loads_into_another_size(official_file):
     """Row / column tables are resized (linearly, as the official detection code resizes them) to img_size."""
-    state, path = _official_file('agent_swin_tiny', tmp_path)
+    state, path = official_file('agent_swin_tiny')
     model = timm.create_model('agent_swin_tiny', img_size=288, pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(path)))
     got = model.stages[0].blocks[0].attn.ha_bias  # official (1, heads, rows, 1, agents)

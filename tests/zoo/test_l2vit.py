@@ -66,17 +66,14 @@ def test_layout_per_stage(name, depths, heads):
                 assert isinstance(block.local, LocalConcentration) and block.pos_embed2 is None
 
 
-def _official_file(layout, tmp_path: Path, name: str = 'l2vit_official.pth'):
-    torch.manual_seed(0)
-    state = {k: torch.randn(shape) for k, shape in layout}
-    path = tmp_path / name
-    torch.save({'model': state}, path)
-    return state, path
+@pytest.fixture
+def official_file(official_checkpoint, tmp_path):
+    return lambda layout, name='l2vit_official.pth': official_checkpoint(layout, tmp_path / name)
 
 
 @pytest.mark.parametrize('which', ['reduced', 'l2vit_tiny'])
-def test_official_checkpoint_layout_loads(which, tmp_path):
-    state, path = _official_file(LAYOUT[which], tmp_path)
+def test_official_checkpoint_layout_loads(which, official_file):
+    state, path = official_file(LAYOUT[which])
     args = SMALL if which == 'reduced' else {}
     model = timm.create_model('l2vit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **args)
     ours = model.state_dict()
@@ -101,11 +98,11 @@ def test_official_checkpoint_layout_loads(which, tmp_path):
         torch.testing.assert_close(ours[own], state[theirs], rtol=0, atol=0, msg=theirs)
 
 
-def test_wrong_file_is_an_error(tmp_path):
-    _, path = _official_file(OTHER['reduced'], tmp_path, 'mala.pth')
+def test_wrong_file_is_an_error(official_file):
+    _, path = official_file(OTHER['reduced'], 'mala.pth')
     with pytest.raises(IncompatibleKeysError, match='does not belong to l2vit_tiny'):
         timm.create_model('l2vit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SMALL)
-    _, path = _official_file(LAYOUT['reduced'], tmp_path)
+    _, path = official_file(LAYOUT['reduced'])
     with pytest.raises(IncompatibleKeysError, match=r'missing from the file \(\d+\)'):
         timm.create_model('l2vit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                           **dict(SMALL, depths=(2, 2, 3, 2)))

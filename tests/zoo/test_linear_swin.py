@@ -78,12 +78,9 @@ def _official_layout(name: str, img: int = 224, window: int = 7):
     return out + [('norm.weight', (c,)), ('norm.bias', (c,)), ('head.weight', (1000, c)), ('head.bias', (1000,))]
 
 
-def _official_file(name: str, tmp_path, **kwargs):
-    torch.manual_seed(0)
-    state = {k: torch.randn(shape) for k, shape in _official_layout(name, **kwargs)}
-    path = tmp_path / f'{name}_official.pth'
-    torch.save({'model': state}, path)  # the official main.py's layout
-    return state, path
+@pytest.fixture
+def official_file(official_checkpoint, tmp_path):
+    return lambda name: official_checkpoint(_official_layout(name), tmp_path / f'{name}_official.pth')
 
 
 def test_registered_with_release_notes():
@@ -137,8 +134,8 @@ def test_block_layout(name):
 
 
 @pytest.mark.parametrize('name', ['flatten_swin_tiny', 'inline_swin_base'])
-def test_official_checkpoint_layout_loads(name, tmp_path):
-    state, path = _official_file(name, tmp_path)
+def test_official_checkpoint_layout_loads(name, official_file):
+    state, path = official_file(name)
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     ours = model.state_dict()
     buffers = [k for k in state if k.endswith(('relative_position_index', 'attn_mask'))]
@@ -163,9 +160,9 @@ def test_official_checkpoint_layout_loads(name, tmp_path):
         torch.testing.assert_close(ours[own], state[theirs], rtol=0, atol=0, msg=theirs)
 
 
-def test_file_for_224_loads_into_another_size(tmp_path):
+def test_file_for_224_loads_into_another_size(official_file):
     """Positional encodings are bilinearly resized to the stage sizes of img_size (here 288 px: 72 and 36)."""
-    state, path = _official_file('flatten_swin_tiny', tmp_path)
+    state, path = official_file('flatten_swin_tiny')
     model = timm.create_model('flatten_swin_tiny', img_size=288, pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(path)))
     got = model.stages[1].blocks[0].attn.positional_encoding
@@ -175,12 +172,12 @@ def test_file_for_224_loads_into_another_size(tmp_path):
     torch.testing.assert_close(got.detach(), want.reshape(1, 36 * 36, 192), rtol=0, atol=1e-6)
 
 
-def test_foreign_or_wrong_shape_files_are_errors(tmp_path):
-    _, path = _official_file('inline_swin_tiny', tmp_path)
+def test_foreign_or_wrong_shape_files_are_errors(official_file):
+    _, path = official_file('inline_swin_tiny')
     with pytest.raises(IncompatibleKeysError, match=r'does not belong to flatten_swin_tiny(.|\n)*this looks like a '
                                                    r'inline_swin_tiny checkpoint'):
         timm.create_model('flatten_swin_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    state, path = _official_file('flatten_swin_tiny', tmp_path)
+    state, path = official_file('flatten_swin_tiny')
     state['layers.0.blocks.0.attn.scale'] = torch.zeros(1, 1, 64)
     torch.save({'model': state}, path)
     with pytest.raises(IncompatibleKeysError, match=r"other shape .*attn.scale' is \(1, 1, 64\) in the file"):

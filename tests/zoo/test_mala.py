@@ -73,17 +73,14 @@ def test_layout_per_stage(name, heads, head_dims, scales):
     assert model.num_features == (2560 if name == 'mala_large' else 2048) == model.norm.conv.out_channels
 
 
-def _official_file(layout, tmp_path: Path, name: str = 'mala_official.pth'):
-    torch.manual_seed(0)
-    state = {k: torch.randn(shape) for k, shape in layout}
-    path = tmp_path / name
-    torch.save({'model': state}, path)
-    return state, path
+@pytest.fixture
+def official_file(official_checkpoint, tmp_path):
+    return lambda layout, name='mala_official.pth': official_checkpoint(layout, tmp_path / name)
 
 
 @pytest.mark.parametrize('which', ['reduced', 'mala_tiny'])
-def test_official_checkpoint_layout_loads(which, tmp_path):
-    state, path = _official_file(LAYOUT[which], tmp_path)
+def test_official_checkpoint_layout_loads(which, official_file):
+    state, path = official_file(LAYOUT[which])
     args = SMALL if which == 'reduced' else {}
     model = timm.create_model('mala_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **args)
     ours = model.state_dict()
@@ -125,11 +122,11 @@ def test_own_layout_and_new_classifier(tmp_path):
     assert again.head.fc.out_features == 10
 
 
-def test_wrong_file_is_an_error(tmp_path):
-    _, path = _official_file(OTHER['reduced'], tmp_path, 'l2vit.pth')
+def test_wrong_file_is_an_error(official_file):
+    _, path = official_file(OTHER['reduced'], 'l2vit.pth')
     with pytest.raises(IncompatibleKeysError, match='does not belong to mala_tiny'):
         timm.create_model('mala_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SMALL)
-    state, path = _official_file(LAYOUT['reduced'], tmp_path)
+    state, path = official_file(LAYOUT['reduced'])
     with pytest.raises(IncompatibleKeysError, match=r"other shape \(\d+\): 'stem.0.weight'"):
         timm.create_model('mala_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                           **dict(SMALL, embed_dim=(32, 32, 64, 64)))
