@@ -30,7 +30,7 @@ Adding a variant: subclass `LinearVariant` in its own section below and decorate
 Everything channels-last: (B, H, W, C).
 """
 import inspect
-from typing import Callable, ClassVar, Dict, Optional, Tuple, Type, Union
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -43,7 +43,7 @@ from zoo.kernels.linear import linear_attention
 from ._registry import check_input, register_mixer, resolve_heads
 from .attention import apply_rope, check_rope_dim, rope_2d
 
-__all__ = ['LinearAttention', 'LinearVariant', 'register_variant', 'list_variants']
+__all__ = ['LinearAttention', 'LinearVariant', 'register_variant', 'list_variants', 'resize_encoding']
 
 
 class LinearVariant:
@@ -201,6 +201,13 @@ class EfficientVariant(LinearVariant):
 
 # ------------------------------------------------------------------------------------------------ flatten
 
+def resize_encoding(table: torch.Tensor, size: Tuple[int, int], new_size: Tuple[Any, Any]) -> torch.Tensor:
+    """A positional encoding (1, rows * cols, C) stored for a `size` = (rows, cols) map, bilinearly resized to
+    `new_size` (ints, or traced sizes while exporting): (1, H, W, C); the identity at its own size."""
+    table = table.reshape(1, *size, -1).permute(0, 3, 1, 2)
+    return F.interpolate(table, size=new_size, mode='bilinear', align_corners=False).permute(0, 2, 3, 1)
+
+
 @register_variant
 class FlattenVariant(LinearVariant):
     """FLatten's focused linear attention (the 2024 numerically fixed form).
@@ -241,8 +248,7 @@ class FlattenVariant(LinearVariant):
     def resized_encoding(self, m: LinearAttention, H: Union[int, torch.Tensor],
                          W: Union[int, torch.Tensor]) -> torch.Tensor:
         """The table resized to the map (in the graph: any size exports): (1, H, W, attn_dim)."""
-        table = m.positional_encoding.reshape(1, *self.pe_size, -1).permute(0, 3, 1, 2)
-        return F.interpolate(table, size=(H, W), mode='bilinear', align_corners=False).permute(0, 2, 3, 1)
+        return resize_encoding(m.positional_encoding, self.pe_size, (H, W))
 
     def focus(self, t: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
         t = (F.relu(_at_least_fp32(t)) + 1e-6) * inv_scale

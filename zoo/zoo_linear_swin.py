@@ -16,10 +16,10 @@ import math
 from typing import Any, Dict, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from timm.layers import to_2tuple
 from timm.models import generate_default_cfgs, register_model
 
+from zoo.blocks.linear import resize_encoding
 from zoo.weights.keymap import make_filter
 
 from ._hierarchical import build_backbone, default_cfg
@@ -62,9 +62,7 @@ def _resize_encoding(table: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     src, dst = (math.isqrt(t.shape[1]) if t.dim() == 3 else 0 for t in (table, target))
     if not src or src * src != table.shape[1] or dst * dst != target.shape[1] or table.shape[2] != target.shape[2]:
         return table  # not a square-to-square resize: the key check reports the shape
-    grid = table.reshape(1, src, src, -1).permute(0, 3, 1, 2).float()
-    out = F.interpolate(grid, size=(dst, dst), mode='bilinear', align_corners=False)
-    return out.permute(0, 2, 3, 1).reshape(1, dst * dst, -1).to(table.dtype)
+    return resize_encoding(table.float(), (src, src), (dst, dst)).reshape(1, dst * dst, -1).to(table.dtype)
 
 
 # The official flatten_swin.py / inline_swin.py name everything as the official Swin does (the linear mixers'
