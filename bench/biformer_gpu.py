@@ -104,10 +104,33 @@ def _timer(device: torch.device):
     return timed
 
 
+def measure(call: Callable[[], object], fwd_bwd: Optional[Callable[[], object]], device: torch.device, warmup: int,
+            repeats: int) -> Dict[str, float]:
+    """fwd_ms (`call` under no_grad) and, given `fwd_bwd`, fwd_bwd_ms and on CUDA fwd_bwd_peak_mb (peak memory of one
+    forward + backward above what was allocated before): medians of `repeats` timed calls after `warmup` rounds."""
+    timed = _timer(device)
+    for _ in range(warmup):
+        with torch.no_grad():
+            call()
+        if fwd_bwd is not None:
+            fwd_bwd()
+    with torch.no_grad():
+        out = dict(fwd_ms=statistics.median(timed(call) for _ in range(repeats)))
+    if fwd_bwd is None:
+        return out
+    out['fwd_bwd_ms'] = statistics.median(timed(fwd_bwd) for _ in range(repeats))
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd()
+        out['fwd_bwd_peak_mb'] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    return out
+
+
 def run(args: argparse.Namespace) -> List[dict]:
     device = torch.device('cuda' if torch.cuda.is_available() and not args.cpu else 'cpu')
     dtype = _DTYPES[args.dtype]
-    timed = _timer(device)
     rows = []
     for shape in stage_shapes(args.img_size):
         if args.stages and shape['stage'] not in args.stages:
@@ -134,21 +157,7 @@ def run(args: argparse.Namespace) -> List[dict]:
                 want = out
             row['max_abs_err_vs_reference'] = (out - want).abs().max().item()
             backward_ok = not (name == 'flex' and device.type != 'cuda')
-            for _ in range(args.warmup):
-                with torch.no_grad():
-                    call()
-                if backward_ok:
-                    fwd_bwd()
-            with torch.no_grad():
-                row['fwd_ms'] = statistics.median(timed(call) for _ in range(args.repeats))
-            if backward_ok:
-                row['fwd_bwd_ms'] = statistics.median(timed(fwd_bwd) for _ in range(args.repeats))
-                if device.type == 'cuda':
-                    torch.cuda.synchronize()
-                    base = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                    fwd_bwd()
-                    row['fwd_bwd_peak_mb'] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            row.update(measure(call, fwd_bwd if backward_ok else None, device, args.warmup, args.repeats))
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     return rows

@@ -19,13 +19,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 from typing import Dict, List, Optional
 
 import torch
 
-from zoo.bench.biformer_gpu import _fmt, _timer
+from zoo.bench.biformer_gpu import _fmt, measure
 from zoo.kernels.linear import NORMALIZERS, linear_attention
 from zoo.weights.io import atomic_write
 
@@ -60,7 +59,6 @@ def _inputs(shape: dict, normalizer: str, batch: int, device: torch.device, dtyp
 def run(args: argparse.Namespace) -> List[dict]:
     device = torch.device('cuda' if torch.cuda.is_available() and not args.cpu else 'cpu')
     dtype = _DTYPES[args.dtype]
-    timed = _timer(device)
     rows = []
     for shape in stage_shapes(args.img_size):
         for normalizer in args.normalizers:
@@ -81,19 +79,7 @@ def run(args: argparse.Namespace) -> List[dict]:
                 with torch.no_grad():
                     row['max_abs_err_vs_fp32'] = (call().float() - want).abs().max().item()
                 row['out_scale'] = want.abs().max().item()
-                for _ in range(args.warmup):
-                    with torch.no_grad():
-                        call()
-                    fwd_bwd()
-                with torch.no_grad():
-                    row['fwd_ms'] = statistics.median(timed(call) for _ in range(args.repeats))
-                row['fwd_bwd_ms'] = statistics.median(timed(fwd_bwd) for _ in range(args.repeats))
-                if device.type == 'cuda':
-                    torch.cuda.synchronize()
-                    base = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                    fwd_bwd()
-                    row['fwd_bwd_peak_mb'] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+                row.update(measure(call, fwd_bwd, device, args.warmup, args.repeats))
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
