@@ -15,7 +15,7 @@ are identical in both. Measures, in ONE process with interleaved repeats (median
     python -m zoo.bench.biformer_cpu [--model biformer_tiny] [--img-size 224] [--batch 4] [--threads 2]
         [--repeats 5] [--out bench/results/biformer_cpu]
 
-Writes JSON and a markdown table (through `zoo.weights.io.atomic_write`). `--reduced` runs the model's
+Writes JSON and a markdown table (atomically). `--reduced` runs the model's
 narrow test configuration (a quick check of the script itself).
 """
 import argparse
@@ -36,8 +36,8 @@ import torch.nn.functional as F
 import zoo
 import zoo.blocks.routing as routing_mixer
 from zoo.bench.na_cpu import rss_peak_mb, tensor_peak_mb
+from zoo.bench.run import _write_atomic
 from zoo.kernels.routing import GLOBAL_TOPK, default_scale, region_routing, routed_attention
-from zoo.weights.io import atomic_write
 
 __all__ = ['routed_attention_gather', 'gather_baseline', 'run', 'main']
 
@@ -264,10 +264,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         meta = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                     cpu_count=os.cpu_count(), threads=torch.get_num_threads(), args=vars(args),
                     command=' '.join([os.path.basename(sys.executable)] + sys.argv))
-        with atomic_write(args.out + '.json') as tmp, open(tmp, 'w') as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-        with atomic_write(args.out + '.md') as tmp, open(tmp, 'w') as f:
-            f.write(table + '\n')
+        _write_atomic(args.out + '.json', json.dumps(dict(meta=meta, rows=rows), indent=1))
+        _write_atomic(args.out + '.md', table + '\n')
         print(f'wrote {args.out}.json and {args.out}.md', file=sys.stderr)
     return rows
 

@@ -33,9 +33,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from zoo.bench.biformer_cpu import routed_attention_gather
+from zoo.bench.run import _write_atomic
 from zoo.kernels.backend import interpreter_on, triton_available
 from zoo.kernels.routing import default_scale, from_regions, region_routing, routed_attention, to_regions
-from zoo.weights.io import atomic_write
 
 __all__ = ['flex_routed_attention', 'stage_shapes', 'run', 'main']
 
@@ -199,10 +199,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         meta = dict(torch=torch.__version__, python=platform.python_version(), args=vars(args),
                     gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-        with atomic_write(args.out + '.json') as tmp, open(tmp, 'w') as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-        with atomic_write(args.out + '.md') as tmp, open(tmp, 'w') as f:
-            f.write(table + '\n')
+        _write_atomic(args.out + '.json', json.dumps(dict(meta=meta, rows=rows), indent=1))
+        _write_atomic(args.out + '.md', table + '\n')
     return rows
 
 

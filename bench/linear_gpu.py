@@ -25,8 +25,8 @@ from typing import Dict, List, Optional
 import torch
 
 from zoo.bench.biformer_gpu import _fmt, measure
+from zoo.bench.run import _write_atomic
 from zoo.kernels.linear import NORMALIZERS, linear_attention
-from zoo.weights.io import atomic_write
 
 __all__ = ['stage_shapes', 'run', 'main']
 
@@ -128,10 +128,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         meta = dict(torch=torch.__version__, python=platform.python_version(), args=vars(args),
                     gpu=torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu else None)
-        with atomic_write(args.out + '.json') as tmp, open(tmp, 'w') as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
-        with atomic_write(args.out + '.md') as tmp, open(tmp, 'w') as f:
-            f.write(table + '\n')
+        _write_atomic(args.out + '.json', json.dumps(dict(meta=meta, rows=rows), indent=1))
+        _write_atomic(args.out + '.md', table + '\n')
     return 0
 
 
