@@ -19,6 +19,10 @@ from zoo.kernels.agent import AgentBias, agent_attention
 
 from ._registry import check_input, register_mixer, resolve_heads
 
+# FX leaves, one graph node each: they read sizes and build per-size tables when called (any tracer; timm's registry
+# lists them too, see __init__)
+torch.fx.wrap('agent_attention')
+
 __all__ = ['AgentAttention']
 
 _TABLE = 7  # the official an / na tables are 7 x 7 whatever the map size

@@ -13,9 +13,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers.pos_embed_sincos import apply_rot_embed
 
-from zoo.kernels.backend import is_exporting
+from zoo.kernels.backend import is_exporting, is_fx_tracing
 
 from ._registry import check_input, register_mixer, resolve_heads
+
+# FX leaves, one graph node each: they read sizes and build per-size tables when called (any tracer; timm's registry
+# lists them too, see __init__)
+torch.fx.wrap('rope_2d')
 
 __all__ = ['GlobalAttention', 'rope_2d', 'apply_rope', 'check_rope_dim']
 
@@ -128,7 +132,7 @@ class GlobalAttention(nn.Module):
                                dtype=torch.promote_types(q.dtype, torch.float32))
             q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
         drop = self.attn_drop if self.training else 0.
-        if is_exporting():  # both ONNX exporters take the plain form
+        if is_exporting() and not is_fx_tracing():  # both ONNX exporters take the plain form; FX records SDPA
             attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
             out = F.dropout(attn, drop, self.training) @ v
         else:

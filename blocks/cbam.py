@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from timm.layers import ConvNormAct, EcaModule, SEModule
 
+from zoo.kernels.backend import is_exporting
+
 from ._registry import check_input, register_gate
 
 __all__ = ['ChannelGate', 'SpatialGate', 'CBAM']
@@ -35,7 +37,7 @@ _POOLS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def _inplace_ok(x: torch.Tensor) -> bool:
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if is_exporting():
         return False
     return not (torch.is_grad_enabled() and x.requires_grad)
 

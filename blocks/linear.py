@@ -43,6 +43,14 @@ from zoo.kernels.linear import linear_attention
 from ._registry import check_input, register_mixer, resolve_heads
 from .attention import apply_rope, check_rope_dim, rope_2d
 
+# FX leaves, one graph node each: they read sizes and build per-size tables when called (any tracer; timm's registry
+# lists them too, see __init__)
+torch.fx.wrap('linear_attention')
+torch.fx.wrap('_at_least_fp32')
+torch.fx.wrap('rope_2d')
+torch.fx.wrap('dynamic_dwconv3x3')
+torch.fx.wrap('elu_plus_one')
+
 __all__ = ['LinearAttention', 'LinearVariant', 'register_variant', 'list_variants', 'resize_encoding']
 
 

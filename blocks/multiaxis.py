@@ -35,6 +35,11 @@ from zoo.kernels.window import window_attention
 from ._registry import check_input, register_mixer, resolve_heads
 from .block import MixerBlock
 
+# FX leaves, one graph node each: they read sizes and build per-size tables when called (any tracer; timm's registry
+# lists them too, see __init__)
+torch.fx.wrap('window_attention')
+torch.fx.wrap('size_max')
+
 __all__ = ['MbConvBlock', 'ShortcutDownsample', 'PartitionAttention', 'MaxVitBlock', 'pad_same',
            'create_conv2d_same']
 

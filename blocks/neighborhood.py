@@ -22,6 +22,11 @@ from zoo.kernels.neighborhood import neighborhood_attention
 
 from ._registry import check_input, register_mixer, resolve_heads
 
+# FX leaves, one graph node each: they read sizes and build per-size tables when called (any tracer; timm's registry
+# lists them too, see __init__)
+torch.fx.wrap('neighborhood_attention')
+torch.fx.wrap('size_max')
+
 __all__ = ['NeighborhoodAttention2D']
 
 

@@ -23,6 +23,10 @@ from zoo.kernels.routing import GLOBAL_TOPK, check_routing_args, routed_attentio
 
 from ._registry import check_input, register_mixer, resolve_heads
 
+# FX leaves, one graph node each: they read sizes and build per-size tables when called (any tracer; timm's registry
+# lists them too, see __init__)
+torch.fx.wrap('routed_attention')
+
 __all__ = ['BiLevelRoutingAttention']
 
 

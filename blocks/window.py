@@ -18,6 +18,10 @@ from zoo.kernels.window import window_attention
 
 from ._registry import check_input, register_mixer, resolve_heads
 
+# FX leaves, one graph node each: they read sizes and build per-size tables when called (any tracer; timm's registry
+# lists them too, see __init__)
+torch.fx.wrap('window_attention')
+
 __all__ = ['WindowAttention', 'effective_window_shift']
 
 _int_or_tuple_2_t = Union[int, Tuple[int, int]]

@@ -16,7 +16,8 @@ import torch
 
 from ._args import KERNEL_DTYPES
 
-__all__ = ['BACKENDS', 'ENV_VAR', 'get_backend', 'set_backend', 'use_backend', 'resolve_backend', 'is_exporting']
+__all__ = ['BACKENDS', 'ENV_VAR', 'get_backend', 'set_backend', 'use_backend', 'resolve_backend', 'is_exporting',
+           'is_fx_tracing']
 
 BACKENDS = ('auto', 'torch', 'triton')
 ENV_VAR = 'ZOO_KERNEL_BACKEND'
@@ -56,9 +57,15 @@ def use_backend(name: str) -> Iterator[None]:
         _override = prev
 
 
+def is_fx_tracing() -> bool:
+    """True while torch.fx symbolically traces (timm's feature_cls='fx', torchvision's create_feature_extractor)."""
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
 def is_exporting() -> bool:
-    """True while torch.onnx / torch.export / TorchScript / FX-tracing or torch.compile is capturing."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
+    """True while torch.onnx / torch.export / TorchScript / torch.fx (symbolic tracing) or torch.compile is
+    capturing: size-dependent code then takes its branch-free form, one graph for any input size."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or is_fx_tracing():
         return True
     if torch.onnx.is_in_onnx_export():
         return True
