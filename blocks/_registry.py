@@ -11,6 +11,7 @@ no-weight-decay parameters in `no_weight_decay_keys`. Gates (CBAM, SE, ECA) are 
 """
 import inspect
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -33,6 +34,7 @@ class MixerInfo:
     cost: str
     triton: bool
     onnx_dynamic: bool
+    torchscript: bool
 
     @property
     def arguments(self) -> str:
@@ -59,18 +61,21 @@ def _register(table: Dict[str, MixerInfo], kind: str, name: str, **info) -> Call
     return _add
 
 
-def register_mixer(name: str, *, paper: str, cost: str, triton: bool = False, onnx_dynamic: bool = True) -> Callable:
+def register_mixer(name: str, *, paper: str, cost: str, triton: bool = False, onnx_dynamic: bool = True,
+                   torchscript: bool = False) -> Callable:
     """Decorator: register a channels-last token mixer class or factory under `name`.
 
     `paper` cites the method, `cost` is its time in tokens N (e.g. 'O(N k^2)'), `triton` says whether a
-    Triton path exists, `onnx_dynamic` whether one ONNX export runs at any H x W.
+    Triton path exists, `onnx_dynamic` whether one ONNX export runs at any H x W, `torchscript` whether
+    `torch.jit.script` compiles it (otherwise scripting a module that holds one fails at once, naming it).
     """
-    return _register(_MIXERS, 'mixer', name, paper=paper, cost=cost, triton=triton, onnx_dynamic=onnx_dynamic)
+    return _register(_MIXERS, 'mixer', name, paper=paper, cost=cost, triton=triton, onnx_dynamic=onnx_dynamic,
+                     torchscript=torchscript)
 
 
 def register_gate(name: str, *, paper: str, cost: str = 'O(N)') -> Callable:
     """Decorator: register a conv-stage gate `fn(channels, **kwargs)`, (B, C, H, W) -> (B, C, H, W)."""
-    return _register(_GATES, 'gate', name, paper=paper, cost=cost, triton=False, onnx_dynamic=True)
+    return _register(_GATES, 'gate', name, paper=paper, cost=cost, triton=False, onnx_dynamic=True, torchscript=True)
 
 
 def list_mixers() -> List[str]:
@@ -109,9 +114,22 @@ def create_mixer(
         **family_kwargs,
 ) -> nn.Module:
     """Build the registered mixer `name`: (B, H, W, dim) -> (B, H, W, dim)."""
-    fn = mixer_info(name).fn
-    return fn(dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias, attn_drop=attn_drop,
-              proj_drop=proj_drop, **family_kwargs)
+    info = mixer_info(name)
+    module = info.fn(dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                     proj_drop=proj_drop, **family_kwargs)
+    if not info.torchscript:
+        # torch.jit.script calls this on every submodule before compiling anything
+        module.__prepare_scriptable__ = partial(_refuse_script, name)
+    return module
+
+
+def _refuse_script(name: str) -> nn.Module:
+    raise RuntimeError(
+        f'torch.jit.script: the {name!r} mixer does not support TorchScript (its op dispatches between the Triton '
+        f'kernel and a reference path with per-size cached tables at call time; TorchScript is deprecated in torch '
+        f'2.x). Use FX (timm.create_model(..., features_only=True, feature_cls=\'fx\') or torchvision\'s '
+        f'create_feature_extractor), torch.export, or `zoo export` (ONNX). Mixers that script: '
+        f'{[n for n in list_mixers() if _MIXERS[n].torchscript]}')
 
 
 def create_gate(name: str, channels: int, **kwargs) -> nn.Module:
@@ -148,8 +166,10 @@ def resolve_heads(
 
 def check_input(x: torch.Tensor, dim: int, who: str, channels_last: bool = True) -> None:
     """Raise a clear ValueError unless x is (B, H, W, dim) (or (B, dim, H, W)); skipped while tracing."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
-        return
+    if not torch.jit.is_scripting():
+        if torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
+            return
     if x.dim() != 4 or x.shape[-1 if channels_last else 1] != dim:
         want = f'(B, H, W, {dim})' if channels_last else f'(B, {dim}, H, W)'
-        raise ValueError(f'{who}: expected input {want}, got {tuple(x.shape)}')
+        got = '(' + ', '.join([str(s) for s in x.shape]) + ')'
+        raise ValueError(f'{who}: expected input {want}, got {got}')

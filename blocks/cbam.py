@@ -10,7 +10,7 @@ names (ChannelGate.mlp.{1,3}, SpatialGate.spatial.{conv,bn}). `timm.layers.cbam.
 different variant and cannot load those weights as-is: it pools the spatial map as (mean, max)
 instead of (max, mean), its MLP is bias-free 1x1 convs by default, and its BN keeps momentum 0.1.
 """
-from typing import Callable, Dict, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -23,23 +23,25 @@ from ._registry import check_input, register_gate
 __all__ = ['ChannelGate', 'SpatialGate', 'CBAM']
 
 
-def _lp_pool(x: torch.Tensor) -> torch.Tensor:
-    # F.lp_pool2d(x, 2, (H, W)) over the whole map: the L2 norm of each channel
-    return x.flatten(2).norm(p=2, dim=2)
+POOL_TYPES = ('avg', 'max', 'lp', 'lse')
 
 
-_POOLS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    'avg': lambda x: x.mean((2, 3)),
-    'max': lambda x: x.amax((2, 3)),
-    'lp': _lp_pool,
-    'lse': lambda x: x.flatten(2).logsumexp(2),
-}
+def _pool(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Global pooling of (B, C, H, W) to (B, C): 'avg', 'max', 'lp' (the L2 norm, F.lp_pool2d(x, 2, (H, W))) or 'lse'."""
+    if kind == 'avg':
+        return x.mean((2, 3))
+    if kind == 'max':
+        return x.amax((2, 3))
+    if kind == 'lp':
+        return x.flatten(2).norm(p=2, dim=2)
+    return x.flatten(2).logsumexp(2)
 
 
 def _inplace_ok(x: torch.Tensor) -> bool:
-    if is_exporting():
+    if torch.jit.is_scripting():
         return False
-    return not (torch.is_grad_enabled() and x.requires_grad)
+    else:
+        return not (is_exporting() or torch.is_grad_enabled() and x.requires_grad)
 
 
 class ChannelGate(nn.Module):
@@ -58,9 +60,9 @@ class ChannelGate(nn.Module):
         hidden = gate_channels // reduction_ratio
         if hidden < 1:
             raise ValueError(f'reduction_ratio: expected <= gate_channels ({gate_channels}), got {reduction_ratio}')
-        bad = [p for p in pool_types if p not in _POOLS]
+        bad = [p for p in pool_types if p not in POOL_TYPES]
         if bad or not pool_types:
-            raise ValueError(f'pool_types: expected a non-empty subset of {sorted(_POOLS)}, got {list(pool_types)}')
+            raise ValueError(f'pool_types: expected a non-empty subset of {POOL_TYPES}, got {list(pool_types)}')
         self.gate_channels = gate_channels
         self.pool_types = tuple(pool_types)
         # Flatten at index 0 keeps the official indices mlp.1 / mlp.3 for the two Linear layers
@@ -74,7 +76,7 @@ class ChannelGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         # all pooled vectors go through the shared MLP as one batch: (P * B, C)
-        pooled = torch.cat([_POOLS[p](x) for p in self.pool_types], dim=0)
+        pooled = torch.cat([_pool(x, p) for p in self.pool_types], dim=0)
         att = self.mlp(pooled).unflatten(0, (len(self.pool_types), batch)).sum(0)
         return x * torch.sigmoid(att)[:, :, None, None]
 

@@ -56,7 +56,8 @@ def pad_same(x: torch.Tensor, kernel_size: Tuple[int, int], stride: Tuple[int, i
     (a reduced MaxViT then took more than 10 minutes to export). Same numbers, same padding.
     """
     pads = []
-    for size, k, s, d in zip(reversed(x.shape[-2:]), reversed(kernel_size), reversed(stride), reversed(dilation)):
+    for axis in (-1, -2):  # F.pad lists the last dim first
+        size, k, s, d = x.shape[axis], kernel_size[axis], stride[axis], dilation[axis]
         total = (ceil_div(size, s) - 1) * s + (k - 1) * d + 1 - size
         if (k - 1) * d + 1 < s:  # the only case where the total can be negative
             total = size_max(total, 0)

@@ -238,3 +238,107 @@ def test_onnx_parity_dynamo(name, tmp_path):
     size = _small_size(model)
     report = export_onnx(model, tmp_path / f'{name}.onnx', img_size=(size, size), exporter='dynamo')
     assert report['exporter'] == 'dynamo' and all(c['max_abs_err'] <= c['tol'] for c in report['checks']), report
+
+
+# ---------------------------------------------------------------------------------------- FX and TorchScript
+# timm's tests/test_models.py holds its models to FX tracing (its leaf / autowrap registries), features_only with
+# feature_cls='fx' and TorchScript; the same calls here, on reduced widths.
+
+def _timm_tracer_kwargs():
+    from timm.models import get_notrace_functions, get_notrace_modules
+    return dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                param_shapes_constant=True)
+
+
+def _fx_model(model, tracer_kwargs=None):
+    """The whole model as an FX GraphModule returning its logits (timm's test harness does the same)."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]],
+                                    tracer_kwargs=tracer_kwargs)
+
+
+def _scriptable(model) -> bool:
+    """Every mixer in `model` is registered with torchscript=True (the others refuse by name)."""
+    return not any('__prepare_scriptable__' in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_fx_forward_any_size(name):
+    """One traced graph gives eager's logits bit for bit, at the traced size and at an odd size (the graph pads and
+    crops without branching on the size)."""
+    model = _create(name).eval()
+    fx = _fx_model(model, _timm_tracer_kwargs())
+    size = _small_size(model)
+    with torch.inference_mode():
+        for shape in ((1, 3, size, size + 32), (2, 3, *ODD_SIZE)):
+            x = torch.randn(shape)
+            (out,) = fx(x).values()
+            assert torch.equal(out, model(x)), (name, shape)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_fx_backward(name):
+    """A train-mode graph: every parameter receives the gradient eager autograd gives it."""
+    model = _create(name, num_classes=42, drop_path_rate=0.).train()
+    fx = _fx_model(model, _timm_tracer_kwargs())
+    x = torch.randn(2, 3, _small_size(model), _small_size(model))
+    (out,) = fx(x).values()
+    assert out.shape == (2, 42)
+    out.square().mean().backward()
+    fx_grads = {n: p.grad for n, p in fx.named_parameters()}
+    assert all(g is not None for g in fx_grads.values()) and len(fx_grads) == len(list(model.parameters()))
+    model.zero_grad()
+    model(x).square().mean().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(fx_grads[n], p.grad, rtol=1e-4, atol=1e-6 * p.grad.abs().max().item() + 1e-12,
+                                   msg=n)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_features_only_fx_and_create_feature_extractor(name):
+    """feature_cls='fx' and torchvision's create_feature_extractor (with no tracer arguments, as detection code
+    calls it) give the stage maps of forward_intermediates."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    torch.manual_seed(0)
+    ref = _create(name).eval()
+    x = torch.randn(1, 3, *ODD_SIZE)
+    with torch.no_grad():
+        want = ref.forward_intermediates(x, intermediates_only=True)
+        torch.manual_seed(0)  # same init as `ref`
+        feats = _create(name, features_only=True, feature_cls='fx', out_indices=(1, 3)).eval()
+        for got, i in zip(feats(x), (1, 3)):
+            assert torch.equal(got, want[i]), i
+        extractor = create_feature_extractor(ref, return_nodes={'stages.1': 'c3', 'stages.3': 'c5'})
+        out = extractor(x)
+    assert list(out) == ['c3', 'c5']
+    assert torch.equal(out['c3'], want[1]) and torch.equal(out['c5'], want[3])
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_torchscript(name):
+    """Models whose mixers all script (torchscript=True in the registry) script, alone and after FX tracing, to
+    eager's logits; the others refuse at once with a message naming the mixer (README: TorchScript)."""
+    from timm import set_scriptable
+    with set_scriptable(True):
+        model = _create(name).eval()
+    if not _scriptable(model):
+        with pytest.raises(RuntimeError, match=r"the '\w+' mixer does not support TorchScript"):
+            torch.jit.script(model)
+        return
+    scripted = torch.jit.script(model)
+    scripted_fx = torch.jit.script(_fx_model(model))
+    with torch.inference_mode():
+        for x in (torch.randn(1, 3, 64, 96), torch.randn(1, 3, *ODD_SIZE)):
+            want = model(x)
+            torch.testing.assert_close(scripted(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+            (got,) = scripted_fx(x).values()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_torchscript_refuses_forced_triton():
+    from zoo.kernels import use_backend
+    model = _create('cbam_resnet18').eval()
+    with use_backend('triton'), pytest.raises(RuntimeError, match="backend forced to 'triton'"):
+        torch.jit.script(model)
+    torch.jit.script(model)  # the refusal is about the mode, not the model

@@ -23,6 +23,7 @@ from timm.models.resnet import BasicBlock, downsample_conv
 
 from zoo.blocks import MixerBlock, create_gate, list_gates
 from zoo.blocks.block import create_downsample
+from zoo.kernels.backend import ENV_VAR, get_backend
 from zoo.weights.keymap import KeyMap, make_filter
 from zoo.weights.sources import prepare_pretrained, release_pretrained_state_dict
 
@@ -202,6 +203,7 @@ class HierarchicalBackbone(nn.Module):
         `head` is a timm-style head: forward(x, pre_logits=False), reset(num_classes, pool_type, ...), .fc.
         """
         self.in_chans = in_chans
+        self.min_input_size = type(self).min_input_size  # on the instance: TorchScript reads no class attributes
         self.num_classes = num_classes
         self.num_features = num_features
         self.head_hidden_size = head_hidden_size or num_features
@@ -212,23 +214,40 @@ class HierarchicalBackbone(nn.Module):
         self.head = head
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
-            return
+        name = 'model'
+        if not torch.jit.is_scripting():
+            if torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
+                return
+            name = type(self).__name__
         if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f'{type(self).__name__}: expected input (B, {self.in_chans}, H, W), '
-                             f'got {tuple(x.shape)}')
+            got = '(' + ', '.join([str(s) for s in x.shape]) + ')'
+            raise ValueError(f'{name}: expected input (B, {self.in_chans}, H, W), got {got}')
         if x.shape[-2] < self.min_input_size or x.shape[-1] < self.min_input_size:
-            raise ValueError(f'{type(self).__name__}: expected H and W >= {self.min_input_size}, '
-                             f'got {tuple(x.shape[-2:])}')
-        if not x.is_floating_point():
-            cfg = getattr(self, 'pretrained_cfg', None) or {}
-            mean, std = tuple(cfg.get('mean', IMAGENET_DEFAULT_MEAN)), tuple(cfg.get('std', IMAGENET_DEFAULT_STD))
-            raise TypeError(
-                f'{type(self).__name__}: expected a float image tensor, normalised with the mean and std of '
-                f'model.pretrained_cfg, got dtype {x.dtype}. From uint8 pixels: '
-                f'x = (x.float().div(255) - torch.tensor({mean}).view(1, -1, 1, 1)) / '
-                f'torch.tensor({std}).view(1, -1, 1, 1); from PIL images: '
-                f'timm.data.create_transform(**timm.data.resolve_data_config(model=model))')
+            raise ValueError(f'{name}: expected H and W >= {self.min_input_size}, '
+                             f'got ({x.shape[-2]}, {x.shape[-1]})')
+        if not torch.jit.is_scripting():
+            if not x.is_floating_point():
+                self._raise_not_float(x)
+
+    @torch.jit.unused
+    def _raise_not_float(self, x: torch.Tensor) -> None:
+        cfg = getattr(self, 'pretrained_cfg', None) or {}
+        mean, std = tuple(cfg.get('mean', IMAGENET_DEFAULT_MEAN)), tuple(cfg.get('std', IMAGENET_DEFAULT_STD))
+        raise TypeError(
+            f'{type(self).__name__}: expected a float image tensor, normalised with the mean and std of '
+            f'model.pretrained_cfg, got dtype {x.dtype}. From uint8 pixels: '
+            f'x = (x.float().div(255) - torch.tensor({mean}).view(1, -1, 1, 1)) / '
+            f'torch.tensor({std}).view(1, -1, 1, 1); from PIL images: '
+            f'timm.data.create_transform(**timm.data.resolve_data_config(model=model))')
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this first (then each submodule's: mixers without TorchScript refuse by name)
+        if get_backend() == 'triton':
+            raise RuntimeError(
+                f"torch.jit.script: {type(self).__name__} cannot be scripted with the kernel backend forced to "
+                f"'triton' (by {ENV_VAR}, set_backend or use_backend): TorchScript runs only the PyTorch reference "
+                f"path. Script under use_backend('torch') or 'auto'.")
+        return self
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:

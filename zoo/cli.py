@@ -142,15 +142,16 @@ def cmd_mixers(args: argparse.Namespace) -> int:
     if args.json:
         def as_dict(info, *keys):
             return {k: getattr(info, k) for k in ('name', 'paper', 'cost') + keys + ('arguments',)}
-        print(json.dumps(dict(mixers=[as_dict(m, 'triton', 'onnx_dynamic') for m in mixers],
+        print(json.dumps(dict(mixers=[as_dict(m, 'triton', 'onnx_dynamic', 'torchscript') for m in mixers],
                               gates=[as_dict(g) for g in gates]), indent=2))
         return 0
     yes = {True: 'yes', False: 'no'}
     print(f'{len(mixers)} token mixers, (B, H, W, C) -> (B, H, W, C) at any H, W: '
           'zoo.blocks.create_mixer(name, dim, num_heads=..., **arguments)')
     print('\n'.join(_text_table(
-        ('mixer', 'paper', 'cost (N tokens)', 'triton', 'onnx dynamic H/W', 'arguments'),
-        [(m.name, m.paper, m.cost, yes[m.triton], yes[m.onnx_dynamic], m.arguments or '-') for m in mixers])))
+        ('mixer', 'paper', 'cost (N tokens)', 'triton', 'onnx dynamic H/W', 'torchscript', 'arguments'),
+        [(m.name, m.paper, m.cost, yes[m.triton], yes[m.onnx_dynamic], yes[m.torchscript], m.arguments or '-')
+         for m in mixers])))
     print()
     print(f'{len(gates)} gates for conv stages, (B, C, H, W) -> (B, C, H, W): '
           'zoo.blocks.create_gate(name, channels, **arguments)')
