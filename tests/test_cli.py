@@ -165,7 +165,7 @@ def test_mixers_command(capsys):
     assert mixers and gates
     assert main(['mixers']) == 0
     lines = capsys.readouterr().out.splitlines()
-    columns = {'mixer': ['paper', 'cost (N tokens)', 'triton', 'onnx dynamic H/W', 'arguments'],
+    columns = {'mixer': ['paper', 'cost (N tokens)', 'triton', 'onnx dynamic H/W', 'torchscript', 'arguments'],
                'gate': ['paper', 'cost (N tokens)', 'arguments']}
     for kind, names, info_of in (('mixer', mixers, zoo.blocks.mixer_info), ('gate', gates, zoo.blocks.gate_info)):
         start = next(i for i, line in enumerate(lines) if line.startswith(kind + ' '))
@@ -179,13 +179,14 @@ def test_mixers_command(capsys):
             info = info_of(name)
             cells = [c.strip() for c in re.split(r'\s{2,}', row)]
             expect = [name, info.paper, info.cost] + (
-                ['yes' if info.triton else 'no', 'yes' if info.onnx_dynamic else 'no'] if kind == 'mixer' else []
+                ['yes' if flag else 'no' for flag in (info.triton, info.onnx_dynamic, info.torchscript)]
+                if kind == 'mixer' else []
             ) + [info.arguments or '-']
             assert cells == expect
     assert main(['mixers', '--json']) == 0
     data = json.loads(capsys.readouterr().out)
     assert [m['name'] for m in data['mixers']] == mixers and [g['name'] for g in data['gates']] == gates
-    assert {'paper', 'cost', 'triton', 'onnx_dynamic', 'arguments'} <= set(data['mixers'][0])
+    assert {'paper', 'cost', 'triton', 'onnx_dynamic', 'torchscript', 'arguments'} <= set(data['mixers'][0])
 
 
 def test_bench_without_out_leaves_committed_results_untouched(tmp_path, monkeypatch, capsys):
