@@ -37,3 +37,27 @@ def test_model_triton_matches_reference(name, size, monkeypatch):
     for n in g_ref:
         scale = max(1.0, g_ref[n].abs().max().item())
         torch.testing.assert_close(g_tri[n], g_ref[n], rtol=1e-3, atol=1e-4 * scale, msg=n)
+
+
+@pytest.mark.triton
+def test_fx_graph_runs_the_backend_in_force(monkeypatch):
+    """An FX graph keeps each op as one node, so the backend is chosen when the graph runs: traced once, the
+    graph runs the Triton kernel under use_backend('triton') and matches eager on the reference."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    chosen = []
+
+    def spy(*args, _resolve=kernels.window.resolve_backend, **kw):
+        chosen.append(_resolve(*args, **kw))
+        return chosen[-1]
+    monkeypatch.setattr(kernels.window, 'resolve_backend', spy)
+    model = timm.create_model('swin_tiny', num_classes=5, **zoo.reduced_args('swin_tiny')).eval()
+    graph = create_feature_extractor(model, return_nodes=['head.fc'])
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        want = model(x)
+        assert chosen and set(chosen) == {'torch'}
+        chosen.clear()
+        with kernels.use_backend('triton'):
+            (got,) = graph(x).values()
+    assert chosen and set(chosen) == {'triton'}
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
