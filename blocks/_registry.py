@@ -19,7 +19,8 @@ import torch.nn as nn
 
 __all__ = [
     'MixerInfo', 'register_mixer', 'create_mixer', 'list_mixers', 'mixer_info',
-    'register_gate', 'create_gate', 'list_gates', 'gate_info', 'resolve_heads', 'check_input', 'DEFAULT_HEAD_DIM',
+    'register_gate', 'create_gate', 'list_gates', 'gate_info', 'resolve_heads', 'check_input', 'shape_str',
+    'DEFAULT_HEAD_DIM',
 ]
 
 DEFAULT_HEAD_DIM = 32
@@ -171,5 +172,9 @@ def check_input(x: torch.Tensor, dim: int, who: str, channels_last: bool = True)
             return
     if x.dim() != 4 or x.shape[-1 if channels_last else 1] != dim:
         want = f'(B, H, W, {dim})' if channels_last else f'(B, {dim}, H, W)'
-        got = '(' + ', '.join([str(s) for s in x.shape]) + ')'
-        raise ValueError(f'{who}: expected input {want}, got {got}')
+        raise ValueError(f'{who}: expected input {want}, got {shape_str(x)}')
+
+
+def shape_str(x: torch.Tensor) -> str:
+    """x's shape as '(1, 3, 64, 64)', in eager mode and in TorchScript alike."""
+    return '(' + ', '.join([str(s) for s in x.shape]) + ')'

@@ -22,6 +22,7 @@ from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, downsample_conv
 
 from zoo.blocks import MixerBlock, create_gate, list_gates
+from zoo.blocks._registry import shape_str
 from zoo.blocks.block import create_downsample
 from zoo.kernels.backend import ENV_VAR, get_backend
 from zoo.weights.keymap import KeyMap, make_filter
@@ -220,8 +221,7 @@ class HierarchicalBackbone(nn.Module):
                 return
             name = type(self).__name__
         if x.dim() != 4 or x.shape[1] != self.in_chans:
-            got = '(' + ', '.join([str(s) for s in x.shape]) + ')'
-            raise ValueError(f'{name}: expected input (B, {self.in_chans}, H, W), got {got}')
+            raise ValueError(f'{name}: expected input (B, {self.in_chans}, H, W), got {shape_str(x)}')
         if x.shape[-2] < self.min_input_size or x.shape[-1] < self.min_input_size:
             raise ValueError(f'{name}: expected H and W >= {self.min_input_size}, '
                              f'got ({x.shape[-2]}, {x.shape[-1]})')
