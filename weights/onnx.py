@@ -153,7 +153,7 @@ def export_onnx(
     and a larger non-square size (`other_sizes`), plus every (H, W) in `check_sizes`.
     Each output passes when max |onnxruntime - PyTorch| <= max(`atol`, `rtol` * max |PyTorch output|) (see the
     module docstring). `ort_threads`: onnxruntime intra-op threads (0: its default). `show_progress`: a progress bar
-    (`zoo.progress`) over the steps: PyTorch outputs, export, onnxruntime session, one check per input.
+    (`zoo.progress`) over the steps after the PyTorch outputs: export, onnxruntime session, one check per input.
 
     Nothing unvalidated is ever left at `path`: the file is written under a temporary name, checked,
     and renamed only when every check passes (an existing file at `path` survives a failure).
@@ -218,14 +218,15 @@ def export_onnx(
     model.eval()
     report: Dict[str, Any] = dict(path=path, exporter=exporter, dynamic=dynamic, opset=None, file_size=None,
                                   checks=[], max_abs_err=None, max_rel_err=None, atol=atol, rtol=rtol)
-    bar = progress(total=3 + len(inputs), desc=f'export {type(model).__name__}', unit='step',
-                   disable=not show_progress)
+    bar = None
     try:
-        with use_backend('torch'), atomic_write(path) as tmp, bar:
-            bar.set_item(f'PyTorch outputs at {len(inputs)} inputs')
+        with use_backend('torch'), atomic_write(path) as tmp:
             with torch.no_grad():
                 expected = [[t.float().numpy() for t in _flatten(model(x))] for x in inputs]
-            bar.update(1, item=f'{exporter} export')
+            # shown once the model ran: input it rejects fails in one line, with no progress before it
+            bar = progress(total=2 + len(inputs), desc=f'export {type(model).__name__}', unit='step',
+                           disable=not show_progress)
+            bar.set_item(f'{exporter} export')
             output_names = ['output'] if len(expected[0]) == 1 else [f'output{i}' for i in range(len(expected[0]))]
             try:
                 onnx_export(
@@ -285,5 +286,7 @@ def export_onnx(
                     f'to {path}', report)
             report['file_size'] = os.path.getsize(tmp)
     finally:
+        if bar is not None:
+            bar.close()
         model.train(was_training)
     return report

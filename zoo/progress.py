@@ -110,6 +110,7 @@ class Progress(Generic[T]):
                              maxinterval=max(self.interval, 1.0), miniters=1, ascii=True,
                              bar_format=_LINE_FORMAT if total else _LINE_FORMAT_OPEN, **kwargs)
             self._lines.bar = self._bar
+            self._lines.n = self._bar.n if self._lines.last else None  # the start line tqdm printed, if any
 
     @property
     def n(self) -> float:
