@@ -459,27 +459,21 @@ class ProgressHook(Hook):
             # under a training bar (a terminal), a validation bar goes when it is done
             self._eval = self._bar(len(loader), split, leave=self._train is None)
 
-    def _step_eval(self) -> None:
-        if self._eval is not None:
-            self._eval.update(1)
-
     def before_val_epoch(self, runner) -> None:
         self._start_eval(runner, 'val')
-
-    def after_val_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        self._step_eval()
-
-    def after_val_epoch(self, runner, metrics=None) -> None:
-        self._close('_eval')
 
     def before_test_epoch(self, runner) -> None:
         self._start_eval(runner, 'test')
 
-    def after_test_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        self._step_eval()
+    def after_val_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if self._eval is not None:
+            self._eval.update(1)
 
-    def after_test_epoch(self, runner, metrics=None) -> None:
+    def after_val_epoch(self, runner, metrics=None) -> None:
         self._close('_eval')
+
+    after_test_iter = after_val_iter
+    after_test_epoch = after_val_epoch
 
     def after_run(self, runner) -> None:
         self._close('_eval')
