@@ -47,8 +47,9 @@ def test_unknown_model_lists_close_matches(capsys):
         assert "unknown model 'cbam_resnet81'" in err and f'Did you mean: {MODEL}' in err
 
 
-def test_export_with_checkpoint(tmp_path, capsys):
+def test_export_with_checkpoint(tmp_path, capsys, monkeypatch):
     from zoo.weights import onnx_run, save_weights
+    monkeypatch.setenv('ZOO_PROGRESS_INTERVAL', '0')
     src = timm.create_model(MODEL, num_classes=10).eval()
     with torch.no_grad():
         for p in src.parameters():
@@ -59,9 +60,16 @@ def test_export_with_checkpoint(tmp_path, capsys):
     argv = ['export', MODEL, '--output', str(out), '--img-size', '64', '96', '--dynamic', '--exporter', 'legacy',
             '--checkpoint', str(ckpt), '--num-classes', '10']
     assert main(argv) == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
     assert report['path'] == str(out) and report['exporter'] == 'legacy' and report['dynamic'] is True
     assert [c['input_shape'] for c in report['checks']] == [[2, 3, 64, 96], [3, 3, 48, 80], [3, 3, 88, 112]]
+    # progress over the steps as plain lines (stderr is no terminal), one per step with a 0 s interval
+    steps = [ln for ln in captured.err.splitlines() if ln.startswith('export CbamResNet: ')]
+    assert [ln.rsplit(', ', 1)[-1] for ln in steps[1:]] == [
+        'legacy export]', 'onnxruntime session]', 'onnxruntime at 2x3x64x96]', 'onnxruntime at 3x3x48x80]',
+        'onnxruntime at 3x3x88x112]', 'done]'], steps
+    assert ' 100% 5/5 [elapsed ' in steps[-1] and '\r' not in captured.err
     assert report['max_abs_err'] <= 1e-4
     # the exported graph carries the checkpoint's weights, not a fresh init
     x = torch.randn(2, 3, 64, 64)
@@ -108,7 +116,11 @@ def test_export_careless_input_is_one_line_exit_2(argv, message, tmp_path, capsy
 
 def test_check_real_images_and_onnx(capsys):
     assert main(['check', MODEL, '--img-size', '64', '64']) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    progress = [ln for ln in captured.err.splitlines() if ln.startswith('check: ')]
+    assert progress[0] == 'check:   0% 0/1 [elapsed 00:00, left ?, ?model/s]'
+    assert progress[-1].startswith('check: 100% 1/1 [elapsed ') and progress[-1].endswith(f', {MODEL}]'), progress
     row = next(line for line in out.splitlines() if line.startswith(MODEL))
     cols = row.split()
     assert cols[0] == MODEL and float(cols[1]) == pytest.approx(11.78, abs=0.01)

@@ -54,7 +54,7 @@ def _export_classifier(cfg, result: dict, work_dir: str) -> Dict[str, object]:
     size = tuple(images.shape[-2:])
     t0 = time.time()
     report = export_onnx(net, os.path.join(work_dir, 'model.onnx'), img_size=size, batch_size=2,
-                         example_input=images[:8], atol=1e-4)
+                         example_input=images[:8], atol=1e-4, show_progress=True)
     out['onnx'] = report['path']
     out['onnx_max_abs_err'] = report['max_abs_err']
     out['onnx_export_s'] = round(time.time() - t0, 1)
@@ -114,6 +114,7 @@ def _export_detector(cfg, result: dict, work_dir: str) -> Dict[str, object]:
     import torch
     from mmengine.registry import DATASETS, MODELS
     from zoo.kernels.backend import use_backend
+    from zoo.progress import progress
     from zoo.weights import OnnxExportError, atomic_write
 
     from .metrics import coco_evaluate
@@ -145,7 +146,7 @@ def _export_detector(cfg, result: dict, work_dir: str) -> Dict[str, object]:
         box_err = score_err = 0.0
         unmatched = total = 0
         with torch.no_grad():
-            for item in images:
+            for item in progress(images, desc='onnxruntime vs PyTorch', unit='image'):
                 ref = tuple(t.numpy() for t in net(item['inputs']))
                 got = tuple(session.run(None, {'image': item['inputs'].numpy()}))
                 pairs, missing = _match_detections(ref, got)

@@ -1,5 +1,7 @@
 """mmengine hooks of the recipe: timm lr schedules, timm model EMA, per-epoch seeding, atomic checkpoints,
-weights_only-safe checkpoint contents, configuration consistency checks and the training-curve log/plot."""
+weights_only-safe checkpoint contents, configuration consistency checks, the training-curve log/plot and progress
+bars."""
+import contextlib
 import json
 import math
 import os
@@ -403,3 +405,79 @@ def plot_curves(history: dict, path: str) -> str:
         fig.savefig(tmp, format='png', dpi=90)
     plt.close(fig)
     return path
+
+
+@HOOKS.register_module()
+class ProgressHook(Hook):
+    """Progress bars of the main process (`zoo.progress`): one over every training iteration, named by the epoch
+    and the loss, and one per validation or test run. A bar on a terminal (mmengine's console log lines then
+    print above it), plain lines every `interval` seconds elsewhere. Off with ``default_hooks.progress=None``."""
+    priority = 'VERY_LOW'
+
+    def __init__(self, interval: Optional[float] = None):
+        self.interval = interval
+        self._train = self._eval = None
+        self._logging: Optional[contextlib.ExitStack] = None
+
+    def _bar(self, total: int, desc: str, initial: int = 0, leave: bool = True):
+        from zoo.progress import progress
+        return progress(total=total, desc=desc, unit='iter', initial=initial, leave=leave, interval=self.interval)
+
+    def _close(self, name: str) -> None:
+        bar = getattr(self, name)
+        if bar is not None:
+            bar.close()
+            setattr(self, name, None)
+
+    def before_run(self, runner) -> None:
+        from zoo.progress import logging_above_bars
+        if is_main_process():
+            self._logging = contextlib.ExitStack()
+            self._logging.enter_context(logging_above_bars([runner.logger]))
+
+    def before_train(self, runner) -> None:
+        if is_main_process():
+            self._train = self._bar(runner.max_iters, 'train', initial=runner.iter)
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if self._train is None:
+            return
+        parts = []
+        if runner.train_loop.__class__.__name__ != 'IterBasedTrainLoop':
+            parts.append(f'epoch {runner.epoch + 1}/{runner.max_epochs}')
+        loss = (outputs or {}).get('loss')
+        if loss is not None:
+            parts.append(f'loss {torch.as_tensor(loss).detach().item():.4g}')
+        self._train.update(1, item=', '.join(parts))
+
+    def after_train(self, runner) -> None:
+        self._close('_train')
+
+    def _start_eval(self, runner, split: str) -> None:
+        if is_main_process():
+            loader = runner.val_dataloader if split == 'val' else runner.test_dataloader
+            # under a training bar (a terminal), a validation bar goes when it is done
+            self._eval = self._bar(len(loader), split, leave=self._train is None)
+
+    def before_val_epoch(self, runner) -> None:
+        self._start_eval(runner, 'val')
+
+    def before_test_epoch(self, runner) -> None:
+        self._start_eval(runner, 'test')
+
+    def after_val_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if self._eval is not None:
+            self._eval.update(1)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self._close('_eval')
+
+    after_test_iter = after_val_iter
+    after_test_epoch = after_val_epoch
+
+    def after_run(self, runner) -> None:
+        self._close('_eval')
+        self._close('_train')
+        if self._logging is not None:
+            self._logging.close()
+            self._logging = None

@@ -480,6 +480,10 @@ def prepare_config(cfg: Config, work_dir: Optional[str] = None, launcher: str = 
     if not cfg.get('param_scheduler'):
         ckpt.setdefault('save_param_scheduler', False)  # the timm schedule is a function of the update count
     hooks['checkpoint'] = ckpt
+    if hooks.get('progress', dict(type='ProgressHook')) is None:
+        hooks.pop('progress')  # switched off (mmengine takes None only for its own default hooks)
+    else:
+        hooks.setdefault('progress', dict(type='ProgressHook'))  # bars / periodic lines on the main process
     if cfg.get('lr_schedule'):
         hooks['param_scheduler'] = None
     cfg.default_hooks = hooks

@@ -142,6 +142,7 @@ def export_onnx(
         example_input: Optional[torch.Tensor] = None,
         rtol: float = 1e-5,
         ort_threads: int = 0,
+        show_progress: bool = False,
 ) -> Dict[str, Any]:
     """Export `model` to ONNX at `path` and check it against PyTorch in onnxruntime.
 
@@ -151,7 +152,8 @@ def export_onnx(
     Parity is checked at the export shape and at batch + 1: at the export size, or with `dynamic` at a smaller
     and a larger non-square size (`other_sizes`), plus every (H, W) in `check_sizes`.
     Each output passes when max |onnxruntime - PyTorch| <= max(`atol`, `rtol` * max |PyTorch output|) (see the
-    module docstring). `ort_threads`: onnxruntime intra-op threads (0: its default).
+    module docstring). `ort_threads`: onnxruntime intra-op threads (0: its default). `show_progress`: a progress bar
+    (`zoo.progress`) over the steps after the PyTorch outputs: export, onnxruntime session, one check per input.
 
     Nothing unvalidated is ever left at `path`: the file is written under a temporary name, checked,
     and renamed only when every check passes (an existing file at `path` survives a failure).
@@ -165,6 +167,7 @@ def export_onnx(
     maxima over the checks.
     """
     from zoo.kernels.backend import use_backend
+    from zoo.progress import progress
     from timm.utils.onnx import onnx_export
 
     if exporter not in EXPORTERS:
@@ -215,10 +218,15 @@ def export_onnx(
     model.eval()
     report: Dict[str, Any] = dict(path=path, exporter=exporter, dynamic=dynamic, opset=None, file_size=None,
                                   checks=[], max_abs_err=None, max_rel_err=None, atol=atol, rtol=rtol)
+    bar = None
     try:
         with use_backend('torch'), atomic_write(path) as tmp:
             with torch.no_grad():
                 expected = [[t.float().numpy() for t in _flatten(model(x))] for x in inputs]
+            # shown once the model ran: input it rejects fails in one line, with no progress before it
+            bar = progress(total=2 + len(inputs), desc=f'export {type(model).__name__}', unit='step',
+                           disable=not show_progress)
+            bar.set_item(f'{exporter} export')
             output_names = ['output'] if len(expected[0]) == 1 else [f'output{i}' for i in range(len(expected[0]))]
             try:
                 onnx_export(
@@ -229,6 +237,7 @@ def export_onnx(
                 raise OnnxExportError(
                     f'ONNX export of {type(model).__name__} with the {exporter} exporter '
                     f'(dynamic={dynamic}) failed: {_describe(e)}', report) from e
+            bar.update(1, item='onnxruntime session')
             import onnx
             proto = onnx.load(tmp, load_external_data=False)
             report['opset'] = next((o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')), None)
@@ -239,6 +248,7 @@ def export_onnx(
                                       f'{str(e)[:400]}', report) from e
             failed = []
             for x, want in zip(inputs, expected):
+                bar.update(1, item='onnxruntime at ' + 'x'.join(map(str, x.shape)))
                 try:
                     got = _run(session, x)
                 except Exception as e:
@@ -266,6 +276,7 @@ def export_onnx(
                 report['checks'].append(check)
                 if not err <= tol:
                     failed.append(f'{tuple(x.shape)}: {err:.3g} > {tol:.3g} (max |PyTorch| {scale:.3g})')
+            bar.update(1, item='done')
             report['max_abs_err'] = max(c['max_abs_err'] for c in report['checks'])
             report['max_rel_err'] = max(c['max_rel_err'] for c in report['checks'])
             if failed:
@@ -275,5 +286,7 @@ def export_onnx(
                     f'to {path}', report)
             report['file_size'] = os.path.getsize(tmp)
     finally:
+        if bar is not None:
+            bar.close()
         model.train(was_training)
     return report

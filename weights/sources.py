@@ -105,14 +105,39 @@ def _url_cached(url: str, cache_dir: Optional[str]) -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
+DOWNLOAD_TIMEOUT = 60.0  # seconds a stalled download waits for the next bytes
+
+
 def _download(url: str, cache_dir: Optional[str]) -> str:
-    """`url` into torch.hub's checkpoint cache (or `cache_dir`), where `_url_cached` finds it; torch.hub writes a
-    temporary file and renames it when complete, so an interrupted download leaves nothing behind."""
+    """`url` into torch.hub's checkpoint cache (or `cache_dir`), where `_url_cached` finds it, with a progress
+    bar in bytes (`zoo.progress`). The file appears under its name only when complete (an interrupted or short
+    download leaves nothing behind); a failed request raises ConnectionError naming the url."""
     import torch.hub
+    from zoo.progress import progress
+    from .io import atomic_write
     folder = cache_dir or os.path.join(torch.hub.get_dir(), 'checkpoints')
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, os.path.basename(urllib.parse.urlsplit(url).path))
-    torch.hub.download_url_to_file(url, path, progress=True)
+    name = os.path.basename(urllib.parse.urlsplit(url).path)
+    path = os.path.join(folder, name)
+    request = urllib.request.Request(url, headers={'User-Agent': 'attention-zoo'})
+    try:
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response, atomic_write(path) as tmp:
+            size = int(response.headers.get('Content-Length') or 0) or None
+            done = 0
+            with open(tmp, 'wb') as f, progress(total=size, desc=f'download {name}', unit='B', unit_scale=True) as bar:
+                while True:
+                    chunk = response.read(1 << 20)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    done += len(chunk)
+                    bar.update(len(chunk))
+            if size is not None and done != size:
+                raise ConnectionError(f'{url}: the download stopped after {done} of {size} bytes')
+    except ConnectionError:
+        raise
+    except OSError as e:  # urllib's URLError / HTTPError, a timeout, a refused connection
+        raise ConnectionError(f'{url}: the download failed ({type(e).__name__}: {e})') from e
     return path
 
 

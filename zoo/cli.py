@@ -269,10 +269,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.onnx_model and args.onnx_model not in names:
         _check_model_name(args.onnx_model)
         names.append(args.onnx_model)
+    from zoo.progress import progress
     images = _sample_images()
     rows, target = [], None
-    for name in names:
-        print(f'checking {name} ...', file=sys.stderr, flush=True)
+    for name in progress(names, desc='check', unit='model', item=str):
         row = _check_one(name, images, img_size, flops=not args.no_flops)
         rows.append(row)
         # keep only the model the ONNX export needs in memory: the requested one, else the smallest that passed
@@ -301,7 +301,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                 try:
                     report = export_onnx(target['model_obj'], os.path.join(tmp, f'{target["model"]}.onnx'),
                                          example_input=target['batch'], dynamic=not args.onnx_static,
-                                         exporter=args.onnx_exporter)
+                                         exporter=args.onnx_exporter, show_progress=True)
                     target['onnx_err'] = report['max_abs_err']
                     target['notes'].append(f'ONNX ({mode}) checked in onnxruntime at ' + ', '.join(
                         'x'.join(map(str, c['input_shape'])) for c in report['checks']))
@@ -344,7 +344,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         report = export_onnx(model, args.output, img_size=_img_size(args.img_size), batch_size=args.batch_size,
                              dynamic=args.dynamic, exporter=args.exporter, opset=args.opset, atol=args.atol,
-                             rtol=args.rtol)
+                             rtol=args.rtol, show_progress=True)
     except OnnxExportError as e:
         if e.report.get('checks'):
             print(json.dumps(e.report, indent=2, default=list))

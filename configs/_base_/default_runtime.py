@@ -6,6 +6,7 @@ default_hooks = dict(
     timer=dict(type='IterTimerHook'),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     logger=dict(type='LoggerHook', interval=10),  # a line every 10 iterations: lr, eta, time, loss
+    progress=dict(type='ProgressHook'),  # a bar on a terminal, else a plain line every 20 s (zoo.progress)
     param_scheduler=dict(type='ParamSchedulerHook'),
     # atomic files every epoch, the newest 2 kept; best.pth: the best validated weights ('auto': first metric)
     checkpoint=dict(type='ZooCheckpointHook', interval=1, max_keep_ckpts=2, save_best='auto'),

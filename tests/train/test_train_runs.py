@@ -1,9 +1,12 @@
 """Short real runs of the recipe: classification and detection train, log, checkpoint and evaluate from the
 model's own predictions; a killed run resumes to the same weights; NaN losses, class-count mismatches and
 fine-tuning from weight files behave as documented."""
+import contextlib
 import glob
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,14 +33,16 @@ def _env(mp, root):
 
 @pytest.fixture(scope='module')
 def cls_run(recipe, tmp_path_factory):
-    """One tiny classification run (3 epochs x 3 batches) with wandb offline, shared by several tests."""
+    """One tiny classification run (3 epochs x 3 batches) with wandb offline, shared by several tests; what it
+    printed on stderr is in result['stderr']."""
     root = tmp_path_factory.mktemp('cls_run')
-    with pytest.MonkeyPatch.context() as mp:
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(stderr):
         _env(mp, root)
         mp.chdir(root)
         cfg = load_config(recipe.cls_config, recipe.tiny_cls + ["wandb={'project': 'zoo-test', 'mode': 'offline'}"])
         result = run_train(cfg, work_dir=str(root / 'run'))
-    return cfg, result
+    return cfg, dict(result, stderr=stderr.getvalue())
 
 
 def _state(path, key='state_dict'):
@@ -58,6 +63,15 @@ def test_classification_run_learns_logs_and_plots(cls_run):
     scalars = open(glob.glob(os.path.join(work, '*', 'vis_data', 'scalars.json'))[0]).read()
     assert 'accuracy/top1' in scalars and '"loss"' in scalars
     assert glob.glob(os.path.join(work, 'wandb', 'offline-run-*', '*.wandb'))
+    # progress (ProgressHook) as plain lines, stderr not being a terminal: the start and the end of the training
+    # (the run is shorter than the line interval), named by the epoch and the loss; each validation run likewise
+    train_lines = [ln for ln in result['stderr'].splitlines() if ln.startswith('train: ')]
+    assert train_lines[0] == 'train:   0% 0/9 [elapsed 00:00, left ?, ?iter/s]'
+    last_loss = result['history']['iters'][-1]['loss']
+    assert re.fullmatch(rf'train: 100% 9/9 \[elapsed 00:\d\d, left 00:00, .*, epoch 3/3, loss {last_loss:.4g}\]',
+                        train_lines[-1]), train_lines
+    assert sum(ln.startswith('val: 100% 1/1 [elapsed ') for ln in result['stderr'].splitlines()) == 3
+    assert '\r' not in result['stderr']
     with open(result['curves'], 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
     assert json.load(open(os.path.join(work, 'history.json'))) == result['history']
@@ -88,8 +102,10 @@ def test_eval_cli_and_class_count_mismatch(cls_run, recipe, tmp_path, capsys):
     ckpt = result['checkpoint']
     assert cli_main(['eval', recipe.cls_config, ckpt, '--work-dir', str(tmp_path / 'ev'), '--opts',
                      *recipe.tiny_cls]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     metrics = json.loads(printed.split('final metrics: ')[1].splitlines()[0])
+    assert re.search(r'^test: 100% 1/1 \[elapsed 00:\d\d, left 00:00, ', captured.err, re.M), captured.err
     assert metrics['accuracy/top1'] == pytest.approx(result['metrics']['accuracy/top1'], abs=1e-3)
 
     # a 5-class folder dataset and a 5-class config cannot take the 10-class checkpoint

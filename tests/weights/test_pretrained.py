@@ -247,30 +247,72 @@ def test_cached_hub_weights_load_without_network(offline, monkeypatch, tmp_path)
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
 
 
+@pytest.fixture
+def release_server(tmp_path, monkeypatch):
+    """A local http.server on 127.0.0.1 serving tmp_path/'served'; yields (folder, base url, requested paths)."""
+    import functools
+    import http.server
+    import threading
+    folder = tmp_path / 'served'
+    folder.mkdir()
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    for var in ('no_proxy', 'NO_PROXY'):  # the local server is never reached through a proxy
+        monkeypatch.setenv(var, '127.0.0.1,localhost')
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f'http://127.0.0.1:{server.server_address[1]}', requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize('name, entry', [('l2vit_tiny', 'model'), ('nat_mini', 'model_ema')])
-def test_release_url_is_downloaded_and_read_safely(name, entry, monkeypatch, tmp_path):
-    """A url release is downloaded into the cache and read with the zoo's reader: an official ConvNeXt-style
-    file (weights, EMA weights, optimizer state and the pickled argparse `args`) loads, and the second build reads
-    the cached copy without downloading. Which weights: the EMA ones first, as in timm, except for families whose
-    official evaluation loads the raw ones (L2ViT)."""
+def test_release_url_is_downloaded_and_read_safely(name, entry, release_server, tmp_path, capsys):
+    """A url release is downloaded (from a local server) into the cache, with progress in bytes, and read with the
+    zoo's reader: an official ConvNeXt-style file (weights, EMA weights, optimizer state and the pickled argparse
+    `args`) loads, and the second build reads the cached copy without downloading. Which weights: the EMA ones
+    first, as in timm, except for families whose official evaluation loads the raw ones (L2ViT)."""
     import argparse
+    folder, base, requests = release_server
     weights = {'model': _reduced(name).eval(), 'model_ema': _reduced(name).eval()}
-    calls = []
-
-    def fake_download(url, dst, progress=True):
-        calls.append(url)
-        torch.save({'model': weights['model'].state_dict(), 'model_ema': weights['model_ema'].state_dict(),
-                    'optimizer': {'state': {}}, 'epoch': 'best', 'args': argparse.Namespace(model=name, lr=4e-3)}, dst)
-
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', fake_download)
-    monkeypatch.setattr(sources, 'probe_host', lambda *a, **k: None)
+    filename = os.path.basename(timm.models.get_pretrained_cfg(name).url)
+    torch.save({'model': weights['model'].state_dict(), 'model_ema': weights['model_ema'].state_dict(),
+                'optimizer': {'state': {}}, 'epoch': 'best', 'args': argparse.Namespace(model=name, lr=4e-3)},
+               folder / filename)
+    cache = tmp_path / 'cache'
     x = torch.randn(1, 3, 64, 64)
     for _ in range(2):
-        model = _reduced(name, pretrained=True, cache_dir=str(tmp_path)).eval()
+        model = _reduced(name, pretrained=True, cache_dir=str(cache),
+                         pretrained_cfg_overlay=dict(url=f'{base}/{filename}')).eval()
         with torch.no_grad():
             torch.testing.assert_close(model(x), weights[entry](x), rtol=0, atol=0)
-    assert len(calls) == 1
-    assert os.path.isfile(tmp_path / os.path.basename(calls[0]))
+    assert requests == [f'/{filename}']
+    assert (cache / filename).read_bytes() == (folder / filename).read_bytes()
+    assert os.listdir(cache) == [filename]  # no temporary file left
+    # stderr is not a terminal here: plain lines, the last one at 100% with the size in bytes
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(f'download {filename}:')]
+    size = os.path.getsize(folder / filename)
+    assert len(lines) >= 2 and '\r' not in ''.join(lines)
+    assert f' 100% {size / 1e6:.2f}M/{size / 1e6:.2f}M ' in lines[-1] and 'B/s' in lines[-1], lines
+
+
+def test_failed_release_download_names_the_url(release_server, tmp_path):
+    folder, base, _ = release_server
+    url = f'{base}/missing.pth'
+    with pytest.raises(ConnectionError, match='missing.pth.*HTTP Error 404'):
+        _reduced('nat_mini', pretrained=True, cache_dir=str(tmp_path / 'cache'), pretrained_cfg_overlay=dict(url=url))
+    assert os.listdir(tmp_path / 'cache') == []
 
 
 def test_l2vit_384_release_builds_its_model():
