@@ -57,7 +57,8 @@ def rope_2d(
 
 
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of x (..., N, head_dim) by the angles of `rope_2d`; x's dtype out."""
+    """Rotate interleaved channel pairs of x (..., N, head_dim) by the angles of `rope_2d`; out in the promoted dtype
+    of x and the tables (fp32 tables make a half-precision x fp32)."""
     return apply_rot_embed(x, sin, cos)
 
 
