@@ -212,7 +212,9 @@ class HierarchicalBackbone(nn.Module):
         self.head = head
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
+        if torch.jit.is_scripting():  # resolved while compiling: TorchScript compiles no more of this
+            return
+        if torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
             return
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f'{type(self).__name__}: expected input (B, {self.in_chans}, H, W), '
