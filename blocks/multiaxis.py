@@ -55,14 +55,17 @@ def pad_same(x: torch.Tensor, kernel_size: Tuple[int, int], stride: Tuple[int, i
     division, which a dynamic torch.export turns into symbolic expressions that nest with every stride-2 stage
     (a reduced MaxViT then took more than 10 minutes to export). Same numbers, same padding.
     """
-    pads = []
-    for axis in (-1, -2):  # F.pad lists the last dim first
-        size, k, s, d = x.shape[axis], kernel_size[axis], stride[axis], dilation[axis]
-        total = (ceil_div(size, s) - 1) * s + (k - 1) * d + 1 - size
-        if (k - 1) * d + 1 < s:  # the only case where the total can be negative
-            total = size_max(total, 0)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x, pads)
+    ph = _same_total(x.shape[-2], kernel_size[0], stride[0], dilation[0])
+    pw = _same_total(x.shape[-1], kernel_size[1], stride[1], dilation[1])
+    return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+
+
+def _same_total(size: int, kernel_size: int, stride: int, dilation: int) -> int:
+    """Total 'SAME' padding of one axis of `size` (an int, or a symbolic / traced size while exporting)."""
+    total = (ceil_div(size, stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - size
+    if (kernel_size - 1) * dilation + 1 < stride:  # the only case where the total can be negative
+        total = size_max(total, 0)
+    return total
 
 
 class _SameConv2d(Conv2dSame):
@@ -225,7 +228,8 @@ class PartitionAttention(nn.Module):
         nn.init.normal_(self.relative_position_bias_table, std=.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.dim, type(self).__name__)
+        if not torch.jit.is_scripting():  # TorchScript has no type(); check_input skips scripted code anyway
+            check_input(x, self.dim, type(self).__name__)
         B, H, W, C = x.shape
         # qkv channels are (3, heads, head_dim): timm's head_first=False / the TF layout
         q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
@@ -243,9 +247,11 @@ class PartitionAttention(nn.Module):
 
 
 # MaxViT block attention (contiguous P x P windows) and grid attention (P x P tokens strided over the map)
-register_mixer('block', paper='MaxViT (Tu et al., ECCV 2022)', cost='O(N P^2), partition P', triton=True)(
+register_mixer('block', paper='MaxViT (Tu et al., ECCV 2022)', cost='O(N P^2), partition P', triton=True,
+               torchscript=True)(
     partial(PartitionAttention, partition_type='block'))
-register_mixer('grid', paper='MaxViT (Tu et al., ECCV 2022)', cost='O(N P^2), grid P', triton=True)(
+register_mixer('grid', paper='MaxViT (Tu et al., ECCV 2022)', cost='O(N P^2), grid P', triton=True,
+               torchscript=True)(
     partial(PartitionAttention, partition_type='grid'))
 
 

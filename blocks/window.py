@@ -42,7 +42,7 @@ def effective_window_shift(
 
 
 @register_mixer('window', paper='Swin Transformer (Liu et al., ICCV 2021)', cost='O(N M^2), window M',
-                triton=True)
+                triton=True, torchscript=True)
 class WindowAttention(nn.Module):
     """Window multi-head self-attention with relative position bias (Swin W-MSA, SW-MSA when shifted).
 
@@ -109,7 +109,8 @@ class WindowAttention(nn.Module):
         return table.flip(0, 1).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.dim, type(self).__name__)
+        if not torch.jit.is_scripting():  # TorchScript has no type(); check_input skips scripted code anyway
+            check_input(x, self.dim, type(self).__name__)
         B, H, W, C = x.shape
         q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
         x = window_attention(

@@ -3,7 +3,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-IntOr2 = Union[int, Sequence[int]]
+# an int or a pair of ints: Python may pass any sequence of two ints, TorchScript an int or a 2-tuple
+IntOr2 = Union[int, Tuple[int, int]]
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -12,6 +13,12 @@ def pair(value: IntOr2, name: str) -> Tuple[int, int]:
     """An int or a pair of ints -> (int, int); a clear error naming `name` otherwise."""
     if isinstance(value, int):
         return value, value
+    if torch.jit.is_scripting():  # resolved while compiling; TorchScript's types already say (int, int)
+        return value
+    return _pair_of_sequence(value, name)
+
+
+def _pair_of_sequence(value: Sequence[int], name: str) -> Tuple[int, int]:
     try:
         result = tuple(int(v) for v in value)
     except TypeError:

@@ -64,11 +64,15 @@ def is_fx_tracing() -> bool:
 
 def is_exporting() -> bool:
     """True while torch.onnx / torch.export / TorchScript / torch.fx (symbolic tracing) or torch.compile is
-    capturing: size-dependent code then takes its branch-free form, one graph for any input size."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or is_fx_tracing():
+    capturing: size-dependent code then takes its branch-free form, one graph for any input size.
+
+    Scriptable: TorchScript compiles it to `True` (the rest is never compiled)."""
+    if torch.jit.is_scripting():
         return True
-    if torch.onnx.is_in_onnx_export():
-        return True
+    return torch.jit.is_tracing() or is_fx_tracing() or torch.onnx.is_in_onnx_export() or _compiler_capturing()
+
+
+def _compiler_capturing() -> bool:
     compiler = getattr(torch, 'compiler', None)
     if compiler is not None:
         if getattr(compiler, 'is_exporting', lambda: False)() or compiler.is_compiling():

@@ -1,5 +1,5 @@
 """Window attention op (Swin W-MSA / SW-MSA, MaxViT block and grid attention)."""
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -12,13 +12,11 @@ __all__ = ['window_attention', 'window_attention_ref', 'window_partition', 'wind
            'MASK_VALUE']
 
 
-
 def window_attention(
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         window_size: _IntOr2,
-        *,
         mode: str = 'block',
         shift: _IntOr2 = 0,
         rel_pos_bias: Optional[torch.Tensor] = None,
@@ -38,30 +36,62 @@ def window_attention(
 
     Returns:
         (B, H, W, heads, head_dim).
+
+    Scriptable (`torch.jit.script`): scripted code always runs the reference in its export form, as exports do.
+    Pass the arguments after `window_size` by name (they are not keyword-only because TorchScript cannot compile
+    keyword-only arguments with defaults).
     """
     window_size = _pair(window_size, 'window_size')
     shift = _pair(shift, 'shift')
+    _check_args(q, k, v, window_size, mode, shift, rel_pos_bias)
+    if not torch.jit.is_scripting():
+        if _use_triton(backend, q, k, v, rel_pos_bias):
+            return _window_attention_triton(q, k, v, window_size, mode, shift, rel_pos_bias, scale)
+    return window_attention_ref(q, k, v, window_size, mode, shift, rel_pos_bias, scale)
+
+
+def _shape(t: torch.Tensor) -> str:
+    """`t`'s shape written as a tuple, in Python and in TorchScript alike."""
+    dims = [str(n) for n in t.shape]
+    return '(' + ', '.join(dims) + (',)' if len(dims) == 1 else ')')
+
+
+def _check_args(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window_size: Tuple[int, int],
+        mode: str,
+        shift: Tuple[int, int],
+        rel_pos_bias: Optional[torch.Tensor],
+) -> None:
     if q.dim() != 5 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f'q, k, v: expected equal shapes (B, H, W, heads, head_dim), got '
-                         f'{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
-    if mode not in ('block', 'grid'):
-        raise ValueError(f"mode: expected 'block' or 'grid', got {mode!r}")
-    if min(window_size) < 1:
+        raise ValueError('q, k, v: expected equal shapes (B, H, W, heads, head_dim), got '
+                         + _shape(q) + ', ' + _shape(k) + ', ' + _shape(v))
+    if mode != 'block' and mode != 'grid':
+        raise ValueError(f"mode: expected 'block' or 'grid', got '{mode}'")
+    if window_size[0] < 1 or window_size[1] < 1:
         raise ValueError(f'window_size: expected positive sizes, got {window_size}')
-    if mode == 'grid' and any(shift):
+    if mode == 'grid' and (shift[0] != 0 or shift[1] != 0):
         raise ValueError(f'shift: grid mode takes no shift, got {shift}')
-    if any(s < 0 or s >= w for s, w in zip(shift, window_size)):
+    if not (0 <= shift[0] < window_size[0] and 0 <= shift[1] < window_size[1]):
         raise ValueError(f'shift: expected 0 <= shift < window_size={window_size}, got {shift}')
     if rel_pos_bias is not None:
         heads = q.shape[3]
-        th, tw = rel_pos_bias.shape[-2:] if rel_pos_bias.dim() == 3 else (0, 0)
-        if (rel_pos_bias.dim() != 3 or rel_pos_bias.shape[0] != heads or th % 2 == 0 or tw % 2 == 0
-                or th < 2 * window_size[0] - 1 or tw < 2 * window_size[1] - 1):
+        dims = rel_pos_bias.shape
+        if (len(dims) != 3 or dims[0] != heads or dims[1] % 2 == 0 or dims[2] % 2 == 0
+                or dims[1] < 2 * window_size[0] - 1 or dims[2] < 2 * window_size[1] - 1):
             raise ValueError(
                 f'rel_pos_bias: expected (heads={heads}, 2Mh-1, 2Mw-1) with M >= window {window_size}, '
-                f'got {tuple(rel_pos_bias.shape)}')
+                f'got {_shape(rel_pos_bias)}')
+
+
+def _use_triton(backend: Optional[str], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rel_pos_bias: Optional[torch.Tensor]) -> bool:
     tensors = (q, k, v) if rel_pos_bias is None else (q, k, v, rel_pos_bias)
-    if resolve_backend(backend, *tensors) == 'triton':
-        from .triton import window_attention_triton
-        return window_attention_triton(q, k, v, window_size, mode, shift, rel_pos_bias, scale)
-    return window_attention_ref(q, k, v, window_size, mode, shift, rel_pos_bias, scale)
+    return resolve_backend(backend, *tensors) == 'triton'
+
+
+def _window_attention_triton(*args) -> torch.Tensor:
+    from .triton import window_attention_triton  # imports triton: only when the kernel runs
+    return window_attention_triton(*args)

@@ -15,7 +15,8 @@ Semantics, for any H and W:
 
 While a model is exported (``is_exporting()``), the map is always padded and cropped (maybe by 0) and the mask
 is always built, in the graph from the runtime size with no branch on it and no cache, so one ONNX export runs
-at any H x W; eager keeps the cached tables and the piecewise partition.
+at any H x W; eager keeps the cached tables and the piecewise partition. TorchScript compiles only that export
+form (the eager-only branches sit behind ``not torch.jit.is_scripting()``, which the compiler resolves).
 """
 import functools
 from typing import Optional, Tuple
@@ -62,7 +63,7 @@ def window_reverse(x: torch.Tensor, window: Tuple[int, int], hw: Tuple[int, int]
     return x.reshape(B, Hp, Wp, *rest)
 
 
-def _region_ids(size: int, padded: int, window: int, shift: int, device) -> torch.Tensor:
+def _region_ids(size: int, padded: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
     """Per rolled position along one axis: Swin's shift region (0, 1, 2), or -1 for padding."""
     pos = torch.arange(padded, device=device)
     region = (pos >= padded - window).long() + (pos >= padded - shift).long() if shift else torch.zeros_like(pos)
@@ -77,11 +78,7 @@ def _build_tables(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     wh, ww = window
     Hp, Wp = H + _pad_to(H, wh), W + _pad_to(W, ww)
-    # relative-position index, key minus query, into the flattened (2Mh-1, 2Mw-1) table
-    r = torch.arange(wh, device=device).repeat_interleave(ww)
-    c = torch.arange(ww, device=device).repeat(wh)
-    Mh, Mw = table_size
-    bias_index = (r[None, :] - r[:, None] + Mh - 1) * (2 * Mw - 1) + (c[None, :] - c[:, None] + Mw - 1)
+    bias_index = _bias_index(window, table_size, device)
     if Hp == H and Wp == W and not any(shift):
         return bias_index, None
     rh = _region_ids(H, Hp, wh, shift[0], device)
@@ -97,11 +94,18 @@ _cached_tables = size_cache(256)(_build_tables)
 
 
 def _bias_index(window: Tuple[int, int], table_size: Tuple[int, int], device: torch.device) -> torch.Tensor:
-    # not cached: built while exporting, it may be a fake / traced tensor
-    return _build_tables(window[0], window[1], window, (0, 0), 'block', table_size, device)[0]
+    """Relative-position index (WA, WA), key minus query, into the flattened (2Mh-1, 2Mw-1) table."""
+    wh, ww = window
+    r = torch.arange(wh, device=device).repeat_interleave(ww)
+    c = torch.arange(ww, device=device).repeat(wh)
+    Mh, Mw = table_size
+    return (r[None, :] - r[:, None] + Mh - 1) * (2 * Mw - 1) + (c[None, :] - c[:, None] + Mw - 1)
 
 
-def _export_mask(H, W, window: Tuple[int, int], shift: Tuple[int, int], mode: str, device) -> torch.Tensor:
+def _export_mask(
+        H: int, W: int, window: Tuple[int, int], shift: Tuple[int, int], mode: str, device: torch.device,
+        mask_value: float = MASK_VALUE,  # an argument: TorchScript reads no global floats
+) -> torch.Tensor:
     """The additive mask (num_windows, WA, WA) computed in the graph from the runtime (H, W).
 
     Export path: H and W may be symbolic, so nothing branches on them. The mask is always built (all zeros
@@ -119,7 +123,7 @@ def _export_mask(H, W, window: Tuple[int, int], shift: Tuple[int, int], mode: st
     else:
         ids = ids.reshape(wh, nh, ww, nw).permute(1, 3, 0, 2)
     ids = ids.reshape(-1, wh * ww)  # nW, WA
-    return (ids[:, :, None] != ids[:, None, :]).float() * MASK_VALUE
+    return (ids[:, :, None] != ids[:, None, :]).float() * mask_value
 
 
 def window_tables(
@@ -179,7 +183,7 @@ def _to_windows(t: torch.Tensor, window: Tuple[int, int], shift: Tuple[int, int]
     B, H, W, nh, d = t.shape
     wh, ww = window
     exporting = is_exporting() if exporting is None else exporting
-    if mode == 'block' and not exporting:
+    if not torch.jit.is_scripting() and mode == 'block' and not exporting:
         return _ToWindows.apply(t, window, shift).view(B, -1, nh, wh * ww, d)
     nH, nW = ceil_div(H, wh), ceil_div(W, ww)
     if exporting or nH * wh != H or nW * ww != W:  # exporting: no branch on the (symbolic) size
@@ -204,7 +208,7 @@ def _from_windows(
     nH, nW = ceil_div(H, wh), ceil_div(W, ww)
     t = t.reshape(B, nH, nW, nh, wh, ww, d)
     exporting = is_exporting() if exporting is None else exporting
-    if mode == 'block' and not exporting:
+    if not torch.jit.is_scripting() and mode == 'block' and not exporting:
         return _FromWindows.apply(t, (H, W), window, shift)
     if mode == 'block':
         t = t.permute(0, 1, 4, 2, 5, 3, 6)
@@ -285,19 +289,19 @@ def window_attention_ref(
     """Windowed multi-head attention. q, k, v: (B, H, W, heads, d) -> (B, H, W, heads, d)."""
     B, H, W, nh, d = q.shape
     wh, ww = window_size
-    scale = d ** -0.5 if scale is None else scale
+    logit_scale = d ** -0.5 if scale is None else scale
     table_size = (window_size if rel_pos_bias is None else
                   ((rel_pos_bias.shape[-2] + 1) // 2, (rel_pos_bias.shape[-1] + 1) // 2))
     exporting = is_exporting()
-    if exporting:  # tables in the graph, from the runtime size: one export serves every H x W
+    if not torch.jit.is_scripting() and not exporting:
+        bias_index, mask = window_tables(H, W, (wh, ww), shift, mode, table_size, q.device)
+    else:  # tables in the graph, from the runtime size: one export serves every H x W
         bias_index = _bias_index((wh, ww), table_size, q.device)
         mask = _export_mask(H, W, (wh, ww), shift, mode, q.device)
-    else:
-        bias_index, mask = window_tables(H, W, (wh, ww), shift, mode, table_size, q.device)
 
-    qw, kw, vw = (_to_windows(t, (wh, ww), shift, mode, exporting) for t in (q, k, v))  # B, nW, heads, WA, d
-    attn = (qw * scale) @ kw.transpose(-2, -1)  # B, nW, heads, WA, WA
-    bias = None
+    qw, kw, vw = [_to_windows(t, (wh, ww), shift, mode, exporting) for t in [q, k, v]]  # B, nW, heads, WA, d
+    attn = (qw * logit_scale) @ kw.transpose(-2, -1)  # B, nW, heads, WA, WA
+    bias: Optional[torch.Tensor] = None
     if rel_pos_bias is not None:
         bias = rel_pos_bias.flatten(1)[:, bias_index].to(attn.dtype)
     if mask is not None:

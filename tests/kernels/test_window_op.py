@@ -1,10 +1,14 @@
 """Window attention op: reference vs a dense brute-force oracle, Triton (interpreter) vs reference,
-backend switch, input errors."""
+backend switch, input errors, TorchScript."""
+import io
+from typing import Optional, Tuple
+
 import pytest
 import torch
 
 import zoo.kernels.backend
 from zoo.kernels import use_backend
+from zoo.kernels._args import pair as _pair
 from zoo.kernels.window import window_attention, window_attention_ref
 from zoo.kernels.window.naive import window_attention_naive
 from zoo.kernels.window.triton import window_attention_triton
@@ -230,7 +234,7 @@ def test_dispatch_matches_reference():
 
 # ---------------------------------------------------------------- input errors
 
-@pytest.mark.parametrize('kwargs, match', [
+BAD_INPUTS = [
     (dict(k=torch.zeros(1, 8, 8, 2)), r'q, k, v: expected equal shapes .*\(1, 8, 8, 2, 16\), \(1, 8, 8, 2\)'),
     (dict(mode='swin'), r"mode: expected 'block' or 'grid', got 'swin'"),
     (dict(window_size=(4, 0)), r'window_size: expected positive sizes, got \(4, 0\)'),
@@ -243,10 +247,70 @@ def test_dispatch_matches_reference():
     (dict(rel_pos_bias=torch.zeros(2, 8, 8)), r'rel_pos_bias: .*got \(2, 8, 8\)'),
     (dict(rel_pos_bias=torch.zeros(49, 2)), r'rel_pos_bias: .*got \(49, 2\)'),
     (dict(backend='gpu'), r"backend: expected one of .*got 'gpu'"),
-])
-def test_bad_inputs(kwargs, match):
+]
+
+
+def _bad_args(kwargs):
     args = dict(q=torch.zeros(1, 8, 8, 2, 16), k=torch.zeros(1, 8, 8, 2, 16), v=torch.zeros(1, 8, 8, 2, 16),
                 window_size=4)
     args.update(kwargs)
+    return args
+
+
+@pytest.mark.parametrize('kwargs, match', BAD_INPUTS)
+def test_bad_inputs(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        window_attention(**args)
+        window_attention(**_bad_args(kwargs))
+
+
+# ---------------------------------------------------------------- TorchScript
+
+class _Op(torch.nn.Module):
+    """The op as a module calls it (arguments after window_size by name), every argument explicit."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: Tuple[int, int],
+                mode: str = 'block', shift: Tuple[int, int] = (0, 0), rel_pos_bias: Optional[torch.Tensor] = None,
+                scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+        return window_attention(q, k, v, window_size, mode=mode, shift=shift, rel_pos_bias=rel_pos_bias,
+                                scale=scale, backend=backend)
+
+
+@pytest.fixture(scope='module')
+def scripted_op():
+    """The op compiled by torch.jit.script, saved and loaded back (so nothing in it calls into Python)."""
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(_Op()), buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer)
+
+
+@pytest.mark.parametrize('case', ['padded_13x10', 'swin_7_padded', 'map_smaller_than_window', 'rect_window',
+                                  'table_larger', 'grid_padded', 'grid_nobias_9x16'])
+def test_scripted_matches_eager(scripted_op, case):
+    """The scripted op (the reference's export form: pad, roll, reshape, tables built in the graph) against the
+    eager op (cached tables, piecewise partition), forward and backward, on padded and shifted maps."""
+    qkv, table, kw = _make(case)
+    grad_out = torch.randn(qkv.shape[:3] + qkv.shape[4:])
+    _assert_fp32_close(_run(scripted_op, qkv, table, kw, grad_out), _run(_Op(), qkv, table, kw, grad_out),
+                       ['out', 'd_qkv', 'd_table'], case)
+
+
+def test_scripted_runs_the_reference_whatever_the_backend(scripted_op, monkeypatch):
+    """Scripted code never reaches the Triton path (as exports): a forced backend still runs the reference."""
+    monkeypatch.setenv('ZOO_KERNEL_BACKEND', 'triton')
+    q = torch.randn(1, 4, 4, 1, 16, requires_grad=True)
+    with use_backend('triton'):
+        out = scripted_op(q, q, q, (4, 4), backend='triton')
+    assert _path(out) == 'torch'
+    assert torch.equal(out, window_attention(q, q, q, 4, backend='torch'))
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (kwargs, match) for kwargs, match in BAD_INPUTS if 'backend' not in kwargs and kwargs.get('window_size') != (4, 4, 4)])
+def test_scripted_bad_inputs(scripted_op, kwargs, match):
+    """The scripted op keeps the op's checks and messages (TorchScript reraises them as torch.jit.Error)."""
+    args = _bad_args(kwargs)
+    args['window_size'] = _pair(args['window_size'], 'window_size')
+    args['shift'] = _pair(args.get('shift', 0), 'shift')
+    with pytest.raises(torch.jit.Error, match='ValueError: ' + match):
+        scripted_op(**args)
