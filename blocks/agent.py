@@ -28,7 +28,8 @@ __all__ = ['AgentAttention']
 _TABLE = 7  # the official an / na tables are 7 x 7 whatever the map size
 
 
-@register_mixer('agent', paper='Agent Attention (Han et al., ECCV 2024)', cost='O(N n), n agents', triton=False)
+@register_mixer('agent', paper='Agent Attention (Han et al., ECCV 2024)', cost='O(N n), n agents', triton=False,
+                torchscript=True)
 class AgentAttention(nn.Module):
     """Agent attention over the whole map, plus a depthwise conv on V. (B, H, W, dim) -> (B, H, W, dim), any H, W.
 
@@ -105,7 +106,10 @@ class AgentAttention(nn.Module):
         return b1, b2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.dim, type(self).__name__)
+        who = 'AgentAttention'  # scripted code: TorchScript has no type()
+        if not torch.jit.is_scripting():
+            who = type(self).__name__
+        check_input(x, self.dim, who)
         B, H, W, _ = x.shape
         q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
         b1, b2 = self.biases()

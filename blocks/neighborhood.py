@@ -31,7 +31,7 @@ __all__ = ['NeighborhoodAttention2D']
 
 
 @register_mixer('neighborhood', paper='NAT (Hassani et al., CVPR 2023); DiNAT (Hassani & Shi, 2022)',
-                cost='O(N k^2), kernel k', triton=True)
+                cost='O(N k^2), kernel k', triton=True, torchscript=True)
 class NeighborhoodAttention2D(nn.Module):
     """2-D (dilated) neighborhood multi-head self-attention with relative position bias.
 
@@ -92,7 +92,10 @@ class NeighborhoodAttention2D(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.dim, type(self).__name__)
+        who = 'NeighborhoodAttention2D'  # scripted code: TorchScript has no type()
+        if not torch.jit.is_scripting():
+            who = type(self).__name__
+        check_input(x, self.dim, who)
         if self.training and self.attn_drop > 0.:
             raise ValueError(f'attn_drop: the neighborhood attention op has no attention dropout; '
                              f'training needs attn_drop=0, got {self.attn_drop}')

@@ -94,8 +94,11 @@ def interpreter_on() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
-def resolve_backend(backend: Optional[str], *tensors: torch.Tensor) -> str:
-    """Return 'torch' or 'triton' for an op call on `tensors`."""
+def resolve_backend(backend: Optional[str], *tensors: Optional[torch.Tensor]) -> str:
+    """Return 'torch' or 'triton' for an op call on `tensors` (None entries, optional tensors not given, are skipped).
+
+    Eager only: a scriptable op calls it behind `not torch.jit.is_scripting()` (scripted code runs the reference)."""
+    tensors = [t for t in tensors if t is not None]
     name = _check(backend, 'backend') if backend is not None else get_backend()
     if name == 'torch' or is_exporting():
         return 'torch'

@@ -14,6 +14,7 @@ import torch
 
 from .._args import IntOr2 as _IntOr2
 from .._args import pair as _pair
+from .._args import shape_str as _shape_str
 from ..backend import BACKENDS, get_backend, is_exporting
 from .reference import AgentBias, agent_attention_ref, agent_bias_map, agent_pool, bin_matrix
 
@@ -23,13 +24,17 @@ __all__ = ['agent_attention', 'agent_attention_ref', 'AgentBias', 'agent_pool', 
 def _check_bias(bias: Optional[AgentBias], name: str, heads: int, n: int) -> None:
     if bias is None:
         return
-    if not isinstance(bias, AgentBias):
-        raise TypeError(f'{name}: expected an AgentBias(table, row, col), got {type(bias).__name__}')
-    for field, t, dims in (('table', bias.table, 4), ('row', bias.row, 3), ('col', bias.col, 3)):
-        if t is not None and (t.dim() != dims or tuple(t.shape[:2]) != (heads, n)):
-            want = '(heads, n, th, tw)' if dims == 4 else f'(heads, n, {"R" if field == "row" else "C"})'
-            raise ValueError(f'{name}.{field}: expected {want} with heads={heads}, n={n} agents, '
-                             f'got {tuple(t.shape)}')
+    if not torch.jit.is_scripting():  # TorchScript's types already say AgentBias
+        if not isinstance(bias, AgentBias):
+            raise TypeError(f'{name}: expected an AgentBias(table, row, col), got {type(bias).__name__}')
+    _check_table(bias.table, name + '.table', '(heads, n, th, tw)', 4, heads, n)
+    _check_table(bias.row, name + '.row', '(heads, n, R)', 3, heads, n)
+    _check_table(bias.col, name + '.col', '(heads, n, C)', 3, heads, n)
+
+
+def _check_table(t: Optional[torch.Tensor], name: str, want: str, dims: int, heads: int, n: int) -> None:
+    if t is not None and (t.dim() != dims or t.shape[0] != heads or t.shape[1] != n):
+        raise ValueError(f'{name}: expected {want} with heads={heads}, n={n} agents, got {_shape_str(t)}')
 
 
 def agent_attention(
@@ -37,7 +42,6 @@ def agent_attention(
         k: torch.Tensor,
         v: torch.Tensor,
         agent_grid: _IntOr2,
-        *,
         agent_bias: Optional[AgentBias] = None,
         query_bias: Optional[AgentBias] = None,
         scale: Optional[float] = None,
@@ -61,20 +65,31 @@ def agent_attention(
 
     Returns:
         (B, H, W, heads, head_dim).
+
+    Scriptable (`torch.jit.script`): scripted code runs the explicit reference, as exports do, whatever the backend.
+    Pass the arguments after `agent_grid` by name (they are not keyword-only because TorchScript cannot compile
+    keyword-only arguments with defaults).
     """
     grid = _pair(agent_grid, 'agent_grid')
-    if min(grid) < 1:
+    if grid[0] < 1 or grid[1] < 1:
         raise ValueError(f'agent_grid: expected positive sizes, got {grid}')
     if q.dim() != 5 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f'q, k, v: expected equal shapes (B, H, W, heads, head_dim), got '
-                         f'{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}')
+        raise ValueError('q, k, v: expected equal shapes (B, H, W, heads, head_dim), got '
+                         + _shape_str(q) + ', ' + _shape_str(k) + ', ' + _shape_str(v))
     if not 0. <= dropout_p < 1.:
         raise ValueError(f'dropout_p: expected 0 <= p < 1, got {dropout_p}')
     heads, n = q.shape[3], grid[0] * grid[1]
     _check_bias(agent_bias, 'agent_bias', heads, n)
     _check_bias(query_bias, 'query_bias', heads, n)
+    fused = False
+    if not torch.jit.is_scripting():
+        fused = _takes_sdpa(backend, q)
+    return agent_attention_ref(q, k, v, grid, agent_bias, query_bias, scale, dropout_p, fused)
+
+
+def _takes_sdpa(backend: Optional[str], q: torch.Tensor) -> bool:
+    """Whether an eager call takes the fused SDPA path: a backend other than 'torch', CUDA tensors, no export."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f'backend: expected one of {BACKENDS}, got {backend!r}')
     name = backend if backend is not None else get_backend()
-    fused = name != 'torch' and q.is_cuda and not is_exporting()
-    return agent_attention_ref(q, k, v, grid, agent_bias, query_bias, scale, dropout_p, fused)
+    return name != 'torch' and q.is_cuda and not is_exporting()

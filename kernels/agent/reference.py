@@ -17,8 +17,12 @@ Semantics, for any H and W:
     ``col (heads, n, C)`` linearly resized to H and W. Resizing the row and column tables separately equals
     the official detection code's bilinear resize of their sum (bilinear weights factor per axis), and at the
     tables' own size the resize is the identity, which is the classification code's case.
+
+Sizes are annotated `int`, what eager code and TorchScript pass; the legacy ONNX exporter passes 0-d tensors
+(traced sizes), which the same code takes. TorchScript compiles the explicit path with tables built in the graph
+(the cached bin matrices and the fused SDPA path sit behind ``not torch.jit.is_scripting()``).
 """
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +30,6 @@ import torch.nn.functional as F
 from .._cache import size_cache
 
 __all__ = ['AgentBias', 'agent_attention_ref', 'agent_pool', 'agent_bias_map', 'bin_matrix']
-
-_Size = Union[int, torch.Tensor]  # a traced size is a 0-d tensor under the legacy ONNX exporter
 
 
 class AgentBias(NamedTuple):
@@ -42,7 +44,7 @@ class AgentBias(NamedTuple):
     col: Optional[torch.Tensor] = None
 
 
-def _build_bin_matrix(size: _Size, bins: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _build_bin_matrix(size: int, bins: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     i = torch.arange(bins, device=device)
     start = torch.div(i * size, bins, rounding_mode='floor')
     end = torch.div((i + 1) * size + bins - 1, bins, rounding_mode='floor')
@@ -54,39 +56,53 @@ def _build_bin_matrix(size: _Size, bins: int, dtype: torch.dtype, device: torch.
 _cached_bin_matrix = size_cache(256)(_build_bin_matrix)
 
 
-def bin_matrix(size: _Size, bins: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(bins, size) matrix whose row i averages adaptive-pooling bin i of an axis of `size`; cached per size."""
-    if isinstance(size, int) and not torch.compiler.is_compiling():
-        return _cached_bin_matrix(size, bins, dtype, device)
+def bin_matrix(size: int, bins: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(bins, size) matrix whose row i averages adaptive-pooling bin i of an axis of `size`; cached per size
+    (built in the graph while a traced size, 0-d tensor, comes in, under torch.compile, and in scripted code)."""
+    if not torch.jit.is_scripting():
+        if isinstance(size, int) and not torch.compiler.is_compiling():
+            return _cached_bin_matrix(size, bins, dtype, device)
     return _build_bin_matrix(size, bins, dtype, device)
 
 
 def agent_pool(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     """Adaptive average pooling of a channels-last map: (B, H, W, *rest) -> (B, gh, gw, *rest)."""
-    B, H, W = x.shape[:3]
-    rest = x.shape[3:]
+    B, H, W = x.shape[0], x.shape[1], x.shape[2]
     ph = bin_matrix(H, grid[0], x.dtype, x.device)
     pw = bin_matrix(W, grid[1], x.dtype, x.device)
     y = x.reshape(B, H, W, -1).permute(0, 3, 1, 2)  # B, C, H, W
     y = ph @ y @ pw.transpose(0, 1)  # B, C, gh, gw
-    return y.permute(0, 2, 3, 1).reshape(B, grid[0], grid[1], *rest)
+    return y.permute(0, 2, 3, 1).reshape([B, grid[0], grid[1]] + list(x.shape[3:]))
 
 
-def agent_bias_map(bias: AgentBias, H: _Size, W: _Size) -> Optional[torch.Tensor]:
+def agent_bias_map(bias: AgentBias, H: int, W: int) -> Optional[torch.Tensor]:
     """The bias of every (agent, token) pair at map size H x W: (heads, n, H * W), or None without tables."""
-    out = None
-    if bias.table is not None:
-        out = F.interpolate(bias.table, size=(H, W), mode='bilinear', align_corners=False).flatten(2)
-    line = None
-    if bias.row is not None:
-        line = F.interpolate(bias.row, size=H, mode='linear', align_corners=False)[..., :, None]
-    if bias.col is not None:
-        col = F.interpolate(bias.col, size=W, mode='linear', align_corners=False)[..., None, :]
+    table, row, col = bias.table, bias.row, bias.col
+    out: Optional[torch.Tensor] = None
+    if table is not None:
+        out = F.interpolate(table, size=(H, W), mode='bilinear', align_corners=False).flatten(2)
+    line: Optional[torch.Tensor] = None
+    if row is not None:
+        line = F.interpolate(row, size=H, mode='linear', align_corners=False)[..., :, None]
+    if col is not None:
+        col = F.interpolate(col, size=W, mode='linear', align_corners=False)[..., None, :]
         line = col if line is None else line + col
     if line is not None:
-        line = line.expand(*line.shape[:-2], H, W).flatten(2)  # a no-op unless only one of row / col is given
+        # a no-op unless only one of row / col is given
+        line = line.expand(line.shape[0], line.shape[1], H, W).flatten(2)
         out = line if out is None else out + line
     return out
+
+
+def _sdpa_mask(bias: Optional[torch.Tensor], rows: int, cols: int, B: int, nh: int,
+               dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The fused path's attention mask: the shared bias (heads, rows, cols) as a batch-broadcast (B, heads, rows, cols)
+    view whose row stride is padded to 16, so the memory-efficient kernel takes it as is."""
+    if bias is None:
+        return None
+    pad = -cols % 16
+    bias = F.pad(bias.to(dtype), (0, pad))[..., :cols] if pad else bias.to(dtype).contiguous()
+    return bias[None].expand(B, nh, rows, cols)
 
 
 def agent_attention_ref(
@@ -107,42 +123,36 @@ def agent_attention_ref(
     `F.scaled_dot_product_attention` for both attentions.
     """
     B, H, W, nh, d = q.shape
-    scale = d ** -0.5 if scale is None else scale
+    logit_scale = d ** -0.5 if scale is None else scale
     n = grid[0] * grid[1]
     agents = agent_pool(q, grid).reshape(B, n, nh, d).transpose(1, 2)  # B, heads, n, d
-    qh, kh, vh = (t.reshape(B, H * W, nh, d).transpose(1, 2) for t in (q, k, v))  # B, heads, N, d
+    qh, kh, vh = [t.reshape(B, H * W, nh, d).transpose(1, 2) for t in [q, k, v]]  # B, heads, N, d
     b1 = agent_bias_map(agent_bias, H, W) if agent_bias is not None else None
     b2 = agent_bias_map(query_bias, H, W) if query_bias is not None else None
     if fused:
-        def mask(bias: Optional[torch.Tensor], rows: int, cols: int) -> Optional[torch.Tensor]:
-            if bias is None:
-                return None
-            # row stride padded to 16 so the memory-efficient kernel takes the batch-broadcast view as is
-            pad = -cols % 16
-            bias = F.pad(bias.to(q.dtype), (0, pad))[..., :cols] if pad else bias.to(q.dtype).contiguous()
-            return bias[None].expand(B, nh, rows, cols)
-        agent_v = F.scaled_dot_product_attention(
-            agents, kh, vh, attn_mask=mask(b1, n, H * W), dropout_p=dropout_p, scale=scale)
-        out = F.scaled_dot_product_attention(
-            qh, agents, agent_v, attn_mask=mask(None if b2 is None else b2.transpose(-2, -1), H * W, n),
-            dropout_p=dropout_p, scale=scale)
+        mask1 = _sdpa_mask(b1, n, H * W, B, nh, q.dtype)
+        mask2 = _sdpa_mask(None if b2 is None else b2.transpose(-2, -1), H * W, n, B, nh, q.dtype)
+        agent_v = F.scaled_dot_product_attention(agents, kh, vh, attn_mask=mask1, dropout_p=dropout_p,
+                                                 scale=logit_scale)
+        out = F.scaled_dot_product_attention(qh, agents, agent_v, attn_mask=mask2, dropout_p=dropout_p,
+                                             scale=logit_scale)
         return out.transpose(1, 2).reshape(B, H, W, nh, d)
 
     # fp32 softmax for 16-bit inputs; fp32 / fp64 keep their own precision
-    acc = torch.float32 if q.element_size() < 4 else None
-    attn = (agents * scale) @ kh.transpose(-2, -1)  # B, heads, n, N
+    acc: Optional[torch.dtype] = torch.float32 if q.element_size() < 4 else None
+    attn = (agents * logit_scale) @ kh.transpose(-2, -1)  # B, heads, n, N
     if b1 is not None:
         attn = attn + b1.to(attn.dtype)
     attn = attn.softmax(dim=-1, dtype=acc).to(vh.dtype)
-    if dropout_p:
+    if dropout_p != 0.:
         attn = F.dropout(attn, dropout_p)
     agent_v = attn @ vh  # B, heads, n, d
 
-    attn = qh @ (agents * scale).transpose(-2, -1)  # B, heads, N, n; scaling the n agents, not the N queries
+    attn = qh @ (agents * logit_scale).transpose(-2, -1)  # B, heads, N, n; scaling the n agents, not the N queries
     if b2 is not None:
         attn = attn + b2.transpose(-2, -1).to(attn.dtype)
     attn = attn.softmax(dim=-1, dtype=acc).to(vh.dtype)
-    if dropout_p:
+    if dropout_p != 0.:
         attn = F.dropout(attn, dropout_p)
     out = attn @ agent_v  # B, heads, N, d
     return out.transpose(1, 2).reshape(B, H, W, nh, d)

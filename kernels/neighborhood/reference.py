@@ -244,7 +244,8 @@ def _na_gather(q, k, v, kernel, dilation, rel_pos_bias, scale, tile=TILE):
     return out.transpose(1, 2).reshape(B, H, W, nh, d)
 
 
-def _export_axis_tiles(length, kernel: int, dilation: int, tile: int, device):
+def _export_axis_tiles(length: int, kernel: int, dilation: int, tile: int, device: torch.device) -> Tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One axis of the export path's tiling; `length` may be symbolic or a traced 0-dim tensor.
 
     Fixed tiles of `tile` sub-grid positions (the last one padded), so only the tile count depends on the
@@ -273,14 +274,25 @@ def _export_axis_tiles(length, kernel: int, dilation: int, tile: int, device):
     return q_pos, h_pos, rel, slot
 
 
-def _na_export(q, k, v, kernel, dilation, rel_pos_bias, scale, tile=TILE):
-    """The gather path for export: same tiles-and-halos attention, everything separable per axis.
+def _export_gather(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, B: int, nh: int, d: int, Gr: int,
+                   nTr: int, Gc: int, nTc: int) -> torch.Tensor:
+    """(B, H, W, nh, d) -> (B, nh, Gr, nTr, Gc, nTc, R, C, d): the map padded by one zero row and column, gathered
+    at query / halo rows (Gr, nTr, R) and columns (Gc, nTc, C) from `_export_axis_tiles`."""
+    t = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 1, 0, 1))
+    t = t.index_select(1, rows.flatten()).index_select(2, cols.flatten())
+    t = t.reshape(B, Gr, nTr, rows.shape[-1], Gc, nTc, cols.shape[-1], nh, d)
+    return t.permute(0, 7, 1, 2, 4, 5, 3, 6, 8)
+
+
+def _na_export(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Tuple[int, int], dilation: Tuple[int, int],
+               rel_pos_bias: Optional[torch.Tensor], scale: float, tile: int = TILE) -> torch.Tensor:
+    """The gather path for export (and TorchScript): same tiles-and-halos attention, everything separable per axis.
 
     Nothing branches on or caches by the (possibly symbolic) size, and the index tables are computed in the
     graph from it, so one exported graph runs at any size. Per axis: query / halo rows from
     `_export_axis_tiles`; keys are gathered rows-then-columns with `index_select` from the map padded by one
-    zero row and column; the bias is one lookup in the rpb table padded with a -inf (off-window) and a 0
-    (padding query) row and column. No dedup (data-dependent shapes) and no 2-D token tables.
+    zero row and column (`_export_gather`); the bias is one lookup in the rpb table padded with a -inf
+    (off-window) and a 0 (padding query) row and column. No dedup (data-dependent shapes) and no 2-D token tables.
     """
     B, H, W, nh, d = q.shape
     kh, kw = kernel
@@ -288,16 +300,10 @@ def _na_export(q, k, v, kernel, dilation, rel_pos_bias, scale, tile=TILE):
     qc, hc, rc, sc = _export_axis_tiles(W, kw, dilation[1], tile, q.device)
     Gr, nTr, Th = hr.shape
     Gc, nTc, Tw = hc.shape
-
-    def gather(t, rows, cols):  # (B, H, W, nh, d) -> (B, nh, Gr, nTr, Gc, nTc, R, C, d)
-        t = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 1, 0, 1))
-        t = t.index_select(1, rows.flatten()).index_select(2, cols.flatten())
-        t = t.reshape(B, Gr, nTr, rows.shape[-1], Gc, nTc, cols.shape[-1], nh, d)
-        return t.permute(0, 7, 1, 2, 4, 5, 3, 6, 8)
-
-    qt = gather(q * scale, qr, qc).reshape(B, nh, -1, tile * tile, d)  # B, heads, tiles, T*T, d
-    kt = gather(k, hr, hc).reshape(B, nh, -1, Th * Tw, d)  # B, heads, tiles, halo, d
-    vt = gather(v, hr, hc).reshape(B, nh, -1, Th * Tw, d)
+    sizes = (B, nh, d, Gr, nTr, Gc, nTc)
+    qt = _export_gather(q * scale, qr, qc, *sizes).reshape(B, nh, -1, tile * tile, d)  # B, heads, tiles, T*T, d
+    kt = _export_gather(k, hr, hc, *sizes).reshape(B, nh, -1, Th * Tw, d)  # B, heads, tiles, halo, d
+    vt = _export_gather(v, hr, hc, *sizes).reshape(B, nh, -1, Th * Tw, d)
     logits = qt @ kt.transpose(-2, -1)  # B, heads, tiles, T*T, halo
     table = logits.new_zeros(1, 2 * kh - 1, 2 * kw - 1) if rel_pos_bias is None else rel_pos_bias.to(logits.dtype)
     table = torch.nn.functional.pad(table, (0, 1, 0, 1), value=float('-inf'))  # row / col 2k - 1: off-window
@@ -326,16 +332,20 @@ def neighborhood_attention_ref(
 
     impl: 'gather' (O(N k^2) memory), 'dense' (O(N^2) memory) or 'auto' (dense only for small maps).
     While exporting, 'auto' is always 'gather', with index tables computed in the graph from the runtime
-    size, so one export runs at any size (the choice of 'dense' would depend on the export size).
+    size, so one export runs at any size (the choice of 'dense' would depend on the export size). TorchScript
+    compiles only that export form (the cached-table paths sit behind ``not torch.jit.is_scripting()``), so
+    scripted code takes impl='auto' only.
     """
     H, W, d = q.shape[1], q.shape[2], q.shape[4]
-    scale = d ** -0.5 if scale is None else scale
-    if impl == 'auto':
-        if is_exporting():
-            return _na_export(q, k, v, kernel_size, dilation, rel_pos_bias, scale)
-        impl = 'dense' if use_dense(H, W, kernel_size) else 'gather'
-    if impl == 'dense':
-        return _na_dense(q, k, v, kernel_size, dilation, rel_pos_bias, scale)
-    if impl == 'gather':
-        return _na_gather(q, k, v, kernel_size, dilation, rel_pos_bias, scale)
-    raise ValueError(f"impl: expected 'auto', 'gather' or 'dense', got {impl!r}")
+    logit_scale = d ** -0.5 if scale is None else scale
+    if not torch.jit.is_scripting():
+        if impl == 'auto' and not is_exporting():
+            impl = 'dense' if use_dense(H, W, kernel_size) else 'gather'
+        if impl == 'dense':
+            return _na_dense(q, k, v, kernel_size, dilation, rel_pos_bias, logit_scale)
+        if impl == 'gather':
+            return _na_gather(q, k, v, kernel_size, dilation, rel_pos_bias, logit_scale)
+    if impl != 'auto':
+        expected = "'auto', 'gather' or 'dense'" if not torch.jit.is_scripting() else "'auto' in scripted code"
+        raise ValueError(f"impl: expected {expected}, got '{impl}'")
+    return _na_export(q, k, v, kernel_size, dilation, rel_pos_bias, logit_scale)

@@ -5,6 +5,7 @@ import torch
 
 from .._args import IntOr2 as _IntOr2
 from .._args import pair as _pair
+from .._args import shape_str as _shape_str
 from ..backend import resolve_backend
 from .reference import MASK_VALUE, window_attention_ref, window_partition, window_reverse, window_tables
 
@@ -45,15 +46,9 @@ def window_attention(
     shift = _pair(shift, 'shift')
     _check_args(q, k, v, window_size, mode, shift, rel_pos_bias)
     if not torch.jit.is_scripting():
-        if _use_triton(backend, q, k, v, rel_pos_bias):
+        if resolve_backend(backend, q, k, v, rel_pos_bias) == 'triton':
             return _window_attention_triton(q, k, v, window_size, mode, shift, rel_pos_bias, scale)
     return window_attention_ref(q, k, v, window_size, mode, shift, rel_pos_bias, scale)
-
-
-def _shape(t: torch.Tensor) -> str:
-    """`t`'s shape written as a tuple, in Python and in TorchScript alike."""
-    dims = [str(n) for n in t.shape]
-    return '(' + ', '.join(dims) + (',)' if len(dims) == 1 else ')')
 
 
 def _check_args(
@@ -67,7 +62,7 @@ def _check_args(
 ) -> None:
     if q.dim() != 5 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError('q, k, v: expected equal shapes (B, H, W, heads, head_dim), got '
-                         + _shape(q) + ', ' + _shape(k) + ', ' + _shape(v))
+                         + _shape_str(q) + ', ' + _shape_str(k) + ', ' + _shape_str(v))
     if mode != 'block' and mode != 'grid':
         raise ValueError(f"mode: expected 'block' or 'grid', got '{mode}'")
     if window_size[0] < 1 or window_size[1] < 1:
@@ -83,13 +78,7 @@ def _check_args(
                 or dims[1] < 2 * window_size[0] - 1 or dims[2] < 2 * window_size[1] - 1):
             raise ValueError(
                 f'rel_pos_bias: expected (heads={heads}, 2Mh-1, 2Mw-1) with M >= window {window_size}, '
-                f'got {_shape(rel_pos_bias)}')
-
-
-def _use_triton(backend: Optional[str], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                rel_pos_bias: Optional[torch.Tensor]) -> bool:
-    tensors = (q, k, v) if rel_pos_bias is None else (q, k, v, rel_pos_bias)
-    return resolve_backend(backend, *tensors) == 'triton'
+                f'got {_shape_str(rel_pos_bias)}')
 
 
 def _window_attention_triton(*args) -> torch.Tensor:
