@@ -1,13 +1,17 @@
 """Agent attention op: reference vs a float64 brute-force oracle written the official way (adaptive pooling,
 row + column tables summed then bilinearly resized, biases copied per batch), forward and gradients; the pooling
 matrices vs nn.AdaptiveAvgPool2d; no per-batch bias copies; ONNX export with both exporters at any size
-(including the 56 -> 3 bins the legacy exporter cannot lower as adaptive pooling); input errors."""
+(including the 56 -> 3 bins the legacy exporter cannot lower as adaptive pooling); input errors; TorchScript."""
+import io
+from typing import Optional, Tuple
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.kernels import agent_attention
+from zoo.kernels._args import pair
 from zoo.kernels.agent import AgentBias, agent_attention_ref, agent_bias_map, agent_pool
 from zoo.kernels.agent.naive import agent_attention_naive
 
@@ -175,23 +179,92 @@ def test_half_precision_close_to_fp32(dtype):
     assert (got.float() - want).abs().max() < 3e-2
 
 
-def test_input_errors():
+BAD_INPUTS = {  # changed arguments (from the valid q, k, v, grid, b1, b2 of 'square_divisible'), error, message
+    'qkv_shapes': (lambda a: dict(k=a['k'][:, :5]), ValueError,
+                   r'q, k, v: expected equal shapes \(B, H, W, heads, head_dim\), got \(2, 12, 12, 2, 8\), '
+                   r'\(2, 5, 12, 2, 8\)'),
+    'grid': (lambda a: dict(agent_grid=0), ValueError, r'agent_grid: expected positive sizes, got \(0, 0\)'),
+    'table': (lambda a: dict(agent_grid=2, agent_bias=a['b1']), ValueError,
+              r'agent_bias.table: expected \(heads, n, th, tw\) with heads=2, n=4 agents, got \(2, 9, 7, 7\)'),
+    'row': (lambda a: dict(query_bias=a['b2']._replace(row=torch.zeros(2, 9))), ValueError,
+            r'query_bias.row: expected \(heads, n, R\) with heads=2, n=9 agents, got \(2, 9\)'),
+    'not_agent_bias': (lambda a: dict(agent_bias=tuple(a['b1'])), TypeError, 'expected an AgentBias'),
+    # 'got 1.0' in Python, 'got 1.' in TorchScript (its float formatting)
+    'dropout': (lambda a: dict(dropout_p=1.0), ValueError, r'dropout_p: expected 0 <= p < 1, got 1\.'),
+    'backend': (lambda a: dict(backend='cuda'), ValueError, 'backend: expected one of'),
+}
+
+
+def _bad_args(case):
     qkv, grid, b1, b2 = _make('square_divisible')
     q, k, v = qkv.detach().unbind(3)
-    with pytest.raises(ValueError, match=r'q, k, v: expected equal shapes \(B, H, W, heads, head_dim\)'):
-        agent_attention(q, k[:, :5], v, grid)
-    with pytest.raises(ValueError, match='agent_grid: expected positive sizes'):
-        agent_attention(q, k, v, 0)
-    with pytest.raises(ValueError, match=r'agent_bias.table: expected \(heads, n, th, tw\) with heads=2, n=4'):
-        agent_attention(q, k, v, 2, agent_bias=b1)
-    with pytest.raises(ValueError, match=r'query_bias.row: expected \(heads, n, R\)'):
-        agent_attention(q, k, v, grid, query_bias=b2._replace(row=torch.zeros(2, 9)))
-    with pytest.raises(TypeError, match='expected an AgentBias'):
-        agent_attention(q, k, v, grid, agent_bias=(b1.table, b1.row, b1.col))
-    with pytest.raises(ValueError, match='dropout_p'):
-        agent_attention(q, k, v, grid, dropout_p=1.0)
-    with pytest.raises(ValueError, match='backend: expected one of'):
-        agent_attention(q, k, v, grid, backend='cuda')
+    args = dict(q=q, k=k, v=v, agent_grid=grid)
+    change, error, match = BAD_INPUTS[case]
+    args.update(change(dict(args, b1=b1, b2=b2)))
+    return args, error, match
+
+
+@pytest.mark.parametrize('case', list(BAD_INPUTS))
+def test_input_errors(case):
+    args, error, match = _bad_args(case)
+    with pytest.raises(error, match=match):
+        agent_attention(**args)
+
+
+# ---------------------------------------------------------------- TorchScript
+
+class _Op(nn.Module):
+    """The op as a module calls it (arguments after agent_grid by name), every argument explicit."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agent_grid: Tuple[int, int],
+                agent_bias: Optional[AgentBias] = None, query_bias: Optional[AgentBias] = None,
+                scale: Optional[float] = None, dropout_p: float = 0., backend: Optional[str] = None) -> torch.Tensor:
+        return agent_attention(q, k, v, agent_grid, agent_bias=agent_bias, query_bias=query_bias, scale=scale,
+                               dropout_p=dropout_p, backend=backend)
+
+
+@pytest.fixture(scope='module')
+def scripted_op():
+    """The op compiled by torch.jit.script, saved and loaded back (so nothing in it calls into Python)."""
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(_Op()), buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer)
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_scripted_matches_eager(scripted_op, case, assert_close_to_scale):
+    """The scripted op (bin matrices built in the graph) against the eager op (cached bin matrices), forward and
+    backward, bias tables included, on resized tables, maps smaller than the grid and one-token maps."""
+    qkv, grid, b1, b2 = _make(case)
+    grad_out = torch.randn(qkv.shape[:3] + qkv.shape[4:])
+    got = _run(lambda q, k, v, g, a, b: scripted_op(q, k, v, g, agent_bias=a, query_bias=b, scale=0.3),
+               qkv, grid, b1, b2, grad_out)
+    want = _run(lambda q, k, v, g, a, b: agent_attention(q, k, v, g, agent_bias=a, query_bias=b, scale=0.3),
+                qkv, grid, b1, b2, grad_out)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close_to_scale(a, b, msg=f'{case} output {i}')
+
+
+def test_scripted_without_biases_and_with_dropout(scripted_op, assert_close_to_scale):
+    qkv, grid, _, _ = _make('non_square')
+    q, k, v = qkv.detach().unbind(3)
+    assert_close_to_scale(scripted_op(q, k, v, grid), agent_attention(q, k, v, grid))
+    assert torch.equal(scripted_op(q, k, v, grid, backend='triton'), scripted_op(q, k, v, grid))  # reference
+    torch.manual_seed(0)
+    got = scripted_op(q, k, v, grid, dropout_p=0.5)
+    torch.manual_seed(0)
+    assert_close_to_scale(got, agent_attention(q, k, v, grid, dropout_p=0.5))
+
+
+@pytest.mark.parametrize('case', [c for c in BAD_INPUTS if c not in ('not_agent_bias', 'backend')])
+def test_scripted_input_errors(scripted_op, case):
+    """The scripted op keeps the op's checks and messages (TorchScript reraises them as torch.jit.Error); its
+    types already exclude what is not an AgentBias, and it runs the reference whatever the backend."""
+    args, error, match = _bad_args(case)
+    args['agent_grid'] = pair(args['agent_grid'], 'agent_grid')
+    with pytest.raises(torch.jit.Error, match=f'{error.__name__}: ' + match):
+        scripted_op(**args)
 
 
 class _AgentOpNet(nn.Module):

@@ -1,12 +1,15 @@
 """Neighborhood attention op: reference (gather + dense) against natten and a brute-force oracle, gradients,
-the Triton kernels (interpreter), ONNX export with both exporters, linear memory, error messages."""
+the Triton kernels (interpreter), ONNX export with both exporters, linear memory, error messages, TorchScript."""
+import io
 import warnings
+from typing import Optional, Tuple
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from zoo.kernels import neighborhood_attention
+from zoo.kernels import neighborhood_attention, use_backend
+from zoo.kernels._args import pair
 from zoo.kernels.backend import interpreter_on, triton_available
 from zoo.kernels.neighborhood import reference
 from zoo.kernels.neighborhood.naive import neighborhood_attention_naive, window_start
@@ -281,25 +284,117 @@ def test_onnx_export(size, dynamo, tmp_path):
 # ---------------------------------------------------------------------------------------------- errors
 
 
-def test_error_messages():
+BAD_INPUTS = [  # (changed arguments of the op on a 13 x 17 map with 2 heads, expected message)
+    (dict(kernel_size=4), r'kernel_size: expected odd.*\(4, 4\)'),
+    (dict(kernel_size=5, dilation=3), r'height: 5 \* 3 = 15 > 13'),
+    (dict(kernel_size=7, dilation=(1, 3)), r'width: 7 \* 3 = 21 > 17'),
+    (dict(dilation=0), r'dilation: expected positive'),
+    (dict(rel_pos_bias=torch.zeros(2, 5, 3)), r'rel_pos_bias: expected shape .* \(2, 5, 5\), got \(2, 5, 3\)'),
+    (dict(rel_pos_bias=torch.zeros(3, 5, 5)), r'rel_pos_bias: expected shape .* \(2, 5, 5\), got \(3, 5, 5\)'),
+    (dict(rel_pos_bias=torch.zeros(50)), r'rel_pos_bias: expected shape .* \(2, 5, 5\), got \(50,\)'),
+    (dict(k=torch.zeros(1, 13, 16, 2, 8)), r'q, k, v: expected equal shapes .*\(1, 13, 16, 2, 8\)'),
+    (dict(q=torch.zeros(13, 17, 2, 8), k=torch.zeros(13, 17, 2, 8), v=torch.zeros(13, 17, 2, 8)),
+     r'q, k, v: expected equal shapes'),
+    (dict(kernel_size=(3, 3, 3)), r'kernel_size: expected an int or a pair'),
+]
+
+
+def _bad_args(kwargs):
+    args = dict(zip('qkv', _qkv(1, 13, 17, 2, 8)), kernel_size=3, dilation=1)
+    args.update(kwargs)
+    return args
+
+
+@pytest.mark.parametrize('kwargs, match', BAD_INPUTS)
+def test_error_messages(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        neighborhood_attention(**_bad_args(kwargs))
+
+
+def test_impl_error_message():
     q, k, v = _qkv(1, 13, 17, 2, 8)
-    with pytest.raises(ValueError, match=r'kernel_size: expected odd.*\(4, 4\)'):
-        neighborhood_attention(q, k, v, 4)
-    with pytest.raises(ValueError, match=r'height: 5 \* 3 = 15 > 13'):
-        neighborhood_attention(q, k, v, 5, 3)
-    with pytest.raises(ValueError, match=r'width: 7 \* 3 = 21 > 17'):
-        neighborhood_attention(q, k, v, 7, (1, 3))
-    with pytest.raises(ValueError, match=r'dilation: expected positive'):
-        neighborhood_attention(q, k, v, 3, 0)
-    with pytest.raises(ValueError, match=r'rel_pos_bias: expected shape .* \(2, 5, 5\), got \(2, 5, 3\)'):
-        neighborhood_attention(q, k, v, 3, rel_pos_bias=torch.zeros(2, 5, 3))
-    with pytest.raises(ValueError, match=r'rel_pos_bias: expected shape .* \(2, 5, 5\), got \(3, 5, 5\)'):
-        neighborhood_attention(q, k, v, 3, rel_pos_bias=torch.zeros(3, 5, 5))
-    with pytest.raises(ValueError, match=r'q, k, v: expected equal shapes .*\(1, 13, 16, 2, 8\)'):
-        neighborhood_attention(q, k[:, :, :16], v, 3)
-    with pytest.raises(ValueError, match=r'q, k, v: expected equal shapes'):
-        neighborhood_attention(q[0], k[0], v[0], 3)
-    with pytest.raises(ValueError, match=r'kernel_size: expected an int or a pair'):
-        neighborhood_attention(q, k, v, (3, 3, 3))
     with pytest.raises(ValueError, match=r"impl: expected 'auto', 'gather' or 'dense', got 'flex'"):
         neighborhood_attention_ref(q, k, v, (3, 3), impl='flex')
+
+
+# ---------------------------------------------------------------------------------------------- TorchScript
+
+
+class _Op(torch.nn.Module):
+    """The op as a module calls it (arguments after dilation by name), every argument explicit."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: Tuple[int, int],
+                dilation: Tuple[int, int] = (1, 1), rel_pos_bias: Optional[torch.Tensor] = None,
+                scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+        return neighborhood_attention(q, k, v, kernel_size, dilation, rel_pos_bias=rel_pos_bias, scale=scale,
+                                      backend=backend)
+
+
+def _load_scripted(module: torch.nn.Module) -> torch.jit.ScriptModule:
+    """`module` compiled by torch.jit.script, saved and loaded back (so nothing in it calls into Python)."""
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(module), buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer)
+
+
+@pytest.fixture(scope='module')
+def scripted_op():
+    return _load_scripted(_Op())
+
+
+@pytest.mark.parametrize('H,W,kernel,dilation,bias,scale', [
+    (13, 17, (5, 5), (2, 2), True, None),  # ragged dilation groups; eager takes the dense path (221 tokens)
+    (20, 24, (7, 7), (2, 3), True, None),  # eager takes the gather path (480 tokens)
+    (21, 12, (7, 3), (3, 4), True, 0.3),  # non-square kernel, kernel * dilation == W
+    (7, 9, (7, 3), (1, 3), False, None),  # kernel == H: every query sees the whole column, no bias
+    (5, 6, (1, 1), (1, 1), True, None),  # kernel 1: each query attends to itself
+])
+def test_scripted_matches_eager(scripted_op, H, W, kernel, dilation, bias, scale, assert_close_to_scale):
+    """The scripted op (the reference's export form: fixed tiles, tables built in the graph) against the eager op
+    (cached tables, dense or gather path), forward and backward, on ragged, clamped and edge-sized maps."""
+    q, k, v = _qkv(2, H, W, 2, 8, requires_grad=True)
+    rpb = _rpb(2, kernel, requires_grad=True) if bias else None
+    inputs = [q, k, v] + ([rpb] if bias else [])
+    grad = torch.randn(2, H, W, 2, 8)
+    results = []
+    for op in (scripted_op, _Op()):
+        out = op(q, k, v, kernel, dilation, rel_pos_bias=rpb, scale=scale)
+        results.append([out] + list(torch.autograd.grad(out, inputs, grad)))
+    for name, got, want in zip('out dq dk dv drpb'.split(), *results):
+        assert_close_to_scale(got, want, msg=name)
+
+
+def test_scripted_runs_the_reference_whatever_the_backend(scripted_op, monkeypatch):
+    """Scripted code never reaches the Triton path (as exports): a forced backend still runs the reference."""
+    monkeypatch.setenv('ZOO_KERNEL_BACKEND', 'triton')
+    q, k, v = _qkv(1, 6, 6, 1, 16, requires_grad=True)
+    with use_backend('triton'):
+        out = scripted_op(q, k, v, (3, 3), (2, 2), backend='triton')
+    assert 'NeighborhoodAttention' not in type(out.grad_fn).__name__
+    assert torch.equal(out, scripted_op(q, k, v, (3, 3), (2, 2), backend='torch'))
+
+
+@pytest.mark.parametrize('kwargs, match', [(kwargs, match) for kwargs, match in BAD_INPUTS
+                                           if kwargs.get('kernel_size') != (3, 3, 3)])
+def test_scripted_error_messages(scripted_op, kwargs, match):
+    """The scripted op keeps the op's checks and messages (TorchScript reraises them as torch.jit.Error)."""
+    args = _bad_args(kwargs)
+    args['kernel_size'] = pair(args['kernel_size'], 'kernel_size')
+    args['dilation'] = pair(args['dilation'], 'dilation')
+    with pytest.raises(torch.jit.Error, match='ValueError: .*' + match):
+        scripted_op(**args)
+
+
+class _Ref(torch.nn.Module):
+    def forward(self, q: torch.Tensor, impl: str) -> torch.Tensor:
+        return neighborhood_attention_ref(q, q, q, (3, 3), (1, 1), None, None, impl)
+
+
+def test_scripted_reference_takes_auto_only(assert_close_to_scale):
+    """Scripted code has only the export form: an explicit impl fails with a message saying so."""
+    scripted = torch.jit.script(_Ref())
+    q = torch.randn(1, 5, 5, 1, 8)
+    assert_close_to_scale(scripted(q, 'auto'), neighborhood_attention_ref(q, q, q, (3, 3), impl='gather'))
+    with pytest.raises(torch.jit.Error, match=r"impl: expected 'auto' in scripted code, got 'gather'"):
+        scripted(q, 'gather')
