@@ -2,7 +2,6 @@
 row + column tables summed then bilinearly resized, biases copied per batch), forward and gradients; the pooling
 matrices vs nn.AdaptiveAvgPool2d; no per-batch bias copies; ONNX export with both exporters at any size
 (including the 56 -> 3 bins the legacy exporter cannot lower as adaptive pooling); input errors; TorchScript."""
-import io
 from typing import Optional, Tuple
 
 import pytest
@@ -224,12 +223,9 @@ class _Op(nn.Module):
 
 
 @pytest.fixture(scope='module')
-def scripted_op():
+def scripted_op(script_and_reload):
     """The op compiled by torch.jit.script, saved and loaded back (so nothing in it calls into Python)."""
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(_Op()), buffer)
-    buffer.seek(0)
-    return torch.jit.load(buffer)
+    return script_and_reload(_Op())
 
 
 @pytest.mark.parametrize('case', list(CASES))

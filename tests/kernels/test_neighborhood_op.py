@@ -1,6 +1,5 @@
 """Neighborhood attention op: reference (gather + dense) against natten and a brute-force oracle, gradients,
 the Triton kernels (interpreter), ONNX export with both exporters, linear memory, error messages, TorchScript."""
-import io
 import warnings
 from typing import Optional, Tuple
 
@@ -330,17 +329,10 @@ class _Op(torch.nn.Module):
                                       backend=backend)
 
 
-def _load_scripted(module: torch.nn.Module) -> torch.jit.ScriptModule:
-    """`module` compiled by torch.jit.script, saved and loaded back (so nothing in it calls into Python)."""
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(module), buffer)
-    buffer.seek(0)
-    return torch.jit.load(buffer)
-
-
 @pytest.fixture(scope='module')
-def scripted_op():
-    return _load_scripted(_Op())
+def scripted_op(script_and_reload):
+    """The op compiled by torch.jit.script, saved and loaded back (so nothing in it calls into Python)."""
+    return script_and_reload(_Op())
 
 
 @pytest.mark.parametrize('H,W,kernel,dilation,bias,scale', [
