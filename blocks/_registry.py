@@ -175,3 +175,4 @@ def check_input(x: torch.Tensor, dim: int, who: str, channels_last: bool = True)
     if x.dim() != 4 or x.shape[-1 if channels_last else 1] != dim:
         want = f'(B, H, W, {dim})' if channels_last else f'(B, {dim}, H, W)'
         raise ValueError(f'{who}: expected input {want}, got {shape_str(x)}')
+

@@ -1,4 +1,4 @@
-"""Argument checks shared by the ops: int-or-pair sizes, shapes in messages, and what the Triton kernels accept."""
+"""Argument checks shared by the ops: int-or-pair sizes, and what the Triton kernels accept."""
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -29,7 +29,7 @@ def _pair_of_sequence(value: Sequence[int], name: str) -> Tuple[int, int]:
 
 
 def shape_str(t: torch.Tensor) -> str:
-    """`t`'s shape written as a tuple, '(1, 3, 64, 64)', in Python and in TorchScript alike."""
+    """`t`'s shape written as Python writes the tuple, '(1, 3, 64, 64)', in Python and in TorchScript alike."""
     dims = [str(n) for n in t.shape]
     return '(' + ', '.join(dims) + (',)' if len(dims) == 1 else ')')
 

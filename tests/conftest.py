@@ -43,8 +43,7 @@ def assert_close_to_scale():
     return _assert_close_to_scale
 
 
-def _script_and_reload(module: torch.nn.Module) -> torch.jit.ScriptModule:
-    """`module` compiled by torch.jit.script, saved and loaded back (so nothing in it calls into Python)."""
+def _script_round_trip(module: torch.nn.Module) -> torch.jit.ScriptModule:
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(module), buffer)
     buffer.seek(0)
@@ -52,9 +51,10 @@ def _script_and_reload(module: torch.nn.Module) -> torch.jit.ScriptModule:
 
 
 @pytest.fixture(scope='session')
-def script_and_reload():
-    """`_script_and_reload(module)`: the module scripted, saved to a buffer and loaded back."""
-    return _script_and_reload
+def script_round_trip():
+    """script_round_trip(module): `module` compiled by torch.jit.script, saved and loaded back (so nothing in it
+    calls into Python)."""
+    return _script_round_trip
 
 
 GPU_COMPILE_PREAMBLE = r"""

@@ -14,7 +14,7 @@ import torch
 
 from .._args import IntOr2 as _IntOr2
 from .._args import pair as _pair
-from .._args import shape_str as _shape_str
+from .._args import shape_str
 from ..backend import BACKENDS, get_backend, is_exporting
 from .reference import AgentBias, agent_attention_ref, agent_bias_map, agent_pool, bin_matrix
 
@@ -34,7 +34,7 @@ def _check_bias(bias: Optional[AgentBias], name: str, heads: int, n: int) -> Non
 
 def _check_table(t: Optional[torch.Tensor], name: str, want: str, dims: int, heads: int, n: int) -> None:
     if t is not None and (t.dim() != dims or t.shape[0] != heads or t.shape[1] != n):
-        raise ValueError(f'{name}: expected {want} with heads={heads}, n={n} agents, got {_shape_str(t)}')
+        raise ValueError(f'{name}: expected {want} with heads={heads}, n={n} agents, got {shape_str(t)}')
 
 
 def agent_attention(
@@ -75,7 +75,7 @@ def agent_attention(
         raise ValueError(f'agent_grid: expected positive sizes, got {grid}')
     if q.dim() != 5 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError('q, k, v: expected equal shapes (B, H, W, heads, head_dim), got '
-                         + _shape_str(q) + ', ' + _shape_str(k) + ', ' + _shape_str(v))
+                         + shape_str(q) + ', ' + shape_str(k) + ', ' + shape_str(v))
     if not 0. <= dropout_p < 1.:
         raise ValueError(f'dropout_p: expected 0 <= p < 1, got {dropout_p}')
     heads, n = q.shape[3], grid[0] * grid[1]

@@ -5,7 +5,7 @@ import torch
 
 from .._args import IntOr2 as _IntOr2
 from .._args import pair as _pair
-from .._args import shape_str as _shape_str
+from .._args import shape_str
 from ..backend import resolve_backend
 from .reference import DENSE_MAX_TOKENS, na_axis_tables, na_tables, neighborhood_attention_ref
 
@@ -23,7 +23,7 @@ def _check_inputs(
 ) -> None:
     if q.dim() != 5 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError('q, k, v: expected equal shapes (B, H, W, heads, head_dim), got '
-                         + _shape_str(q) + ', ' + _shape_str(k) + ', ' + _shape_str(v))
+                         + shape_str(q) + ', ' + shape_str(k) + ', ' + shape_str(v))
     H, W = q.shape[1], q.shape[2]
     _check_axis('height', H, kernel[0], dilation[0], kernel, dilation, H, W)
     _check_axis('width', W, kernel[1], dilation[1], kernel, dilation, H, W)
@@ -32,7 +32,7 @@ def _check_inputs(
         dims = rel_pos_bias.shape
         if len(dims) != 3 or dims[0] != expected[0] or dims[1] != expected[1] or dims[2] != expected[2]:
             raise ValueError(f'rel_pos_bias: expected shape (heads, 2*kh-1, 2*kw-1) = {expected}, '
-                             f'got {_shape_str(rel_pos_bias)}')
+                             f'got {shape_str(rel_pos_bias)}')
 
 
 def _check_axis(axis: str, size: int, ks: int, dil: int, kernel: Tuple[int, int], dilation: Tuple[int, int],

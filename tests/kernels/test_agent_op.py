@@ -223,9 +223,9 @@ class _Op(nn.Module):
 
 
 @pytest.fixture(scope='module')
-def scripted_op(script_and_reload):
+def scripted_op(script_round_trip):
     """The op compiled by torch.jit.script, saved and loaded back (so nothing in it calls into Python)."""
-    return script_and_reload(_Op())
+    return script_round_trip(_Op())
 
 
 @pytest.mark.parametrize('case', list(CASES))
