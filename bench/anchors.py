@@ -143,7 +143,9 @@ def flex_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_w
     block_mask = create_block_mask(mask_mod, B, None, N, N, device=q.device)
     qr, kr, vr = (to_regions(t, n_win).reshape(B, nh, N, -1) for t in (q, k, v))
     fn = torch.compile(flex_attention) if q.is_cuda else flex_attention
-    out = fn(qr, kr, vr, block_mask=block_mask, scale=scale)
+    with warnings.catch_warnings():  # uncompiled on CPU: torch says so on every call
+        warnings.simplefilter('ignore')
+        out = fn(qr, kr, vr, block_mask=block_mask, scale=scale)
     return from_regions(out.reshape(B, nh, p2, w2, -1), n_win, (H, W))
 
 

@@ -189,7 +189,7 @@ def measure_memory(suite: Suite, items: List[Item]) -> Dict[Tuple, Dict[str, Any
 def _flops(fn: Callable[[], Any]) -> Optional[int]:
     from .flops import count_call_flops
     try:
-        return count_call_flops(fn)
+        return count_call_flops(fn) or None  # 0: a custom kernel the counter does not see (Triton)
     except Exception:  # an op the counter cannot trace (natten's Flex): no figure rather than a wrong one
         return None
 
@@ -366,6 +366,14 @@ def growth_per_4x(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
+def _suite_path(suite: Suite) -> Optional[str]:
+    """The suite file: bench/suites/... for a built-in one, else as given."""
+    from .suite import SUITE_DIR
+    if suite.path and os.path.abspath(suite.path).startswith(SUITE_DIR + os.sep):
+        return os.path.join('bench', 'suites', os.path.relpath(os.path.abspath(suite.path), SUITE_DIR))
+    return suite.path
+
+
 def _meta(suite: Suite, memory: bool, command: Optional[str]) -> Dict[str, Any]:
     import timm
     import torch
@@ -379,7 +387,7 @@ def _meta(suite: Suite, memory: bool, command: Optional[str]) -> Dict[str, Any]:
     elif p['device'] == 'cuda':
         memory_text = 'torch.cuda.max_memory_allocated during one call above the memory allocated before it'
     return dict(
-        suite=suite.stem, title=p['title'], description=p['description'], kind=suite.kind, path=suite.path,
+        suite=suite.stem, title=p['title'], description=p['description'], kind=suite.kind, path=_suite_path(suite),
         command=command,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
         device=p['device'], threads=torch.get_num_threads(), repeats=p['repeats'], warmup=p['warmup'],

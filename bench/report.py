@@ -40,8 +40,9 @@ def _ordered(result: Dict[str, Any]) -> List[str]:
 def _size(result: Dict[str, Any], row: Dict[str, Any]) -> str:
     if result['meta']['kind'] == 'models':
         return f"{row['size']} px, batch {row['shape']['batch']}"
-    extra = ', '.join(f'{k} {v}' for k, v in row['shape'].items() if k != 'batch')
-    return f"{row['size']}x{row['size']}" + (f' ({extra})' if extra and result['meta']['kind'] == 'ops' else '')
+    varying = {k for k in row['shape'] if len({json.dumps(r['shape'].get(k)) for r in result['rows']}) > 1}
+    extra = ', '.join(f'{k} {v}' for k, v in row['shape'].items() if k in varying)
+    return f"{row['size']}x{row['size']}" + (f' ({extra})' if extra else '')
 
 
 def _memory_key(result: Dict[str, Any]) -> str:
@@ -71,7 +72,7 @@ def markdown(result: Dict[str, Any]) -> str:
                                                                   'its inputs and weights') +
               ('.' if meta['memory'] else ' (not measured).'), '']
 
-    head = ['subject', 'size', 'mode', 'params (M)', 'GFLOPs']
+    head = ['subject', 'size', 'mode', 'params (M)', 'GMACs / img' if models else 'GFLOPs']
     for prec in precisions:
         head += [f'{prec} ms', f'{prec} CPU ms'] + ([f'{prec} img/s'] if models else []) + [f'{prec} {mem_name}']
     lines += ['| ' + ' | '.join(head) + ' |', '|---|---|---|' + '---:|' * (len(head) - 3)]
@@ -89,8 +90,9 @@ def markdown(result: Dict[str, Any]) -> str:
                 measured = next((c for c in cells if c and 'ms' in c), None)
                 flops = measured.get('flops') if measured else None
                 params = measured.get('params') if measured else None
+                work = flops / 2 / first['shape']['batch'] if models and flops else flops  # timm's GMACs / image
                 line = [label, _size(result, first), mode, fmt(params / 1e6 if params else None),
-                        fmt(flops / 1e9 if flops else None)]
+                        fmt(work / 1e9 if work else None)]
                 for c in cells:
                     if c is None or 'ms' not in c:
                         note = '-' if c is None else ('skipped' if c.get('skipped') else 'error')
