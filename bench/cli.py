@@ -34,8 +34,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                                               'their anchors, from declarative suites (`--list`).')
     p.add_argument('group', nargs='?', choices=GROUPS, help='suite group')
     p.add_argument('targets', nargs='*', metavar='SUITE|NAME',
-                   help="built-in suite names, suite .toml files, or registry names ('OURS=ANCHOR' pairs them); "
-                        'default: the group\'s "default" suite, else all its suites')
+                   help="built-in suite names (first), suite .toml files, or registry names ('OURS=ANCHOR' pairs "
+                        'them); default: the group\'s "default" suite, else all its suites')
     p.add_argument('--list', action='store_true', help='list the built-in suites and exit')
     p.add_argument('--threads', type=int, help='torch intra-op threads (default: the suite\'s)')
     p.add_argument('--repeats', type=int, help='interleaved timed repeats, median reported')

@@ -268,10 +268,14 @@ def run(suite: Suite, items: Optional[List[Item]] = None, memory: Optional[bool]
             prepared[item.key] = prepare(item)
         ready = prepared[item.key]
         if ready.error is None:
-            wall, cpu = sample(ready.fn, ready.iters, device)
-            runs = samples.setdefault(item.key, dict(wall=[], cpu=[]))
-            runs['wall'].append(wall)
-            runs['cpu'].append(cpu)
+            try:
+                wall, cpu = sample(ready.fn, ready.iters, device)
+            except Exception as e:  # reported on the item's row; its other samples are skipped
+                ready.error = f'{type(e).__name__}: {e}'[:500]
+            else:
+                runs = samples.setdefault(item.key, dict(wall=[], cpu=[]))
+                runs['wall'].append(wall)
+                runs['cpu'].append(cpu)
         left[item.shape_index] -= 1
         if not left[item.shape_index]:  # this size is done: free its inputs
             for key in [k for k in calls if k[2] == item.shape_index]:

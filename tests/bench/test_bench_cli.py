@@ -18,8 +18,10 @@ TINY = ['--sizes', '4', '--repeats', '1', '--warmup', '0', '--min-time', '0', '-
 def test_every_builtin_suite_loads():
     suites = list_suites()
     assert {g for g, _, _ in suites} == {'models', 'mixers', 'ops', 'gpu'}
+    from zoo.bench.subjects import known_names
     for group, name, title in suites:
         suite = load_suite(find_suite(group, name), group)
+        assert name not in known_names(suite.kind), f'suite {name!r} shadows the {suite.kind[:-1]} of that name'
         assert title and suite.stem == f'{group}_{name}' and suite.shapes()
         assert any(e.anchor for e in suite.entries if not e.is_anchor) or name == 'default' and group == 'mixers'
         assert (suite.params['device'] == 'cuda') == (group == 'gpu')
@@ -72,7 +74,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(argv, message, tmp_path, m
     monkeypatch.chdir(tmp_path)
     (tmp_path / 'suite.toml').write_text('kind = "mixers"\nsizez = [4]\n[[subjects]]\nname = "window"\n')
     argv = [str(tmp_path / 'suite.toml') if a == 'SUITE' else a for a in argv]
-    code, lines = _bad(argv + TINY, capsys, tmp_path)
+    code, lines = _bad(argv[:2] + TINY + argv[2:], capsys, tmp_path)  # the bad option last: it wins
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith('zoo bench: error: ') and message in lines[0], lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ['suite.toml']  # no work_dirs, no output
