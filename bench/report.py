@@ -152,6 +152,10 @@ def _plot(result: Dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
+    class _PlainLog(ticker.LogFormatter):
+        def __call__(self, x, pos=None):
+            return f'{x:g}' if super().__call__(x, pos) else ''
+
     meta, rows = result['meta'], [r for r in result['rows'] if 'ms' in r]
     order = _ordered(result)
     sweep = bool(result['growth'])
@@ -176,7 +180,8 @@ def _plot(result: Dict[str, Any], path: str) -> None:
             sizes = sorted({r['size'] for r in rows})
             ax.set_xticks([s * s for s in sizes], [f'{s * s}\n({s}x{s})' for s in sizes], fontsize=8)
             ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f'{y:g}'))
+            for which in ('major', 'minor'):  # plain numbers, on the ticks matplotlib's LogFormatter labels
+                getattr(ax.yaxis, f'set_{which}_formatter')(_PlainLog(labelOnlyBase=False, minor_thresholds=(1.5, 0.6)))
             ax.tick_params(axis='y', which='both', labelsize=8)
             ax.set_xlabel('tokens N = H x W')
             ax.set_title(title, fontsize=10)
@@ -192,7 +197,8 @@ def _plot(result: Dict[str, Any], path: str) -> None:
         ax.set_xlabel('ms per call (lower is better; gray: anchors and unpaired)')
         for i, b in enumerate(bars):
             ax.text(b[1], i, f' {fmt(b[1])}', va='center', fontsize=7)
-    fig.suptitle(f"{meta['title'] or meta['suite']} ({meta['device']}, {meta['threads']} threads)", fontsize=9)
+    threads = f"{meta['threads']} thread{'s' if meta['threads'] != 1 else ''}"
+    fig.suptitle(f"{meta['title'] or meta['suite']} ({meta['device']}, {threads})", fontsize=9)
     fig.tight_layout()
     try:
         with atomic_write(path) as tmp:
