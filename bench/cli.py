@@ -31,7 +31,9 @@ def default_out_dir(stamp: Optional[str] = None) -> str:
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog or 'zoo bench', description='Time, memory, FLOPs and params of ops, mixers and models against '
-                                              'their anchors, from declarative suites (`--list`).')
+                                              'their anchors, from declarative suites (`--list`).',
+        epilog='exit codes: 0 measured; 1 an item failed (its row says why); 2 bad input (one line, nothing '
+               'written) or a GPU suite on a machine without CUDA')
     p.add_argument('group', nargs='?', choices=GROUPS, help='suite group')
     p.add_argument('targets', nargs='*', metavar='SUITE|NAME',
                    help="built-in suite names (first), suite .toml files, or registry names ('OURS=ANCHOR' pairs "

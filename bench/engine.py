@@ -280,6 +280,9 @@ def run(suite: Suite, items: Optional[List[Item]] = None, memory: Optional[bool]
         if not left[item.shape_index]:  # this size is done: free its inputs
             for key in [k for k in calls if k[2] == item.shape_index]:
                 del calls[key]
+            for key, done in prepared.items():
+                if key[3] == item.shape_index:
+                    done.fn = None
     rows = [_row(suite, item, prepared.get(item.key), samples.get(item.key), mem.get(item.key, {}),
                  flops.get((item.entry.label, item.shape_index)), subjects.get(item.entry.label),
                  diffs.get(item.key)) for item in items]

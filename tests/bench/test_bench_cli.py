@@ -142,3 +142,15 @@ def test_readme_bench_commands_name_real_suites():
     listed = {f'zoo bench {g} {n}' for g, n, _ in list_suites()}
     for name in listed:  # every built-in suite has its command in the README
         assert any(c.startswith(name) for c in commands), name
+
+
+def test_readme_suite_examples_load(tmp_path):
+    with open(README, encoding='utf-8') as f:
+        blocks = re.findall(r'^```toml[ \t]*\n(.*?)^```', f.read(), re.S | re.M)
+    assert blocks
+    for i, block in enumerate(blocks):
+        path = tmp_path / f'example{i}.toml'
+        path.write_text(block)
+        kind = re.search(r'^kind = "(\w+)"', block, re.M).group(1)
+        suite = load_suite(str(path), kind)
+        assert any(e.anchor for e in suite.entries)
