@@ -174,7 +174,7 @@ def test_autocast_output_dtype_for_fp32_inputs():
 def test_reference_never_builds_n_by_n():
     """Forward + backward at N = 16384 tokens: an N x N fp32 matrix alone would be 1 GiB; the reference's peak
     stays within a few copies of its inputs."""
-    from zoo.bench.na_cpu import tensor_peak_mb
+    from zoo.bench.measure import peak_alloc_mib as tensor_peak_mb
     q, k, v = (torch.rand(1, 1, 16384, 16, requires_grad=True) for _ in range(3))
     inputs_mb = 3 * q.numel() * 4 / 2 ** 20
 

@@ -151,7 +151,7 @@ def test_backend_auto_on_cpu_is_reference_and_global_ignores_triton():
 
 
 def _peak_bytes(fn) -> int:
-    from zoo.bench.na_cpu import tensor_peak_mb
+    from zoo.bench.measure import peak_alloc_mib as tensor_peak_mb
     return int(tensor_peak_mb(fn) * 2 ** 20)
 
 
@@ -159,7 +159,7 @@ def test_reference_backward_memory_does_not_grow_with_regions_squared():
     """The official gather's backward allocates a gradient of S^2 copies of K/V: its peak grows with the region
     count at a fixed map and top-k. Ours holds the routed K/V (and their gradient) once: the same peak for
     7 x 7 and 14 x 14 regions, and a fraction of the baseline's."""
-    from zoo.bench.biformer_cpu import routed_attention_gather
+    from zoo.bench.anchors import routed_attention_gather
     B, H, nh, d, topk = 2, 28, 2, 16, 2
     q, k, v = _qkv(H, H, nh, d, d, batch=B, dtype=torch.float32)
 
