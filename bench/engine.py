@@ -23,6 +23,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from zoo.progress import progress
+
 from .measure import MIB, calibrate, cpu_name, cuda_peak_mib, peak_allocated, peak_alloc_mib, rss_rise_mib, sample
 from .subjects import Entry, Subject, build_subject
 from .suite import Suite
@@ -262,7 +264,7 @@ def run(suite: Suite, items: Optional[List[Item]] = None, memory: Optional[bool]
     steps = schedule(items, p['repeats'])
     left = Counter(s.item.shape_index for s in steps)
     log(f'[bench {suite.stem}] {len(steps)} timed samples of {len({s.item.key for s in steps})} items')
-    for step in steps:
+    for step in progress(steps, desc=f'bench {suite.stem}', unit='sample', item=lambda s: s.desc):
         item = step.item
         if item.key not in prepared:
             prepared[item.key] = prepare(item)

@@ -48,9 +48,12 @@ def test_plan_and_schedule_are_explicit_lists():
     assert steps[0].desc == 'window fwd fp32 4x4 (1/3)'
 
 
-def test_mixer_suite_rows_ratios_growth_and_files(tmp_path):
+def test_mixer_suite_rows_ratios_growth_and_files(tmp_path, capsys):
     suite = _suite(MIXERS)
     result = run(suite, command='test', log=_quiet)
+    # progress (stderr is not a terminal here): plain lines naming the suite, the start and the end
+    progress_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f'bench {suite.stem}:')]
+    assert len(progress_lines) >= 2 and '100%' in progress_lines[-1] and '\r' not in ''.join(progress_lines)
     assert META_KEYS <= set(result['meta']) and result['meta']['command'] == 'test'
     rows = {(r['subject'], r['mode'], r['size']): r for r in result['rows']}
     assert set(rows) == {(s, m, z) for s in ('window', 'global') for m in ('fwd', 'fwdbwd') for z in (4, 8)}
