@@ -108,6 +108,10 @@ def linear_attention(
     Returns:
         (B, heads, N, dv) in v's dtype (under autocast: the autocast dtype); every sum over tokens and the
         normaliser are computed in fp32 whatever the input dtype.
+
+    Scriptable (`torch.jit.script`): scripted code always runs the reference, as exports do (without autocast).
+    Pass the arguments after `v` by name (they are not keyword-only because TorchScript cannot compile
+    keyword-only arguments with defaults).
     """
     check_linear_args(q, k, v, normalizer, scale, eps, clamp_min, q_norm, k_norm)
     if not torch.jit.is_scripting():

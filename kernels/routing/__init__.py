@@ -59,6 +59,8 @@ def routed_attention(
         (B, H, W, heads, dv).
 
     Scriptable (`torch.jit.script`): scripted code always runs the reference in its export form, as exports do.
+    Pass the arguments after `topk` by name (they are not keyword-only because TorchScript cannot compile
+    keyword-only arguments with defaults).
     """
     check_routing_args(n_win, topk)
     if q.dim() != 5 or k.shape != q.shape or v.dim() != 5 or v.shape[:4] != q.shape[:4]:
