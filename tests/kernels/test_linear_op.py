@@ -2,7 +2,6 @@
 matrix (O = W V), forward and gradients of q, k, v, q_norm, k_norm; the textbook naive formula; autocast in fp16 /
 bf16 with activations whose half-precision sums overflow; no N x N memory; ONNX export with both exporters at any
 token count; input errors; the Triton kernels (interpreter) against the reference, forward and backward."""
-import io
 from typing import Optional
 
 import pytest
@@ -436,12 +435,9 @@ class _Op(torch.nn.Module):
 
 
 @pytest.fixture(scope='module')
-def scripted_op():
+def scripted_op(script_round_trip):
     """The op compiled by torch.jit.script, saved and loaded back (so nothing in it calls into Python)."""
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(_Op()), buffer)
-    buffer.seek(0)
-    return torch.jit.load(buffer)
+    return script_round_trip(_Op())
 
 
 @pytest.mark.parametrize('normalizer,case', PAIRS)

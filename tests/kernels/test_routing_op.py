@@ -1,7 +1,6 @@
 """Bi-level routing attention op: reference against a dense brute-force oracle (forward, backward, routing),
 the Triton kernels (interpreter) against the reference with regions of 1, 4 and 16+ tokens, memory of the
 reference's backward against the gather formulation, ONNX export with both exporters, error messages."""
-import io
 from typing import Optional
 
 import pytest
@@ -277,7 +276,7 @@ def test_triton_kernels_compile_for_gpu(compile_for_gpu):
 
 # ---------------------------------------------------------------------------------------------- TorchScript
 
-class _Op(torch.nn.Module):
+class _ScriptedOp(torch.nn.Module):
     """The op as the mixer calls it (scale by name), every argument explicit."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_win: int, topk: int,
@@ -287,12 +286,9 @@ class _Op(torch.nn.Module):
 
 
 @pytest.fixture(scope='module')
-def scripted_op():
+def scripted_op(script_round_trip):
     """The op compiled by torch.jit.script, saved and loaded back (so nothing in it calls into Python)."""
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(_Op()), buffer)
-    buffer.seek(0)
-    return torch.jit.load(buffer)
+    return script_round_trip(_ScriptedOp())
 
 
 @pytest.mark.parametrize('case', ['one_token_regions', 'rect_regions_2x3', 'biformer_stage1_like', 'one_region'])
