@@ -178,6 +178,11 @@ class LinearAttention(nn.Module):
         return ''
 
 
+# the class's signature is __init__'s (inspect would report __new__'s `(*args, **kwargs)`): the registry lists it
+LinearAttention.__signature__ = inspect.signature(LinearAttention.__init__).replace(
+    parameters=list(inspect.signature(LinearAttention.__init__).parameters.values())[1:])
+
+
 # ------------------------------------------------------------------------------------------------ efficient
 
 @register_variant
