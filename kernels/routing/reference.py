@@ -199,9 +199,9 @@ def routed_attention_ref(
     dv = v.shape[-1]
     logit_scale = default_scale(q, topk) if scale is None else scale
     if is_global(topk):
-        qf = q.reshape(B, H * W, nh, dk).transpose(1, 2)
-        kf = k.reshape(B, H * W, nh, dk).transpose(1, 2)
-        vf = v.reshape(B, H * W, nh, dv).transpose(1, 2)
+        qf = q.reshape(B, H * W, nh, q.shape[-1]).transpose(1, 2)
+        kf = k.reshape(B, H * W, nh, k.shape[-1]).transpose(1, 2)
+        vf = v.reshape(B, H * W, nh, v.shape[-1]).transpose(1, 2)
         out = _attend(qf, kf, vf, logit_scale)  # B, heads, N, dv
         return out.transpose(1, 2).reshape(B, H, W, nh, dv)
     if idx is None:
