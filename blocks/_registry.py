@@ -17,6 +17,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from zoo.kernels._args import shape_str
+
 __all__ = [
     'MixerInfo', 'register_mixer', 'create_mixer', 'list_mixers', 'mixer_info',
     'register_gate', 'create_gate', 'list_gates', 'gate_info', 'resolve_heads', 'check_input', 'shape_str',
@@ -174,7 +176,3 @@ def check_input(x: torch.Tensor, dim: int, who: str, channels_last: bool = True)
         want = f'(B, H, W, {dim})' if channels_last else f'(B, {dim}, H, W)'
         raise ValueError(f'{who}: expected input {want}, got {shape_str(x)}')
 
-
-def shape_str(x: torch.Tensor) -> str:
-    """x's shape as '(1, 3, 64, 64)', in eager mode and in TorchScript alike."""
-    return '(' + ', '.join([str(s) for s in x.shape]) + ')'

@@ -28,6 +28,12 @@ def _pair_of_sequence(value: Sequence[int], name: str) -> Tuple[int, int]:
     return result
 
 
+def shape_str(t: torch.Tensor) -> str:
+    """`t`'s shape written as Python writes the tuple, '(1, 3, 64, 64)', in Python and in TorchScript alike."""
+    dims = [str(n) for n in t.shape]
+    return '(' + ', '.join(dims) + (',)' if len(dims) == 1 else ')')
+
+
 def check_kernel_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
     """q, k, v share one kernel dtype (fp32/fp16/bf16); q, k, v and the bias table share one device."""
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in KERNEL_DTYPES:

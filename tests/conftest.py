@@ -1,4 +1,5 @@
 """Test-wide set-up: Triton's interpreter (so Triton kernels run on CPU tensors) and offline logging."""
+import io
 import os
 
 # must be set before triton is first imported anywhere
@@ -40,6 +41,20 @@ def assert_close_to_scale():
     The tolerance follows the compared tensor's scale (logits of a randomised network may be 1 or 1000), so a
     check holds at any thread count and on any CPU; defaults by dtype (float32: rel 1e-5, floor 1e-6)."""
     return _assert_close_to_scale
+
+
+def _script_round_trip(module: torch.nn.Module) -> torch.jit.ScriptModule:
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(module), buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer)
+
+
+@pytest.fixture(scope='session')
+def script_round_trip():
+    """script_round_trip(module): `module` compiled by torch.jit.script, saved and loaded back (so nothing in it
+    calls into Python)."""
+    return _script_round_trip
 
 
 GPU_COMPILE_PREAMBLE = r"""

@@ -5,6 +5,7 @@ import torch
 
 from .._args import IntOr2 as _IntOr2
 from .._args import pair as _pair
+from .._args import shape_str
 from ..backend import resolve_backend
 from .reference import MASK_VALUE, window_attention_ref, window_partition, window_reverse, window_tables
 
@@ -50,12 +51,6 @@ def window_attention(
     return window_attention_ref(q, k, v, window_size, mode, shift, rel_pos_bias, scale)
 
 
-def _shape(t: torch.Tensor) -> str:
-    """`t`'s shape written as a tuple, in Python and in TorchScript alike."""
-    dims = [str(n) for n in t.shape]
-    return '(' + ', '.join(dims) + (',)' if len(dims) == 1 else ')')
-
-
 def _check_args(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -67,7 +62,7 @@ def _check_args(
 ) -> None:
     if q.dim() != 5 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError('q, k, v: expected equal shapes (B, H, W, heads, head_dim), got '
-                         + _shape(q) + ', ' + _shape(k) + ', ' + _shape(v))
+                         + shape_str(q) + ', ' + shape_str(k) + ', ' + shape_str(v))
     if mode != 'block' and mode != 'grid':
         raise ValueError(f"mode: expected 'block' or 'grid', got '{mode}'")
     if window_size[0] < 1 or window_size[1] < 1:
@@ -83,7 +78,7 @@ def _check_args(
                 or dims[1] < 2 * window_size[0] - 1 or dims[2] < 2 * window_size[1] - 1):
             raise ValueError(
                 f'rel_pos_bias: expected (heads={heads}, 2Mh-1, 2Mw-1) with M >= window {window_size}, '
-                f'got {_shape(rel_pos_bias)}')
+                f'got {shape_str(rel_pos_bias)}')
 
 
 def _use_triton(backend: Optional[str], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

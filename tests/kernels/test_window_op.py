@@ -1,6 +1,5 @@
 """Window attention op: reference vs a dense brute-force oracle, Triton (interpreter) vs reference,
 backend switch, input errors, TorchScript."""
-import io
 from typing import Optional, Tuple
 
 import pytest
@@ -276,12 +275,9 @@ class _Op(torch.nn.Module):
 
 
 @pytest.fixture(scope='module')
-def scripted_op():
+def scripted_op(script_round_trip):
     """The op compiled by torch.jit.script, saved and loaded back (so nothing in it calls into Python)."""
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(_Op()), buffer)
-    buffer.seek(0)
-    return torch.jit.load(buffer)
+    return script_round_trip(_Op())
 
 
 @pytest.mark.parametrize('case', ['padded_13x10', 'swin_7_padded', 'map_smaller_than_window', 'rect_window',
