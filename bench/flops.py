@@ -7,13 +7,13 @@ counted, as in fvcore / timm's tables). On CPU, `F.scaled_dot_product_attention`
 would count 0; importing this module registers torch's own SDPA formula for that op once.
 Report MACs = FLOPs / 2 (timm's "GMACs").
 """
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.nn as nn
 from torch.utils import flop_counter
 
-__all__ = ['count_flops', 'count_params', 'count_macs']
+__all__ = ['count_flops', 'count_call_flops', 'count_params', 'count_macs']
 
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -36,11 +36,16 @@ def count_flops(model: nn.Module, inputs: Union[torch.Tensor, Sequence[Any]]) ->
     was_training = model.training
     model.eval()
     try:
-        counter = flop_counter.FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            model(*args)
+        return count_call_flops(lambda: model(*args))
     finally:
         model.train(was_training)
+
+
+def count_call_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of `fn()` without autograd."""
+    counter = flop_counter.FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fn()
     return int(counter.get_total_flops())
 
 

@@ -63,7 +63,7 @@ def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.T
 
 
 @register_mixer('global', paper='Attention Is All You Need (Vaswani et al., 2017); RoPE / LePE / gate: MALA (Fan '
-                'et al., ICCV 2025)', cost='O(N^2)', triton=False)
+                'et al., ICCV 2025)', cost='O(N^2)', triton=False, torchscript=True)
 class GlobalAttention(nn.Module):
     """Multi-head softmax attention over the whole map. (B, H, W, dim) -> (B, H, W, dim) for any H, W.
 
@@ -121,10 +121,13 @@ class GlobalAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.dim, type(self).__name__)
+        check_input(x, self.dim, 'GlobalAttention')
         B, H, W, _ = x.shape
         parts = 4 if self.gate else 3
-        proj_in = self.qkvo(x) if self.gate else self.qkv(x)
+        if hasattr(self, 'qkvo'):  # self.gate; TorchScript resolves hasattr while compiling (there is no self.qkv)
+            proj_in = self.qkvo(x)
+        else:
+            proj_in = self.qkv(x)
         # (B, H, W, parts * heads * d) -> parts x (B, heads, N, d)
         qkv = proj_in.reshape(B, H * W, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]

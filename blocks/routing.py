@@ -31,7 +31,7 @@ __all__ = ['BiLevelRoutingAttention']
 
 
 @register_mixer('routing', paper='BiFormer (Zhu et al., CVPR 2023)',
-                cost='O(N^2 k / S^2), S x S regions, top-k', triton=True)
+                cost='O(N^2 k / S^2), S x S regions, top-k', triton=True, torchscript=True)
 class BiLevelRoutingAttention(nn.Module):
     """Bi-level routing attention with LePE. (B, H, W, dim) -> (B, H, W, dim) for any H, W.
 
@@ -112,7 +112,7 @@ class BiLevelRoutingAttention(nn.Module):
         return self.lepe(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.dim, type(self).__name__)
+        check_input(x, self.dim, 'BiLevelRoutingAttention')
         if self.training and self.attn_drop > 0.:
             raise ValueError(f'attn_drop: the routed attention op has no attention dropout; '
                              f'training needs attn_drop=0, got {self.attn_drop}')
@@ -125,9 +125,9 @@ class BiLevelRoutingAttention(nn.Module):
                 out = out + self._lepe(x)
             return self.proj_drop(self.proj(out))
         pad_h, pad_w = -H % self.n_win, -W % self.n_win
-        padded = is_exporting() or pad_h or pad_w  # exported graphs always pad / crop: one graph for any H, W
+        padded = is_exporting() or pad_h != 0 or pad_w != 0  # exports always pad / crop: one graph for any H, W
         if padded:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+            x = F.pad(x, [0, 0, 0, pad_w, 0, pad_h])
         Hp, Wp = H + pad_h, W + pad_w
         qkv = self.qkv(x)
         q = qkv[..., :qk].view(B, Hp, Wp, nh, qk // nh)

@@ -58,7 +58,11 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def is_fx_tracing() -> bool:
-    """True while torch.fx symbolically traces (timm's feature_cls='fx', torchvision's create_feature_extractor)."""
+    """True while torch.fx symbolically traces (timm's feature_cls='fx', torchvision's create_feature_extractor).
+
+    Scriptable: TorchScript compiles it to `False`."""
+    if torch.jit.is_scripting():
+        return False
     return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 

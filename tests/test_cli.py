@@ -146,16 +146,16 @@ def test_image_batch_is_the_sklearn_photos():
 
 def test_forwarding(monkeypatch):
     calls = []
-    fake_bench = types.ModuleType('zoo.bench.run')
+    fake_bench = types.ModuleType('zoo.bench.cli')
     fake_bench.main = lambda argv: calls.append(('bench', argv)) or 0
     fake_train = types.ModuleType('zoo.train.cli')
     fake_train.main = lambda argv: calls.append(('train', argv)) or 3
-    monkeypatch.setitem(sys.modules, 'zoo.bench.run', fake_bench)
+    monkeypatch.setitem(sys.modules, 'zoo.bench.cli', fake_bench)
     monkeypatch.setitem(sys.modules, 'zoo.train.cli', fake_train)
-    assert main(['bench', '--models', 'swin_tiny', '--help']) == 0
+    assert main(['bench', 'models', 'swin_tiny', '--help']) == 0
     assert main(['train', 'configs/x.py', '--opts', 'a=1', '--resume']) == 3
     assert main(['eval', 'configs/x.py', 'ckpt.safetensors']) == 3
-    assert calls == [('bench', ['--models', 'swin_tiny', '--help']),
+    assert calls == [('bench', ['models', 'swin_tiny', '--help']),
                      ('train', ['train', 'configs/x.py', '--opts', 'a=1', '--resume']),
                      ('train', ['eval', 'configs/x.py', 'ckpt.safetensors'])]
 
@@ -202,7 +202,8 @@ def test_mixers_command(capsys):
 
 
 def test_bench_without_out_leaves_committed_results_untouched(tmp_path, monkeypatch, capsys):
-    """Issue 11: `zoo bench` (and `zoo bench mixers`) write a new work_dirs/bench/<timestamp>, never bench/results."""
+    """Issue 11: `zoo bench models` (and `zoo bench mixers`) write a new work_dirs/bench/<timestamp>, never
+    bench/results."""
     import hashlib
     import pathlib
 
@@ -218,12 +219,12 @@ def test_bench_without_out_leaves_committed_results_untouched(tmp_path, monkeypa
     for name in ('default.json', 'default.md', 'mixers.json', 'mixers.md'):
         (local / name).write_text('committed\n')
     monkeypatch.chdir(tmp_path)
-    assert main(['bench', '--models', 'test_resnet', '--img-size', '32', '--batch-size', '1', '--repeats', '1',
-                 '--warmup', '0', '--no-memory', '--no-plot']) == 0
-    assert main(['bench', 'mixers', '--mixers', 'window', '--sizes', '4', '--repeats', '1', '--warmup', '0',
+    assert main(['bench', 'models', 'test_resnet', '--sizes', '32', '--batch', '1', '--repeats', '1',
+                 '--warmup', '0', '--precision', 'fp32', '--no-memory', '--no-plot']) == 0
+    assert main(['bench', 'mixers', 'window', '--sizes', '4', '--repeats', '1', '--warmup', '0',
                  '--min-time', '0.001', '--no-memory', '--no-plot']) == 0
     assert 'wrote work_dirs/bench/' in capsys.readouterr().out
     assert snapshot(local) == {n: hashlib.sha256(b'committed\n').hexdigest() for n in snapshot(local)}
     assert len(snapshot(local)) == 4 and snapshot(committed) == before
     written = sorted(p.name for p in (tmp_path / 'work_dirs' / 'bench').glob('*/*'))
-    assert written == ['default.json', 'default.md', 'mixers.json', 'mixers.md']
+    assert written == ['mixers_custom.json', 'mixers_custom.md', 'models_custom.json', 'models_custom.md']

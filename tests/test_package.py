@@ -79,7 +79,8 @@ def test_wheel_holds_one_package_with_configs(tmp_path):
     top = {n.split('/')[0] for n in names}
     assert top == {'zoo', 'attention_zoo-0.1.0.dist-info'}, top
     for need in ('zoo/kernels/window/triton.py', 'zoo/blocks/block.py', 'zoo/train/demo.py',
-                 'zoo/configs/classification/cbam_resnet18_digits.py', 'zoo/configs/_base_/default_runtime.py'):
+                 'zoo/configs/classification/cbam_resnet18_digits.py', 'zoo/configs/_base_/default_runtime.py',
+                 'zoo/bench/suites/models/default.toml'):
         assert need in names, need
 
     target = tmp_path / 'site'

@@ -2,7 +2,7 @@
 
 `zoo check` is the foundation's end-to-end job: build every registered model, run a real photo batch
 through it, and export one model to ONNX checked in onnxruntime. `bench`, `train` and `eval` forward
-their arguments to `bench.run.main` / `train.cli.main`; weights, train and bench are imported lazily
+their arguments to `bench.cli.main` / `train.cli.main`; weights, train and bench are imported lazily
 inside the subcommands so `zoo list` needs none of them.
 """
 import argparse
@@ -17,9 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 __all__ = ['main']
 
 _FORWARDED = {
-    'bench': ('zoo.bench.run', 'benchmarks: speed, memory, FLOPs vs timm (bench/run.py); `zoo bench mixers`: every '
-                               'token mixer\'s time and memory by token count (bench/mixers.py); `zoo bench linear`: '
-                               'linear attention vs window / global, linear backbones vs Swin-T (bench/linear.py)'),
+    'bench': ('zoo.bench.cli', 'benchmarks: time, memory, FLOPs and params of ops, mixers and models vs their '
+                               'anchors: zoo bench models|mixers|ops|gpu [SUITE|NAME ...]; zoo bench --list'),
     'train': ('zoo.train.cli', 'train from a config: zoo train CONFIG [--opts k=v ...] [--resume]'),
     'eval': ('zoo.train.cli', 'evaluate a checkpoint: zoo eval CONFIG CHECKPOINT'),
     'demo': ('zoo.train.demo', 'the main job: fine-tune on the embedded data, evaluate, export to ONNX (train/demo.py)'),

@@ -16,13 +16,21 @@ values in 16 bits (the overflow behind the NaNs reported for FLatten, fast-trans
 matmuls and elementwise ops with no branch on data or size: both ONNX exporters take it at any token count. Memory
 is O(N (d + dv)): the d x dv state replaces the N x N attention matrix.
 """
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 __all__ = ['linear_attention_ref', 'NORMALIZERS', 'out_dtype']
 
-NORMALIZERS = ('none', 'flatten', 'inline', 'mala', 'l2vit')
+
+
+def normalizer_names() -> List[str]:
+    """The normalizers' names, as a function: TorchScript reads no global tuples (`NORMALIZERS` is this, for
+    Python)."""
+    return ['none', 'flatten', 'inline', 'mala', 'l2vit']
+
+
+NORMALIZERS = tuple(normalizer_names())
 
 
 def out_dtype(v: torch.Tensor) -> torch.dtype:
@@ -34,7 +42,8 @@ def out_dtype(v: torch.Tensor) -> torch.dtype:
     return v.dtype
 
 
-def _sums(k: torch.Tensor, v: torch.Tensor, k_norm: Optional[torch.Tensor], normalizer: str):
+def _sums(k: torch.Tensor, v: torch.Tensor, k_norm: Optional[torch.Tensor],
+          normalizer: str) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """S = k^T v (summed for 'none' / 'l2vit', averaged otherwise), kbar (or sum k~), vbar where used."""
     kv = k.transpose(-2, -1) @ v  # B, heads, d, dv
     kn = k if k_norm is None else k_norm
@@ -43,27 +52,31 @@ def _sums(k: torch.Tensor, v: torch.Tensor, k_norm: Optional[torch.Tensor], norm
     if normalizer == 'l2vit':
         return kv, kn.sum(-2, keepdim=True), None
     kv = kv / k.shape[-2]
-    vbar = v.mean(-2, keepdim=True) if normalizer in ('inline', 'mala') else None
+    vbar = v.mean(-2, keepdim=True) if normalizer == 'inline' or normalizer == 'mala' else None
     return kv, kn.mean(-2, keepdim=True), vbar  # kbar, vbar: B, heads, 1, d / dv
 
 
-def _apply(q, kv, kbar, vbar, q_norm, normalizer: str, scale: float, eps: float, clamp_min: float) -> torch.Tensor:
+def _apply(q: torch.Tensor, kv: torch.Tensor, kbar: Optional[torch.Tensor], vbar: Optional[torch.Tensor],
+           q_norm: Optional[torch.Tensor], normalizer: str, scale: float, eps: float, clamp_min: float) -> torch.Tensor:
     qn = q if q_norm is None else q_norm
     if normalizer == 'none':
         return q @ kv
+    assert kbar is not None  # given by _sums for every normaliser but 'none' (and a type TorchScript can use)
     # the (N, 1) normalisers are inverted once and multiplied: a division of the (N, dv) output costs more on CPU,
     # and twice more in the backward
     if normalizer == 'flatten':
         return (q @ kv) * (qn @ kbar.transpose(-2, -1) + eps).reciprocal()
     if normalizer == 'l2vit':
         return (q @ kv) * (qn @ kbar.transpose(-2, -1)).clamp(min=clamp_min).reciprocal()
+    assert vbar is not None  # given for 'inline' and 'mala'
     z = qn @ (kbar * scale).transpose(-2, -1)  # B, heads, N, 1
     if normalizer == 'inline':
         return q @ (kv * scale) + (1 - z) * vbar
     return (q @ (kv * scale)) * (1 + 1 / (z + eps)) - z * vbar  # mala
 
 
-def _linear_attention(q, k, v, normalizer, scale, eps, clamp_min, q_norm, k_norm) -> torch.Tensor:
+def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer: str, scale: float, eps: float,
+                      clamp_min: float, q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor]) -> torch.Tensor:
     ct = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
     q, k, v = q.to(ct), k.to(ct), v.to(ct)  # no copy when already fp32
     q_norm = None if q_norm is None else q_norm.to(ct)
@@ -86,13 +99,14 @@ def linear_attention_ref(
     """Linear attention, reference path. q, q_norm: (B, heads, N, d); k, k_norm: (B, heads, Nk, d);
     v: (B, heads, Nk, dv) -> (B, heads, N, dv) in `out_dtype(v)`.
 
-    Arguments are validated by `zoo.kernels.linear.linear_attention`.
+    Arguments are validated by `zoo.kernels.linear.linear_attention`. Scriptable: scripted code runs without
+    autocast, so it computes in fp32 (fp64 for fp64 inputs) and returns v's dtype.
     """
-    dtype = out_dtype(v)
-    device = v.device.type
-    if torch.is_autocast_enabled(device):
-        with torch.autocast(device, enabled=False):
-            out = _linear_attention(q, k, v, normalizer, scale, eps, clamp_min, q_norm, k_norm)
-    else:
-        out = _linear_attention(q, k, v, normalizer, scale, eps, clamp_min, q_norm, k_norm)
-    return out.to(dtype)
+    if not torch.jit.is_scripting():
+        device = v.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = out_dtype(v)
+            with torch.autocast(device, enabled=False):
+                out = _linear_attention(q, k, v, normalizer, scale, eps, clamp_min, q_norm, k_norm)
+            return out.to(dtype)
+    return _linear_attention(q, k, v, normalizer, scale, eps, clamp_min, q_norm, k_norm).to(v.dtype)

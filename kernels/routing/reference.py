@@ -27,15 +27,20 @@ from .._cache import size_cache
 from ..backend import is_exporting
 
 __all__ = ['routed_attention_ref', 'region_routing', 'to_regions', 'from_regions', 'default_scale', 'use_dense',
-           'GLOBAL_TOPK']
+           'GLOBAL_TOPK', 'is_global']
 
 GLOBAL_TOPK = (-1, -2)  # official: -1 plain attention, -2 attention + LePE (the mixer's concern); both global here
+
+
+def is_global(topk: int) -> bool:
+    """topk in GLOBAL_TOPK, as a function: TorchScript reads no global tuples."""
+    return topk == -1 or topk == -2
 
 
 def default_scale(q: torch.Tensor, topk: int) -> float:
     """The official logit scale: (heads * head_dim) ** -0.5 (the full qk_dim) when routing, head_dim ** -0.5
     for global attention. q: (B, H, W, heads, head_dim)."""
-    if topk in GLOBAL_TOPK:
+    if is_global(topk):
         return q.shape[-1] ** -0.5
     return (q.shape[-2] * q.shape[-1]) ** -0.5
 
@@ -69,7 +74,7 @@ def region_routing(q: torch.Tensor, k: torch.Tensor, n_win: int, topk: int, scal
         q_r = q.detach().reshape(B, n_win, wh, n_win, ww, -1).mean((2, 4)).reshape(B, n_win * n_win, -1)
         k_r = k.detach().reshape(B, n_win, wh, n_win, ww, -1).mean((2, 4)).reshape(B, n_win * n_win, -1)
         logits = (q_r * scale) @ k_r.transpose(-2, -1)
-        return torch.topk(logits, k=topk, dim=-1).indices
+        return torch.topk(logits, k=topk, dim=-1)[1]
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -119,11 +124,12 @@ def _dense_masked(q, k, v, idx, n_win: int, scale: float) -> torch.Tensor:
     return out.transpose(1, 2).reshape(B, H, W, nh, -1)
 
 
-def _routed_forward(q, k, v, idx, n_win: int, scale: float) -> torch.Tensor:
+def _routed_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, n_win: int,
+                    scale: float) -> torch.Tensor:
     B, H, W, nh, dk = q.shape
     dv = v.shape[-1]
     p2, w2, topk = n_win * n_win, (H // n_win) * (W // n_win), idx.shape[-1]
-    qr, kr, vr = (to_regions(t, n_win) for t in (q, k, v))  # B, heads, p2, w2, d
+    qr, kr, vr = to_regions(q, n_win), to_regions(k, n_win), to_regions(v, n_win)  # B, heads, p2, w2, d
     rows = _flat_index(idx, nh, p2)
     k_sel = kr.reshape(B * nh * p2, w2 * dk).index_select(0, rows).view(B * nh, p2, topk * w2, dk)
     v_sel = vr.reshape(B * nh * p2, w2 * dv).index_select(0, rows).view(B * nh, p2, topk * w2, dv)
@@ -186,21 +192,25 @@ def routed_attention_ref(
     `idx` (B, n_win^2, topk) overrides the routing (computed by `region_routing` when None). `impl`: 'gather'
     (region-major index_select + batched attention; the training path saves only q, k, v), 'dense' (masked
     attention over all tokens) or None: dense when `use_dense` says so, except while exporting.
-    Arguments are validated by `zoo.kernels.routing.routed_attention`.
+    Arguments are validated by `zoo.kernels.routing.routed_attention`. Scriptable: scripted code runs the export
+    form (the gather path without the autograd Function; `impl` is not used there).
     """
     B, H, W, nh, dk = q.shape
     dv = v.shape[-1]
-    scale = default_scale(q, topk) if scale is None else scale
-    if topk in GLOBAL_TOPK:
-        qf, kf, vf = (t.reshape(B, H * W, nh, t.shape[-1]).transpose(1, 2) for t in (q, k, v))
-        out = _attend(qf, kf, vf, scale)  # B, heads, N, dv
+    logit_scale = default_scale(q, topk) if scale is None else scale
+    if is_global(topk):
+        qf = q.reshape(B, H * W, nh, q.shape[-1]).transpose(1, 2)
+        kf = k.reshape(B, H * W, nh, k.shape[-1]).transpose(1, 2)
+        vf = v.reshape(B, H * W, nh, v.shape[-1]).transpose(1, 2)
+        out = _attend(qf, kf, vf, logit_scale)  # B, heads, N, dv
         return out.transpose(1, 2).reshape(B, H, W, nh, dv)
     if idx is None:
-        idx = region_routing(q, k, n_win, topk, scale)
-    if impl not in (None, 'gather', 'dense'):
-        raise ValueError(f"impl: expected None, 'gather' or 'dense', got {impl!r}")
-    if impl == 'dense' or (impl is None and not is_exporting() and use_dense(H * W, idx.shape[-1], dk, dv)):
-        return _dense_masked(q, k, v, idx, n_win, scale)
-    if torch.is_grad_enabled() and not is_exporting() and any(t.requires_grad for t in (q, k, v)):
-        return _RoutedAttention.apply(q, k, v, idx, n_win, scale)
-    return _routed_forward(q, k, v, idx, n_win, scale)
+        idx = region_routing(q, k, n_win, topk, logit_scale)
+    if impl is not None and impl != 'gather' and impl != 'dense':
+        raise ValueError(f"impl: expected None, 'gather' or 'dense', got '{impl}'")
+    if not torch.jit.is_scripting():
+        if impl == 'dense' or (impl is None and not is_exporting() and use_dense(H * W, idx.shape[-1], dk, dv)):
+            return _dense_masked(q, k, v, idx, n_win, logit_scale)
+        if torch.is_grad_enabled() and not is_exporting() and any(t.requires_grad for t in (q, k, v)):
+            return _RoutedAttention.apply(q, k, v, idx, n_win, logit_scale)
+    return _routed_forward(q, k, v, idx, n_win, logit_scale)

@@ -41,9 +41,9 @@ def _flatten(m, x):
     N 1e-6), phi the focused ReLU map with norms over all channels, K + positional encoding, a depthwise conv on
     V whose one kernel serves every head."""
     B, H, W, C = x.shape
-    nh, p = m.num_heads, m.impl.focusing_factor
+    nh, p = m.num_heads, m.focusing_factor
     q, k, v = F.linear(x, m.qkv.weight, m.qkv.bias).chunk(3, dim=-1)
-    rows, cols = m.impl.pe_size
+    rows, cols = m.pe_size
     pe = m.positional_encoding.reshape(1, rows, cols, -1)
     if (H, W) != (rows, cols):
         pe = F.interpolate(pe.permute(0, 3, 1, 2), size=(H, W), mode='bilinear', align_corners=False).permute(
@@ -202,7 +202,7 @@ def test_contract_for_every_variant(variant, heads, hw):
 
 def test_default_is_flatten_with_the_official_tiny_arguments():
     m = create_mixer('linear', 96, num_heads=3)
-    assert m.variant == 'flatten' and (m.impl.focusing_factor, m.impl.kernel_size, m.impl.pe_size) == (3, 5, (56, 56))
+    assert m.variant == 'flatten' and (m.focusing_factor, m.kernel_size, m.pe_size) == (3, 5, (56, 56))
     assert set(list_variants()) >= set(VARIANTS) and mixer_info('linear').triton
 
 
@@ -236,7 +236,7 @@ def test_pe_resize_is_identity_at_its_own_size():
     m = create_mixer('linear', 32, num_heads=2, variant='flatten', pe_size=(3, 5))
     with torch.no_grad():
         m.positional_encoding.normal_()
-        got = m.impl.resized_encoding(m, 3, 5)
+        got = m.resized_encoding(3, 5)
     torch.testing.assert_close(got, m.positional_encoding.reshape(1, 3, 5, 32), rtol=0, atol=0)
 
 

@@ -146,7 +146,7 @@ def test_bad_arguments():
         create_mixer('linear', 64, variant='l2vit', focusing_factor=3)
     with pytest.raises(ValueError, match='num_heads: expected a divisor of dim=64'):
         create_mixer('linear', 64, num_heads=5, variant='mala')
-    assert math.isclose(create_mixer('linear', 64, variant='l2vit').impl.clamp_min, 100.)
+    assert math.isclose(create_mixer('linear', 64, variant='l2vit').clamp_min, 100.)
 
 
 def test_elu_plus_one_is_elu_plus_one():

@@ -170,3 +170,16 @@ def test_gates_nchw_any_size(name, hw):
     out.square().mean().backward()
     assert x.grad is not None
     assert all(p.grad is not None for p in gate.parameters())
+
+
+def test_mixer_without_torchscript_refuses_scripting(monkeypatch):
+    """A mixer registered torchscript=False (every zoo mixer scripts today) makes torch.jit.script fail at once,
+    naming it, inside any model that holds it."""
+    from zoo.blocks import _registry
+    monkeypatch.setitem(_registry._MIXERS, 'unscriptable', _registry.MixerInfo(
+        name='unscriptable', fn=lambda dim, **kw: torch.nn.Linear(dim, dim), paper='-', cost='O(N)', triton=False,
+        onnx_dynamic=True, torchscript=False))
+    model = torch.nn.Sequential(create_mixer('unscriptable', 8), create_mixer('window', 8, num_heads=2, window_size=4))
+    with pytest.raises(RuntimeError, match=r"the 'unscriptable' mixer does not support TorchScript"):
+        torch.jit.script(model)
+    torch.jit.script(model[1])  # the refusal is the mixer's, not the model's

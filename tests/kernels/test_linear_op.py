@@ -2,10 +2,12 @@
 matrix (O = W V), forward and gradients of q, k, v, q_norm, k_norm; the textbook naive formula; autocast in fp16 /
 bf16 with activations whose half-precision sums overflow; no N x N memory; ONNX export with both exporters at any
 token count; input errors; the Triton kernels (interpreter) against the reference, forward and backward."""
+from typing import Optional
+
 import pytest
 import torch
 
-from zoo.kernels.backend import interpreter_on, triton_available
+from zoo.kernels.backend import interpreter_on, triton_available, use_backend
 from zoo.kernels.linear import NORMALIZERS, linear_attention, linear_attention_ref
 from zoo.kernels.linear.naive import linear_attention_naive
 
@@ -174,7 +176,7 @@ def test_autocast_output_dtype_for_fp32_inputs():
 def test_reference_never_builds_n_by_n():
     """Forward + backward at N = 16384 tokens: an N x N fp32 matrix alone would be 1 GiB; the reference's peak
     stays within a few copies of its inputs."""
-    from zoo.bench.na_cpu import tensor_peak_mb
+    from zoo.bench.measure import peak_alloc_mib as tensor_peak_mb
     q, k, v = (torch.rand(1, 1, 16384, 16, requires_grad=True) for _ in range(3))
     inputs_mb = 3 * q.numel() * 4 / 2 ** 20
 
@@ -418,3 +420,69 @@ def test_triton_kernels_compile_for_gpu(compile_for_gpu):
     """Compile (no GPU needed) the kernels for sm_80 at the head dims in use: catches what the interpreter lets
     through (non-constexpr globals, unsupported ops, dtype errors) and checks shared memory fits 99 KB."""
     compile_for_gpu(_COMPILE_SCRIPT, count=8, timeout=900)
+
+
+# ---------------------------------------------------------------------------------------------- TorchScript
+
+class _Op(torch.nn.Module):
+    """The op as the mixers call it (normalizer and the rest by name), every argument explicit."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, normalizer: str, scale: float = 1.0,
+                eps: float = 1e-6, clamp_min: float = 100.0, q_norm: Optional[torch.Tensor] = None,
+                k_norm: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+        return linear_attention(q, k, v, normalizer=normalizer, scale=scale, eps=eps, clamp_min=clamp_min,
+                                q_norm=q_norm, k_norm=k_norm, backend=backend)
+
+
+@pytest.fixture(scope='module')
+def scripted_op(script_round_trip):
+    """The op compiled by torch.jit.script, saved and loaded back (so nothing in it calls into Python)."""
+    return script_round_trip(_Op())
+
+
+@pytest.mark.parametrize('normalizer,case', PAIRS)
+def test_scripted_matches_eager(scripted_op, normalizer, case, assert_close_to_scale):
+    """The scripted op against the eager op, forward and the gradients of every input, in fp32 and fp64 (q_norm /
+    k_norm given or not, fewer keys than queries, one token)."""
+    for dtype in (torch.float32, torch.float64):
+        q, k, v, kw, leaves = _inputs(normalizer, case, dtype=dtype)
+        grad_out = torch.randn(q.shape[:3] + v.shape[-1:], dtype=dtype)
+        want = _fwd_bwd(linear_attention, q, k, v, normalizer, kw, leaves, grad_out)
+        out = scripted_op(q, k, v, normalizer, **kw)
+        got = [out.detach()] + list(torch.autograd.grad(out, leaves, grad_out))
+        assert got[0].dtype == dtype
+        for g, w, name in zip(got, want, ['out', 'dq', 'dk', 'dv', 'dq_norm', 'dk_norm']):
+            assert_close_to_scale(g, w, msg=f'{dtype} {name}')
+
+
+def test_scripted_runs_the_reference_whatever_the_backend(scripted_op, monkeypatch):
+    """Scripted code never reaches the Triton path (as exports): a forced backend still runs the reference."""
+    monkeypatch.setenv('ZOO_KERNEL_BACKEND', 'triton')
+    q, k, v = (torch.rand(1, 2, 5, 4) for _ in range(3))
+    with use_backend('triton'):
+        out = scripted_op(q, k, v, 'flatten', backend='triton')
+    assert torch.equal(out, linear_attention_ref(q, k, v, 'flatten'))
+
+
+@pytest.mark.parametrize('args, match', [
+    (dict(normalizer='softmax'), r"normalizer: expected one of \('none', 'flatten', 'inline', 'mala', 'l2vit'\), "
+                                 r"got 'softmax'"),
+    (dict(normalizer='flatten', eps=0.), r'eps: expected a positive finite number, got 0'),
+    (dict(normalizer='l2vit', clamp_min=-1.), r'clamp_min: expected a positive finite number, got -1'),
+    (dict(normalizer='inline', scale=float('nan')), r'scale: expected a finite number, got nan'),
+    (dict(normalizer='none', k=torch.rand(3, 5, 4)), r'q, k, v: expected 4-D .* got \(2, 3, 5, 4\), \(3, 5, 4\)'),
+    (dict(normalizer='none', k=torch.rand(2, 2, 5, 4)), r'q, k, v: .*one B, heads, d and Nk, got \(2, 3, 5, 4\), \(2, 2, 5, 4\)'),
+    (dict(normalizer='mala', k_norm=torch.rand(2, 3, 5, 2)),
+     r'k_norm: expected the shape of k, \(2, 3, 5, 4\), got \(2, 3, 5, 2\)'),
+    (dict(normalizer='none', q_norm=torch.rand(2, 3, 5, 4)), r"q_norm, k_norm: normalizer 'none' has no normaliser"),
+    (dict(normalizer='flatten', k=torch.rand(2, 3, 0, 4), v=torch.rand(2, 3, 0, 4)),
+     r'k, v: expected at least one key token, got Nk = 0'),
+])
+def test_scripted_bad_inputs(scripted_op, args, match):
+    """The scripted op keeps the op's checks and messages (TorchScript reraises them as torch.jit.Error)."""
+    inputs = dict(q=torch.rand(2, 3, 5, 4), k=torch.rand(2, 3, 5, 4), v=torch.rand(2, 3, 5, 4))
+    inputs.update(args)
+    with pytest.raises(ValueError, match=match):
+        linear_attention(**inputs)
+    with pytest.raises(torch.jit.Error, match='ValueError: ' + match):
+        scripted_op(**inputs)

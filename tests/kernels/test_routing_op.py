@@ -1,11 +1,13 @@
 """Bi-level routing attention op: reference against a dense brute-force oracle (forward, backward, routing),
 the Triton kernels (interpreter) against the reference with regions of 1, 4 and 16+ tokens, memory of the
 reference's backward against the gather formulation, ONNX export with both exporters, error messages."""
+from typing import Optional
+
 import pytest
 import torch
 
 from zoo.kernels import routed_attention
-from zoo.kernels.backend import interpreter_on, triton_available
+from zoo.kernels.backend import interpreter_on, triton_available, use_backend
 from zoo.kernels.routing import default_scale, region_routing
 from zoo.kernels.routing.naive import region_labels, routed_attention_naive
 from zoo.kernels.routing.reference import routed_attention_ref, use_dense
@@ -151,7 +153,7 @@ def test_backend_auto_on_cpu_is_reference_and_global_ignores_triton():
 
 
 def _peak_bytes(fn) -> int:
-    from zoo.bench.na_cpu import tensor_peak_mb
+    from zoo.bench.measure import peak_alloc_mib as tensor_peak_mb
     return int(tensor_peak_mb(fn) * 2 ** 20)
 
 
@@ -159,7 +161,7 @@ def test_reference_backward_memory_does_not_grow_with_regions_squared():
     """The official gather's backward allocates a gradient of S^2 copies of K/V: its peak grows with the region
     count at a fixed map and top-k. Ours holds the routed K/V (and their gradient) once: the same peak for
     7 x 7 and 14 x 14 regions, and a fraction of the baseline's."""
-    from zoo.bench.biformer_cpu import routed_attention_gather
+    from zoo.bench.anchors import routed_attention_gather
     B, H, nh, d, topk = 2, 28, 2, 16, 2
     q, k, v = _qkv(H, H, nh, d, d, batch=B, dtype=torch.float32)
 
@@ -270,3 +272,68 @@ def test_triton_kernels_compile_for_gpu(compile_for_gpu):
     """Compile (no GPU needed) the kernels at BiFormer-T's shapes for sm_80: catches what the interpreter lets
     through (non-constexpr globals, unsupported ops, dtype errors) and checks shared memory fits 99 KB."""
     compile_for_gpu(_COMPILE_SCRIPT, count=18, timeout=900)
+
+
+# ---------------------------------------------------------------------------------------------- TorchScript
+
+class _ScriptedOp(torch.nn.Module):
+    """The op as the mixer calls it (scale by name), every argument explicit."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_win: int, topk: int,
+                scale: Optional[float] = None, idx: Optional[torch.Tensor] = None,
+                backend: Optional[str] = None) -> torch.Tensor:
+        return routed_attention(q, k, v, n_win, topk, scale=scale, idx=idx, backend=backend)
+
+
+@pytest.fixture(scope='module')
+def scripted_op(script_round_trip):
+    """The op compiled by torch.jit.script, saved and loaded back (so nothing in it calls into Python)."""
+    return script_round_trip(_ScriptedOp())
+
+
+@pytest.mark.parametrize('case', ['one_token_regions', 'rect_regions_2x3', 'biformer_stage1_like', 'one_region'])
+@pytest.mark.parametrize('topk', ['case', -1])
+def test_scripted_matches_eager(scripted_op, case, topk):
+    """The scripted op (the gather path in its export form: manual softmax, no autograd Function) against the
+    eager op (dense masked SDPA or the autograd Function's gather), forward and backward, routed and global."""
+    H, W, n_win, case_topk, heads, dk, dv = CASES[case]
+    topk = case_topk if topk == 'case' else topk
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = _qkv(H, W, heads, dk, dv, dtype=dtype)
+        grad_out = torch.randn(2, H, W, heads, dv, dtype=dtype)
+        want = _fwd_bwd(routed_attention, q, k, v, grad_out, n_win=n_win, topk=topk)
+        got = _fwd_bwd(scripted_op, q, k, v, grad_out, n_win=n_win, topk=topk)
+        for g, w in zip((got[0], *got[1]), (want[0], *want[1])):
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            torch.testing.assert_close(g, w, rtol=tol, atol=tol * w.abs().max().item())
+    idx = torch.zeros(2, n_win * n_win, 1, dtype=torch.long)  # every region routed to region 0
+    if topk != -1:
+        torch.testing.assert_close(scripted_op(q, k, v, n_win, 1, 0.5, idx), routed_attention(q, k, v, n_win, 1,
+                                                                                              scale=0.5, idx=idx))
+
+
+def test_scripted_runs_the_reference_whatever_the_backend(scripted_op, monkeypatch):
+    """Scripted code never reaches the Triton path (as exports): a forced backend still runs the reference."""
+    monkeypatch.setenv('ZOO_KERNEL_BACKEND', 'triton')
+    q, k, v = _qkv(4, 4, 1, 8, 8, batch=1, dtype=torch.float32)
+    with use_backend('triton'):
+        out = scripted_op(q, k, v, 2, 2, backend='triton')
+    assert not type(out.grad_fn).__name__.startswith('_RoutedAttention')  # neither the kernel's nor eager's Function
+    torch.testing.assert_close(out, routed_attention(q, k, v, 2, 2, backend='torch'))
+
+
+@pytest.mark.parametrize('args, match', [
+    ((4, 2), r'n_win: .*expected H and W multiples of 4, got H x W = 6 x 8 \(pad to 8 x 8 first\)'),
+    ((2, 5), r'topk: expected 1 <= topk <= n_win\^2 = 4 .* got 5'),
+    ((2, 0), r'topk: .*or -1 / -2 for global attention, got 0'),
+    ((0, 1), r'n_win: expected a positive int .*got 0'),
+    ((2, 1, None, torch.zeros(2, 4, 2, dtype=torch.long)),
+     r'idx: expected \(B, n_win\^2, topk\) = \(2, 4, 1\), got \(2, 4, 2\)'),
+])
+def test_scripted_bad_inputs(scripted_op, args, match):
+    """The scripted op keeps the op's checks and messages (TorchScript reraises them as torch.jit.Error)."""
+    q, k, v = _qkv(6, 8, 2, 8, 8, dtype=torch.float32, grad=False)
+    with pytest.raises(torch.jit.Error, match='ValueError: ' + match):
+        scripted_op(q, k, v, *args)
+    with pytest.raises(torch.jit.Error, match=r'ValueError: q, k, v: expected q and k \(B, H, W, heads, dk\)'):
+        scripted_op(q, k[..., :4], v, 2, 1)

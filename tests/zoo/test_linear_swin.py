@@ -125,12 +125,12 @@ def test_block_layout(name):
             if isinstance(attn, LinearAttention):  # global; FLatten's encoding at the stage's size for 224 px
                 assert attn.variant == variant and attn.num_heads == CONFIGS[name][2][i]
                 if variant == 'flatten':
-                    assert attn.impl.pe_size == (size, size) and attn.impl.focusing_factor == 3
+                    assert attn.pe_size == (size, size) and attn.focusing_factor == 3
             else:  # Swin's window 7 (clamped), shifted in odd blocks while the map is larger than the window
                 assert isinstance(attn, WindowAttention) and attn.window_size == (min(7, size),) * 2
                 assert attn.shift_size == ((3, 3) if j % 2 and size > 7 else (0, 0))
     other = timm.create_model('flatten_swin_tiny', img_size=(288, 160), **zoo.reduced_args('flatten_swin_tiny'))
-    assert [s.blocks[0].attn.impl.pe_size for s in other.stages[:2]] == [(72, 40), (36, 20)]
+    assert [s.blocks[0].attn.pe_size for s in other.stages[:2]] == [(72, 40), (36, 20)]
 
 
 @pytest.mark.parametrize('name', ['flatten_swin_tiny', 'inline_swin_base'])

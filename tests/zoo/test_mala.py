@@ -59,8 +59,8 @@ def test_layout_per_stage(name, heads, head_dims, scales):
         for block in stage.blocks:
             attn = block.attn
             if i < 2:
-                assert isinstance(attn, LinearAttention) and attn.variant == 'mala' and attn.impl.rope
-                assert attn.impl.kernel_size == 5
+                assert isinstance(attn, LinearAttention) and attn.variant == 'mala' and attn.rope
+                assert attn.kernel_size == 5
             else:
                 assert isinstance(attn, GlobalAttention) and attn.rope and attn.gate
                 assert attn.lepe.kernel_size == (5, 5)

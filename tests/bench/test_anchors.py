@@ -1,14 +1,14 @@
-"""The BiFormer benchmarks: the gather baseline (the official formulation) computes what our op computes, in
-the op and in the whole model, forward and backward; both scripts run and write their tables."""
-import json
+"""The code anchors compute what our ops compute: the BiFormer gather baseline (the official formulation) in the op
+and in the whole model, forward and backward; SDPA window and dense-mask neighborhood attention."""
 
 import pytest
 import timm
 import torch
 
 import zoo
-from zoo.bench.biformer_cpu import gather_baseline, routed_attention_gather
-from zoo.bench.biformer_cpu import main as cpu_main
+from zoo.bench.anchors import (gather_baseline, routed_attention_gather, sdpa_neighborhood_attention,
+                               sdpa_window_attention)
+from zoo.kernels import neighborhood_attention, window_attention
 from zoo.kernels.routing import routed_attention
 
 
@@ -40,23 +40,17 @@ def test_gather_baseline_in_the_model():
     assert mixer.routed_attention is routed_attention  # restored
 
 
-def test_cpu_benchmark_writes_its_table(tmp_path):
-    out = tmp_path / 'res' / 'biformer_cpu'
-    rows = cpu_main(['--reduced', '--img-size', '64', '--batch', '2', '--fwd-batch', '2', '--threads', '1',
-                     '--repeats', '1', '--no-rss', '--out', str(out)])
-    assert [r['method'] for r in rows] == ['ours', 'gather_baseline']
-    assert all(r['train_s'] > 0 and r['fwd_img_per_s'] > 0 and r['train_peak_tensor_mb'] > 0 for r in rows)
-    assert rows[0]['max_abs_logit_diff_vs_ours'] < 1e-5
-    data = json.loads(out.with_suffix('.json').read_text())
-    assert data['meta']['args']['model'] == 'biformer_tiny' and len(data['rows']) == 2
-    assert '| ours vs baseline |' in out.with_suffix('.md').read_text()
+@pytest.mark.parametrize('size, shift', [(14, 3), (10, 2), (7, 0)])
+def test_sdpa_window_equals_our_op(size, shift, assert_close_to_scale):
+    q, k, v = (torch.randn(2, size, size, 3, 8) for _ in range(3))
+    table = torch.randn(3, 13, 13)
+    want = window_attention(q, k, v, 7, shift=shift, rel_pos_bias=table, backend='torch')
+    assert_close_to_scale(sdpa_window_attention(q, k, v, (7, 7), (shift, shift), table, None), want)
 
 
-def test_gpu_script_runs_on_cpu(tmp_path):
-    from zoo.bench.biformer_gpu import main as gpu_main
-    rows = gpu_main(['--cpu', '--img-size', '28', '--stages', '1', '--batch', '1', '--dtype', 'fp32', '--repeats', '1',
-                     '--warmup', '0', '--out', str(tmp_path / 'gpu')])
-    methods = {r['method'] for r in rows}
-    assert {'reference', 'gather_baseline', 'flex'} <= methods
-    assert all(r['max_abs_err_vs_reference'] < 1e-5 for r in rows)
-    assert (tmp_path / 'gpu.md').exists()
+@pytest.mark.parametrize('dilation', [1, 2])
+def test_sdpa_neighborhood_equals_our_op(dilation, assert_close_to_scale):
+    q, k, v = (torch.randn(1, 12, 12, 2, 8) for _ in range(3))
+    rpb = torch.randn(2, 5, 5)
+    want = neighborhood_attention(q, k, v, 3, dilation, rel_pos_bias=rpb, backend='torch')
+    assert_close_to_scale(sdpa_neighborhood_attention(q, k, v, (3, 3), (dilation, dilation), rpb, 8 ** -0.5), want)
