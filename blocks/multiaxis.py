@@ -228,8 +228,7 @@ class PartitionAttention(nn.Module):
         nn.init.normal_(self.relative_position_bias_table, std=.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():  # TorchScript has no type(); check_input skips scripted code anyway
-            check_input(x, self.dim, type(self).__name__)
+        check_input(x, self.dim, 'PartitionAttention')
         B, H, W, C = x.shape
         # qkv channels are (3, heads, head_dim): timm's head_first=False / the TF layout
         q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)

@@ -109,8 +109,7 @@ class WindowAttention(nn.Module):
         return table.flip(0, 1).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():  # TorchScript has no type(); check_input skips scripted code anyway
-            check_input(x, self.dim, type(self).__name__)
+        check_input(x, self.dim, 'WindowAttention')
         B, H, W, C = x.shape
         q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
         x = window_attention(
