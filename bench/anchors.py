@@ -42,8 +42,8 @@ def routed_attention_gather(
     The routed K/V are copied top-k times by `torch.gather` over a broadcast view; its backward allocates a
     gradient of S^2 copies of K/V and reduces it (the official "gather backward").
     """
-    from zoo.kernels.routing import GLOBAL_TOPK, default_scale, region_routing, routed_attention
-    if topk in GLOBAL_TOPK:
+    from zoo.kernels.routing import default_scale, is_global, region_routing, routed_attention
+    if is_global(topk):
         return routed_attention(q, k, v, n_win, topk, scale=scale, backend='torch')
     B, H, W, nh, dk = q.shape
     dv = v.shape[-1]
