@@ -39,15 +39,18 @@ class MixerInfo:
     onnx_dynamic: bool
     torchscript: bool
 
-    @property
-    def arguments(self) -> str:
-        """The family arguments with their defaults (those of the shared contract left out)."""
+    def family_params(self) -> List[inspect.Parameter]:
+        """The family arguments (those of the shared contract left out), in signature order."""
         shared = {'self', 'dim', 'channels', 'num_heads', 'head_dim', 'qkv_bias', 'attn_drop', 'proj_drop', 'device',
                   'dtype'}
         params = inspect.signature(self.fn).parameters.values()
-        return ', '.join(
-            p.name if p.default is inspect.Parameter.empty else f'{p.name}={p.default!r}'
-            for p in params if p.name not in shared and p.kind is p.POSITIONAL_OR_KEYWORD)
+        return [p for p in params if p.name not in shared and p.kind is p.POSITIONAL_OR_KEYWORD]
+
+    @property
+    def arguments(self) -> str:
+        """The family arguments with their defaults."""
+        return ', '.join(p.name if p.default is inspect.Parameter.empty else f'{p.name}={p.default!r}'
+                         for p in self.family_params())
 
 
 _MIXERS: Dict[str, MixerInfo] = {}

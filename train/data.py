@@ -373,6 +373,32 @@ class ShapesCocoDataset(CocoDetDataset):
         super().__init__(paths['ann_file'], paths['img_dir'], train=train, hflip_prob=hflip_prob, verify=False)
 
 
+def sample_photos() -> Dict[str, Image.Image]:
+    """scikit-learn's two real photographs (china.jpg, flower.jpg, 640x427) as PIL images."""
+    from sklearn.datasets import load_sample_images
+    return {name: Image.fromarray(a) for name, a in zip(('china', 'flower'), load_sample_images().images)}
+
+
+def make_photo_folder(root: str, n_train: int = 160, n_val: int = 24, seed: int = 0) -> Tuple[str, str]:
+    """ImageNet-style folders <root>/{train,val}/{china,flower}/*.jpg: random crops (96..400 px) of the two
+    photographs scikit-learn ships, resized to 48..96 px and saved as JPEG (no download). Returns the train and val
+    roots. The same arguments give the same files."""
+    rng = random.Random(seed)
+    photos = sample_photos()
+    for split, n in (('train', n_train), ('val', n_val)):
+        for name, photo in photos.items():
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            w, h = photo.size
+            for i in range(n):
+                side = rng.randint(96, min(400, h))
+                x, y = rng.randint(0, w - side), rng.randint(0, h - side)
+                out = rng.randint(48, 96)
+                crop = photo.crop((x, y, x + side, y + side)).resize((out, out), Image.BICUBIC)
+                crop.save(os.path.join(folder, f'{i:04d}.jpg'), quality=90)
+    return os.path.join(root, 'train'), os.path.join(root, 'val')
+
+
 @FUNCTIONS.register_module()
 def det_collate(batch: Sequence[dict]) -> dict:
     """Detection batches stay lists: images differ in size and targets in box count."""

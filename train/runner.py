@@ -53,7 +53,19 @@ def _parse_value(text: str) -> Any:
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return text
+        pass
+    if text[:1] in '[(' and text[-1:] in '])':  # [se,linear,agent,global]: bare words are strings
+        quoted = _BARE_WORD.sub(lambda m: m.group(0) if m.group(0) in ('True', 'False', 'None') else repr(m.group(0)),
+                                text)
+        try:
+            return ast.literal_eval(quoted)
+        except (ValueError, SyntaxError):
+            pass
+    return text
+
+
+# a name outside quotes inside a list: letters first, then letters, digits and _ . : -
+_BARE_WORD = re.compile(r"""(?<![\w'".:-])[A-Za-z_][\w.:-]*(?![\w'"])""")
 
 
 def parse_opts(opts: Optional[Sequence[str]]) -> Dict[str, Any]:

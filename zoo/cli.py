@@ -1,4 +1,4 @@
-"""The `zoo` console command: list, info, mixers, check, export, bench, train, eval.
+"""The `zoo` console command: list, info, mixers, check, export, bench, train, eval, compare, demo.
 
 `zoo check` is the foundation's end-to-end job: build every registered model, run a real photo batch
 through it, and export one model to ONNX checked in onnxruntime. `bench`, `train` and `eval` forward
@@ -21,6 +21,8 @@ _FORWARDED = {
                                'anchors: zoo bench models|mixers|ops|gpu [SUITE|NAME ...]; zoo bench --list'),
     'train': ('zoo.train.cli', 'train from a config: zoo train CONFIG [--opts k=v ...] [--resume]'),
     'eval': ('zoo.train.cli', 'evaluate a checkpoint: zoo eval CONFIG CHECKPOINT'),
+    'compare': ('zoo.train.compare', 'train one backbone once per mixer plan with one recipe; accuracy vs cost '
+                                     'report: zoo compare [--mixers PLAN ...] [--data DIR] [--report DIR]'),
     'demo': ('zoo.train.demo', 'the main job: fine-tune on the embedded data, evaluate, export to ONNX (train/demo.py)'),
 }
 

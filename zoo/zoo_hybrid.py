@@ -6,28 +6,84 @@ A NAT-style conv stem (stride 4), four stages and a classifier. A stage named by
 is a conv stage of ResNet basic blocks with that gate (NCHW); a stage named by a mixer ('window', 'block',
 'grid', 'neighborhood', ...) is an attention stage of the one `MixerBlock` (channels-last), after a stride-2
 conv downsample. Per-block mixers: give a stage a sequence of names, one per block. Family arguments:
-`mixer_kwargs={'neighborhood': dict(kernel_size=5)}` applies wherever that mixer appears; 'window' blocks
-get Swin's shift in every other window block, sized from `img_size` as in Swin.
+`mixer_kwargs={'neighborhood': dict(kernel_size=5)}` applies wherever that mixer appears, `name:value` sets
+the first family argument of that one entry ('linear:inline', 'neighborhood:5'); 'window' blocks get Swin's
+shift in every other window block, sized from `img_size` as in Swin.
+
+A plan may be written as one string (`parse_mixer_plan`): 'cbam/window/neighborhood/grid' or
+'[se,linear,agent,global]' (one entry per stage), 'window' (every stage), 'cbam/window+neighborhood/...'
+(one name per block of a stage).
 
 No pretrained weights: it is a test bed. Any input size works.
 """
+import ast
 from functools import partial
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 from timm.layers import ClassifierHead, LayerNorm2d, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import init_weights_vit_timm
 
-from zoo.blocks import list_gates
+from zoo.blocks import gate_info, list_gates, list_mixers, mixer_info
 from zoo.blocks.block import ConvTokenizer
 from zoo.blocks.window import effective_window_shift
 
 from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, build_stages, default_cfg
 
-__all__ = ['HybridNet', 'hybrid_stage_specs']
+__all__ = ['HybridNet', 'hybrid_stage_specs', 'parse_mixer_plan', 'split_mixer_name']
 
-_mixers_t = Sequence[Union[str, Sequence[str]]]
+_mixers_t = Union[str, Sequence[Union[str, Sequence[str]]]]
+
+
+def parse_mixer_plan(text: str) -> List[Union[str, List[str]]]:
+    """A plan written as one string -> one entry per stage (a name, or a list of names, one per block).
+
+    'cbam/window/neighborhood/grid', '[se,linear,agent,global]', "('se', 'eca')" and 'cbam/window+grid/...' all
+    work; a single name ('window') gives a one-entry plan (`HybridNet` repeats it in every stage).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f'mixers: expected a plan string, got {type(text).__name__} {text!r}')
+    body = text.strip()
+    if body[:1] in '[(' and body[-1:] in '])':
+        body = body[1:-1]
+    stages = [s.strip() for s in body.replace(',', '/').split('/')]
+    if not body or any(not s for s in stages):
+        raise ValueError(f"mixers: expected stage entries separated by '/' or ',' (e.g. 'cbam/window/neighborhood/"
+                         f"grid'), got {text!r}")
+    plan: List[Union[str, List[str]]] = []
+    for stage in stages:
+        names = [n.strip().strip('\'"') for n in stage.split('+')]
+        if any(not n for n in names):
+            raise ValueError(f"mixers: an empty block name in {stage!r} of the plan {text!r}")
+        plan.append(names[0] if len(names) == 1 else names)
+    return plan
+
+
+def split_mixer_name(name: str) -> Tuple[str, Dict[str, Any]]:
+    """'linear:inline' -> ('linear', {'variant': 'inline'}): a registered mixer or gate name and, after ':', the
+    value of its first family argument (a Python literal, else the text)."""
+    if not isinstance(name, str):
+        raise TypeError(f'mixers: expected mixer or gate names, got {type(name).__name__} {name!r}')
+    base, sep, arg = name.partition(':')
+    if base in list_mixers():
+        info = mixer_info(base)
+    elif base in list_gates():
+        info = gate_info(base)
+    else:
+        raise ValueError(f'mixers: unknown mixer {base!r}; known mixers: {", ".join(list_mixers())}; '
+                         f'gates (conv stages): {", ".join(list_gates())}')
+    if not sep:
+        return base, {}
+    params = info.family_params()
+    if not params or not arg:
+        raise ValueError(f'mixers: {name!r}: expected {base}:<{params[0].name}>' if params else
+                         f'mixers: {name!r}: {base} takes no arguments')
+    try:
+        value = ast.literal_eval(arg)
+    except (ValueError, SyntaxError):
+        value = arg
+    return base, {params[0].name: value}
 
 
 def hybrid_stage_specs(
@@ -40,8 +96,12 @@ def hybrid_stage_specs(
         **spec_kwargs,
 ) -> Sequence[StageSpec]:
     """One `StageSpec` per stage: gate stages are conv stages, mixer stages attention stages."""
+    if isinstance(mixers, str):  # a plan written out ('cbam/window/...', '[se,linear,agent,global]')
+        mixers = parse_mixer_plan(mixers)
+        if len(mixers) == 1:
+            mixers = mixers * len(depths)
     if not len(embed_dim) == len(depths) == len(mixers):
-        raise ValueError(f'mixers: expected one entry per stage ({len(depths)}), got {len(mixers)} '
+        raise ValueError(f'mixers: expected one entry per stage ({len(depths)}), got {len(mixers)}: {list(mixers)} '
                          f'(embed_dim has {len(embed_dim)}, depths {len(depths)})')
     mixer_kwargs = {k: dict(v) for k, v in (mixer_kwargs or {}).items()}
     img_h, img_w = to_2tuple(img_size)
@@ -53,8 +113,9 @@ def hybrid_stage_specs(
         stride = stem_stride * 2 ** i
         size = (-(-img_h // stride), -(-img_w // stride))
         kwargs, n_window = [], 0
-        for name in names:
-            kw = dict(mixer_kwargs.get(name, {}))
+        names, args = zip(*(split_mixer_name(n) for n in names))
+        for name, arg in zip(names, args):
+            kw = dict(mixer_kwargs.get(name, {}), **arg)
             if name == 'window':
                 window = to_2tuple(kw.pop('window_size', 7))
                 win, shift = effective_window_shift(size, window, tuple(w // 2 for w in window))
@@ -63,7 +124,7 @@ def hybrid_stage_specs(
             kwargs.append(kw)
         is_conv = all(n in list_gates() for n in names)
         specs.append(StageSpec(
-            depth=depth, dim=dim, mixer=names, mixer_kwargs=kwargs,
+            depth=depth, dim=dim, mixer=list(names), mixer_kwargs=kwargs,
             downsample=None if i == 0 else ('stride' if is_conv else 'conv'), **spec_kwargs))
     return specs
 
@@ -77,7 +138,8 @@ class HybridNet(HierarchicalBackbone):
         global_pool: head pooling type.
         embed_dim: width of each stage.
         depths: blocks per stage.
-        mixers: per stage a mixer or gate name, or one name per block (see `zoo mixers`).
+        mixers: per stage a mixer or gate name, or one name per block (see `zoo mixers`); or the plan as one
+            string ('cbam/window/neighborhood/grid', '[se,linear,agent,global]', 'window' for every stage).
         mixer_kwargs: family arguments per mixer name, e.g. {'neighborhood': dict(kernel_size=5)}.
         num_heads: heads in every attention stage (None: head_dim decides).
         head_dim: channels per head (32 when num_heads is None).

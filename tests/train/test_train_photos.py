@@ -19,27 +19,10 @@ IMG = 64
 
 
 def _photos():
-    """scikit-learn's two real photographs (china.jpg, flower.jpg, 640x427) as PIL images."""
-    from sklearn.datasets import load_sample_images
-    return {name: Image.fromarray(a) for name, a in zip(('china', 'flower'), load_sample_images().images)}
+    return data_mod.sample_photos()
 
 
-def make_photo_folder(root, n_train=160, n_val=24, seed=0):
-    """ImageNet-style folders <root>/{train,val}/{china,flower}/*.jpg: random crops (96..400 px) of the two
-    photos, resized to 48..96 px and saved as JPEG. Returns the train and val roots."""
-    rng = random.Random(seed)
-    for split, n in (('train', n_train), ('val', n_val)):
-        for name, photo in _photos().items():
-            folder = os.path.join(root, split, name)
-            os.makedirs(folder, exist_ok=True)
-            w, h = photo.size
-            for i in range(n):
-                side = rng.randint(96, min(400, h))
-                x, y = rng.randint(0, w - side), rng.randint(0, h - side)
-                out = rng.randint(48, 96)
-                crop = photo.crop((x, y, x + side, y + side)).resize((out, out), Image.BICUBIC)
-                crop.save(os.path.join(folder, f'{i:04d}.jpg'), quality=90)
-    return os.path.join(root, 'train'), os.path.join(root, 'val')
+make_photo_folder = data_mod.make_photo_folder
 
 
 def _opts(train_root, val_root, *extra):
