@@ -25,8 +25,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 CONFIG = os.path.join('classification', 'hybrid_compare_digits.py')
 DEFAULT_PLANS = ('cbam', 'window', 'neighborhood', 'agent', 'linear')
-DEFAULT_EPOCHS = 4
+DEFAULT_EPOCHS = 8
 DEFAULT_IMG_SIZE = 32
+DEFAULT_SEEDS = (0, 1)
 PARAM_TOLERANCE = 0.10  # plans whose parameter count is off the median by more than this are flagged
 COST_REPEATS = 5
 RUN_FILE, RESULT_FILE = 'run.json', 'result.json'
@@ -218,13 +219,13 @@ def run_config(recipe: Dict[str, Any], run: Run, kwargs: Dict[str, Any], data_ro
     overrides = {
         'model.model_name': recipe['backbone'], 'model.num_classes': len(recipe['classes']),
         'model.model_kwargs': model_kwargs, 'train_cfg.max_epochs': recipe['epochs'],
-        'train_dataloader.dataset': train_ds, 'val_dataloader.dataset': val_ds,
         'randomness': dict(cfg.get('randomness') or {}, seed=run.seed),
         'val_evaluator': dict(type='TopKAccuracy', topk=(1, min(5, len(recipe['classes'])))),
     }
     if recipe['batch_size']:
         overrides['train_dataloader.batch_size'] = recipe['batch_size']
     cfg.merge_from_dict(overrides)
+    cfg.train_dataloader.dataset, cfg.val_dataloader.dataset = train_ds, val_ds  # replaced whole, not merged
     if wandb:
         cfg.wandb = dict(wandb, name=run.name)
     check_config(cfg)
@@ -300,7 +301,8 @@ def train_one(out: str, recipe: Dict[str, Any], run: Run, kwargs: Dict[str, Any]
     if _is_main():
         os.makedirs(work_dir, exist_ok=True)
         _write_json(os.path.join(work_dir, RUN_FILE), dict(recipe=recipe, plan=run.plan, mixers=run.mixers,
-                                                           seed=run.seed, name=run.name))
+                                                           seed=run.seed, name=run.name,
+                                                           wandb_group=wandb and wandb['group']))
     cfg = run_config(recipe, run, kwargs, data_roots, wandb)
     resume = 'auto' if find_resume_checkpoint(work_dir) else None
     log(f'{run.name}: {"resuming from its last checkpoint" if resume else "training"} '
@@ -316,7 +318,8 @@ def train_one(out: str, recipe: Dict[str, Any], run: Run, kwargs: Dict[str, Any]
         _write_json(os.path.join(work_dir, RESULT_FILE), dict(
             name=run.name, plan=run.plan, mixers=run.mixers, seed=run.seed, recipe=recipe,
             top1=result['metrics'].get(TOP1), best_top1=max(top1s) if top1s else None,
-            metrics=result['metrics'], history=epochs, cost=cost, checkpoint=result['checkpoint']))
+            metrics=result['metrics'], history=epochs, cost=cost, checkpoint=result['checkpoint'],
+            wandb_group=wandb and wandb['group']))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return 'resumed' if resume else 'trained'
@@ -542,7 +545,7 @@ def build_parser(prog: str = 'zoo compare') -> argparse.ArgumentParser:
                                                     "train/<class>/ and val/<class>/")
     p.add_argument('--epochs', type=int, default=DEFAULT_EPOCHS)
     p.add_argument('--img-size', type=int, default=DEFAULT_IMG_SIZE)
-    p.add_argument('--seeds', type=int, nargs='+', default=[0])
+    p.add_argument('--seeds', type=int, nargs='+', default=list(DEFAULT_SEEDS))
     p.add_argument('--batch-size', type=int, default=None, help='training batch (default: the recipe\'s, 64)')
     p.add_argument('--reduced', action=argparse.BooleanOptionalAction, default=True,
                    help='the narrow backbone of zoo.reduced_args (default; --no-reduced for full widths)')
