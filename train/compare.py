@@ -578,6 +578,9 @@ def compare(args: argparse.Namespace, log=lambda msg: print(f'zoo compare: {msg}
             raise CompareError(f'--report: no such folder {args.report!r}')
         return dict(report=write_report(out))
     _check_args(args)
+    if not _is_main():  # torchrun: rank 0 speaks
+        def log(msg: str) -> None:
+            pass
     shard = parse_shard(args.shard)
     kwargs = backbone_kwargs(args.backbone, args.reduced, args.img_size)
     plans = check_plans(args.backbone, args.mixers, kwargs)
@@ -632,13 +635,10 @@ def main(argv: Optional[List[str]] = None, prog: str = 'zoo compare') -> int:
     from . import ConfigError, DatasetError
     try:
         compare(args)
-    except (CompareError, ConfigError, DatasetError, FileNotFoundError, IncompatibleKeysError,
-            WeightsFileError) as e:
+    except (CompareError, ConfigError, DatasetError, FileNotFoundError, IncompatibleKeysError, WeightsFileError,
+            FloatingPointError) as e:  # a non-finite loss (1) is a failed run, the rest bad input (2)
         print(f'{prog}: error: {e}', file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f'{prog}: error: {e}', file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, FloatingPointError) else 2
     return 0
 
 

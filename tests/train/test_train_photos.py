@@ -7,7 +7,6 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import zoo
 from zoo.train import load_config, run_train

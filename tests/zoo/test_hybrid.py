@@ -74,7 +74,7 @@ def test_bad_specs():
         timm.create_model('hybrid_tiny', mixers=('cbam', ('window',) * 3, 'grid', 'grid'), **SMALL)
     with pytest.raises(ValueError, match='all gates'):
         timm.create_model('hybrid_tiny', mixers=('cbam', ('se', 'window'), 'grid', 'grid'), **SMALL)
-    with pytest.raises(KeyError, match='unknown mixer'):
+    with pytest.raises(ValueError, match="unknown mixer 'windw'; known mixers: agent, block"):
         timm.create_model('hybrid_tiny', mixers=('cbam', 'windw', 'grid', 'grid'), **SMALL)
 
 
