@@ -249,7 +249,7 @@ def measure_cost(recipe: Dict[str, Any], run: Run, kwargs: Dict[str, Any], batch
     fwd, step = rows.get('fwd', {}), rows.get('fwdbwd', {})
     flops = fwd.get('flops')
     return dict(
-        params=fwd.get('params') or step.get('params'), gmacs=flops / 2e9 if flops else None,
+        params=fwd.get('params') or step.get('params'), gmacs=flops / 2e9 / batch if flops else None,  # per image
         infer_img_s=fwd.get('img_s'), train_step_ms=step.get('ms'), train_peak_mib=step.get('peak_alloc_mib'),
         train_peak_rss_mib=step.get('peak_rss_mib'), batch=batch, img_size=recipe['img_size'],
         errors=[r['error'] for r in (fwd, step) if r.get('error')],
@@ -487,8 +487,10 @@ def plots(report: Dict[str, Any]) -> Dict[str, bytes]:
             ax.annotate(r['plan'], (r[key], r['top1_mean']), textcoords='offset points', xytext=(5, 4), fontsize=8)
         front = sorted((r[key], r['top1_mean']) for r in rows if r.get(f'pareto_{key}'))
         if len(front) > 1:
-            ax.plot(*zip(*front), '--', color='C3', lw=1, label='Pareto front')
-            ax.legend(loc='best', fontsize=8)
+            ax.plot(*zip(*front), '--', color='C3', lw=1)
+        ax.plot([], [], '*', color='C3', ms=11, label='on the Pareto front (no plan is both more accurate and '
+                                                      + ('faster)' if key == 'infer_img_s' else 'lighter)'))
+        ax.legend(loc='best', fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel('top-1 (%)')
         ax.set_title(f"{report['recipe']['backbone']}: accuracy vs {'speed' if key == 'infer_img_s' else 'memory'}")

@@ -13,6 +13,7 @@ import timm
 import torch
 
 import zoo
+from zoo.bench.flops import count_macs
 from zoo.cli import main
 from zoo.train import compare as cmp
 from zoo.train.data import make_photo_folder
@@ -89,6 +90,7 @@ def test_report_tables_agree_with_the_runs(sharded):
         model = timm.create_model('hybrid_tiny', num_classes=2, mixers=mine[0]['mixers'], img_size=32,
                                   **zoo.reduced_args('hybrid_tiny'))
         assert row['params'] == sum(p.numel() for p in model.parameters())
+        assert row['gmacs'] == pytest.approx(count_macs(model, torch.randn(1, 3, 32, 32)) / 1e9, rel=1e-6)
         for key in ('gmacs', 'infer_img_s', 'train_step_ms', 'train_peak_mib'):
             assert row[key] > 0, key
         assert all(len(r['history']) == 1 and r['history'][0]['accuracy/top1'] == r['top1'] for r in mine)
