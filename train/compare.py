@@ -535,7 +535,9 @@ def write_report(out: str) -> List[str]:
 # ------------------------------------------------------------------------------------------------- command
 
 def build_parser(prog: str = 'zoo compare') -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog, description='Train one backbone once per mixer plan with one recipe, '
+                                'evaluate every run, measure each plan\'s cost with the benchmark harness, and write '
+                                'one report (markdown, CSV, JSON, plots) of accuracy against cost.')
     p.add_argument('--mixers', nargs='+', default=list(DEFAULT_PLANS), metavar='PLAN',
                    help="mixer plans, one per run: a name for every stage ('window', 'linear:inline') or one entry "
                         "per stage separated by '/' ('cbam/window/neighborhood/grid'); default: "
