@@ -72,8 +72,9 @@ def parse_shard(text: Optional[str]) -> Tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def backbone_kwargs(backbone: str, reduced: bool, img_size: int) -> Dict[str, Any]:
-    """The model arguments every run shares: the reduced widths (with --reduced) and the window-sizing img_size."""
+def backbone_kwargs(backbone: str, reduced: bool, img_size: int) -> Tuple[Dict[str, Any], int]:
+    """The model arguments every run shares (the reduced widths with --reduced, the window-sizing img_size) and
+    the backbone's stage count."""
     import inspect
 
     import timm
@@ -93,10 +94,11 @@ def backbone_kwargs(backbone: str, reduced: bool, img_size: int) -> Dict[str, An
         raise CompareError(f'--img-size: {backbone} needs inputs of at least {low} px, got {img_size}')
     if 'img_size' in params:
         kwargs['img_size'] = img_size
-    return kwargs
+    return kwargs, len(model.feature_info)
 
 
-def check_plans(backbone: str, plans: Sequence[str], kwargs: Dict[str, Any]) -> List[Tuple[str, List[Any]]]:
+def check_plans(backbone: str, plans: Sequence[str], kwargs: Dict[str, Any],
+                depths: int) -> List[Tuple[str, List[Any]]]:
     """Each plan as (text, one entry per stage): names checked against the registries, the stage count against
     the backbone (by building it)."""
     import timm
@@ -108,7 +110,6 @@ def check_plans(backbone: str, plans: Sequence[str], kwargs: Dict[str, Any]) -> 
     dupes = sorted({p for p in texts if texts.count(p) > 1})
     if dupes:
         raise CompareError(f'--mixers: plan {dupes[0]!r} is given twice')
-    depths = len(timm.create_model(backbone, **kwargs).feature_info)
     out = []
     for text in texts:
         try:
@@ -586,8 +587,8 @@ def compare(args: argparse.Namespace, log=lambda msg: print(f'zoo compare: {msg}
         def log(msg: str) -> None:
             pass
     shard = parse_shard(args.shard)
-    kwargs = backbone_kwargs(args.backbone, args.reduced, args.img_size)
-    plans = check_plans(args.backbone, args.mixers, kwargs)
+    kwargs, depths = backbone_kwargs(args.backbone, args.reduced, args.img_size)
+    plans = check_plans(args.backbone, args.mixers, kwargs, depths)
     data = resolve_data(args.data)
     recipe = recipe_fields(args, data)
     from . import ConfigError
