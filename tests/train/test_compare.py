@@ -179,6 +179,9 @@ def test_bad_input_fails_before_anything_is_written(photos, sharded, tmp_path, c
     assert "only in train: ['b']" in err and "only in val: ['c']" in err
     assert 'takes no mixers=' in _bad(capsys, '--backbone', 'swin_tiny', *base)
     assert '--img-size' in _bad(capsys, '--out', out, '--data', photos, '--img-size', '16')
+    err = _bad(capsys, *base, '--opts', 'optim_wrapper.optimizer.lr=abc')
+    assert '--opts' in err and 'optim_wrapper.optimizer.lr' in err
+    assert 'no such folder' in _bad(capsys, '--report', str(tmp_path / 'nowhere'))
     assert not os.path.exists(out)
 
     # a report folder whose runs used different recipes: refused, naming the field; the old report stays
