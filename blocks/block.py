@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ConvNormAct, DropPath, LayerNorm2d, Mlp, get_act_layer
+from timm.layers import ConvNormAct, DropPath, LayerNorm2d, Mlp, SqueezeExcite, get_act_layer
 
 from zoo.kernels._sizes import ceil_div
 
@@ -27,6 +27,7 @@ from ._registry import create_mixer
 __all__ = [
     'MixerBlock', 'DwConvMlp', 'ConvPosEmbed', 'PatchMerging', 'ConvDownsample', 'ConvBnDownsample', 'ConvTokenizer',
     'create_downsample', 'ResDwConvMlp', 'LocalConcentration', 'NormConvDownsample', 'ConvBnMlp', 'BatchNormLast',
+    'SeMerging',
 ]
 
 _layer_t = Union[str, Callable[..., nn.Module]]
@@ -329,12 +330,38 @@ class NormConvDownsample(nn.Module):
         return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
+class SeMerging(nn.Module):
+    """SHViT's downsample: a conv block (residual 3x3 depthwise conv + BN, residual conv-BN FFN) at each width
+    around an inverted residual with squeeze-excite: 1x1 conv + BN (4x) -> act -> 3x3 stride-2 depthwise conv + BN ->
+    act -> SE -> 1x1 conv + BN. (B, H, W, dim) -> (B, ceil(H / 2), ceil(W / 2), out_dim); the convs run channels-first.
+    """
+
+    def __init__(self, dim: int, out_dim: Optional[int] = None, act_layer: _layer_t = 'relu'):
+        super().__init__()
+        out_dim = out_dim or 2 * dim
+        hidden = 4 * dim
+        act = get_act_layer(act_layer) if isinstance(act_layer, str) else act_layer
+        conv_block = partial(MixerBlock, mixer=None, mlp_ratio=2., mlp_layer='conv_bn_mlp', pos_embed=3,
+                             pos_embed_layer='conv_bn', norm_layer='identity', act_layer=act)
+        self.pre = conv_block(dim)
+        self.conv1 = ConvNormAct(dim, hidden, 1, act_layer=act)
+        self.conv2 = ConvNormAct(hidden, hidden, 3, stride=2, groups=hidden, act_layer=act)
+        self.se = SqueezeExcite(hidden, rd_ratio=0.25)
+        self.conv3 = ConvNormAct(hidden, out_dim, 1, apply_act=False)
+        self.post = conv_block(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pre(x).permute(0, 3, 1, 2)
+        x = self.conv3(self.se(self.conv2(self.conv1(x))))
+        return self.post(x.permute(0, 2, 3, 1))
+
+
 _DOWNSAMPLES = {'patch_merging': PatchMerging, 'conv': ConvDownsample, 'conv_bn': ConvBnDownsample,
-                'norm_conv': NormConvDownsample}
+                'norm_conv': NormConvDownsample, 'se_merging': SeMerging}
 
 
 def create_downsample(name: str, dim: int, out_dim: int, **kwargs) -> nn.Module:
-    """A channels-last stride-2 downsample by name ('patch_merging', 'conv', 'conv_bn' or 'norm_conv')."""
+    """A channels-last stride-2 downsample by name ('patch_merging', 'conv', 'conv_bn', 'norm_conv', 'se_merging')."""
     if name not in _DOWNSAMPLES:
         raise ValueError(f'downsample: expected one of {sorted(_DOWNSAMPLES)}, got {name!r}')
     return _DOWNSAMPLES[name](dim, out_dim, **kwargs)

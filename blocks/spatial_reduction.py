@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.kernels._sizes import ceil_div
-from zoo.kernels.backend import is_exporting, is_fx_tracing
 
 from ._registry import check_input, register_mixer, resolve_heads
+from .attention import softmax_attention
 
 __all__ = ['SpatialReductionAttention']
 
@@ -96,12 +96,7 @@ class SpatialReductionAttention(nn.Module):
             kv_in = self.norm(self.sr(kv_in.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
         kv = self.kv(kv_in).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv[0], kv[1]
-        drop = self.attn_drop if self.training else 0.
-        if is_exporting() and not is_fx_tracing():  # both ONNX exporters take the plain form; FX records SDPA
-            attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
-            out = F.dropout(attn, drop, self.training) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        out = softmax_attention(q, k, v, self.scale, self.attn_drop, self.training)
         out = out.transpose(1, 2).reshape(B, H, W, self.attn_dim)
         return self.proj_drop(self.proj(out))
 

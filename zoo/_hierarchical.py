@@ -46,7 +46,7 @@ class StageSpec:
         mlp_ratio, mlp_layer, layer_scale, pos_embed: `MixerBlock` arguments.
         qkv_bias: this stage's qkv bias, overriding `build_stages`' block-wide one (None: keep that one);
             BiFormer's last stage has none while its other stages do.
-        downsample: 'patch_merging', 'conv', 'conv_bn' or 'norm_conv' for attention stages; for conv stages any
+        downsample: a name of `create_downsample` for attention stages; for conv stages any
             non-None value makes the first block stride 2. None: no downsample.
         block_kwargs: further `MixerBlock` arguments (mlp_pos_embed, local_layer, ...), shared by the blocks or
             one mapping per block (L2ViT alternates two block kinds); they override the stage-wide ones (Twins

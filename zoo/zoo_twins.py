@@ -168,19 +168,19 @@ _SVT = dict(mlp_ratios=(4, 4, 4, 4), sr_ratios=(8, 4, 2, 1), wss=(7, 7, 7, 7))
 @register_model
 def zoo_twins_pcpvt_small(pretrained: bool = False, **kwargs) -> Twins:
     """Twins-PCPVT-S (timm's twins_pcpvt_small): depths (3, 4, 6, 3); 24.1M params."""
-    return _create_twins('zoo_twins_pcpvt_small', pretrained, **dict(_PCPVT, depths=(3, 4, 6, 3), **kwargs))
+    return _create_twins('zoo_twins_pcpvt_small', pretrained, **{**_PCPVT, 'depths': (3, 4, 6, 3), **kwargs})
 
 
 @register_model
 def zoo_twins_pcpvt_base(pretrained: bool = False, **kwargs) -> Twins:
     """Twins-PCPVT-B (timm's twins_pcpvt_base): depths (3, 4, 18, 3); 43.8M params."""
-    return _create_twins('zoo_twins_pcpvt_base', pretrained, **dict(_PCPVT, depths=(3, 4, 18, 3), **kwargs))
+    return _create_twins('zoo_twins_pcpvt_base', pretrained, **{**_PCPVT, 'depths': (3, 4, 18, 3), **kwargs})
 
 
 @register_model
 def zoo_twins_pcpvt_large(pretrained: bool = False, **kwargs) -> Twins:
     """Twins-PCPVT-L (timm's twins_pcpvt_large): depths (3, 8, 27, 3); 61.0M params."""
-    return _create_twins('zoo_twins_pcpvt_large', pretrained, **dict(_PCPVT, depths=(3, 8, 27, 3), **kwargs))
+    return _create_twins('zoo_twins_pcpvt_large', pretrained, **{**_PCPVT, 'depths': (3, 8, 27, 3), **kwargs})
 
 
 @register_model
