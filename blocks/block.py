@@ -349,6 +349,8 @@ class SeMerging(nn.Module):
         self.se = SqueezeExcite(hidden, rd_ratio=0.25)
         self.conv3 = ConvNormAct(hidden, out_dim, 1, apply_act=False)
         self.post = conv_block(out_dim)
+        for block in (self.pre, self.post):  # unlike the blocks' own, these depthwise branches start at full weight
+            nn.init.ones_(block.pos_embed.bn.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pre(x).permute(0, 3, 1, 2)
