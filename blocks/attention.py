@@ -21,7 +21,18 @@ from ._registry import check_input, register_mixer, resolve_heads
 # lists them too, see __init__)
 torch.fx.wrap('rope_2d')
 
-__all__ = ['GlobalAttention', 'rope_2d', 'apply_rope', 'check_rope_dim']
+__all__ = ['GlobalAttention', 'rope_2d', 'apply_rope', 'check_rope_dim', 'softmax_attention']
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float = 0.,
+                      training: bool = False) -> torch.Tensor:
+    """softmax(scale q k^T) v over (..., N, d) tensors (v may have another d); SDPA, or the plain form that both ONNX
+    exporters take while exporting (FX records SDPA). Dropout on the weights only when `training`."""
+    drop = dropout_p if training else 0.
+    if is_exporting() and not is_fx_tracing():
+        attn = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1)
+        return F.dropout(attn, drop, training) @ v
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=scale)
 
 
 def check_rope_dim(head_dim: int) -> None:
@@ -135,12 +146,7 @@ class GlobalAttention(nn.Module):
             sin, cos = rope_2d(H, W, self.head_dim, self.rope_temperature, device=x.device,
                                dtype=torch.promote_types(q.dtype, torch.float32))
             q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-        drop = self.attn_drop if self.training else 0.
-        if is_exporting() and not is_fx_tracing():  # both ONNX exporters take the plain form; FX records SDPA
-            attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
-            out = F.dropout(attn, drop, self.training) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        out = softmax_attention(q, k, v, self.scale, self.attn_drop, self.training)
         out = out.transpose(1, 2).reshape(B, H, W, self.attn_dim)
         if self.lepe is not None:
             v_map = v.transpose(1, 2).reshape(B, H, W, self.attn_dim).permute(0, 3, 1, 2)

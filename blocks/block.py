@@ -1,6 +1,7 @@
 """The one pre-norm residual block every attention stage is built from, and the layers around it.
 
     x = x + pos_embed(x)                                  (optional depthwise conv position embedding)
+    (no mixer branch when mixer is None: SHViT's first-stage blocks and its downsample's conv / FFN pairs)
     x = x + drop_path(gamma1 * mixer(norm1(x)))           (mixer from `create_mixer`, layer scale optional)
     x = x + drop_path(local(norm3(x)))                    (optional local branch: L2ViT's LCM)
     x = x + pos_embed2(x)                                 (optional second position embedding: L2ViT's LWA)
@@ -11,12 +12,13 @@ variation (shift, dilation, window, ...) arrives as mixer kwargs. Parameter name
 `norm2`, `mlp.fc1`, `mlp.fc2`, `gamma1`, `gamma2`) are those of the official Swin / NAT / timm checkpoints.
 Everything channels-last: (B, H, W, C).
 """
+from functools import partial
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, Mlp, get_act_layer
+from timm.layers import ConvNormAct, DropPath, LayerNorm2d, Mlp, SqueezeExcite, get_act_layer
 
 from zoo.kernels._sizes import ceil_div
 
@@ -24,21 +26,56 @@ from ._registry import create_mixer
 
 __all__ = [
     'MixerBlock', 'DwConvMlp', 'ConvPosEmbed', 'PatchMerging', 'ConvDownsample', 'ConvBnDownsample', 'ConvTokenizer',
-    'create_downsample', 'ResDwConvMlp', 'LocalConcentration', 'NormConvDownsample',
+    'create_downsample', 'ResDwConvMlp', 'LocalConcentration', 'NormConvDownsample', 'ConvBnMlp', 'BatchNormLast',
+    'SeMerging',
 ]
 
 _layer_t = Union[str, Callable[..., nn.Module]]
 
 
 class ConvPosEmbed(nn.Module):
-    """Conditional position embedding: x + depthwise conv(x). (B, H, W, C) -> (B, H, W, C)."""
+    """Conditional position embedding: x + depthwise conv(x), or x + BatchNorm(depthwise conv(x)) with `bn`
+    (the conv then has no bias: SHViT). (B, H, W, C) -> (B, H, W, C)."""
 
-    def __init__(self, dim: int, kernel_size: int = 3):
+    def __init__(self, dim: int, kernel_size: int = 3, bn: bool = False):
         super().__init__()
-        self.proj = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.proj = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=not bn)
+        self.bn = nn.BatchNorm2d(dim) if bn else None
+        if self.bn is not None:
+            nn.init.zeros_(self.bn.weight)  # the residual branch starts as identity (SHViT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        y = self.proj(x.permute(0, 3, 1, 2))
+        if self.bn is not None:
+            y = self.bn(y)
+        return x + y.permute(0, 2, 3, 1)
+
+
+class BatchNormLast(nn.BatchNorm2d):
+    """BatchNorm over the channels of a channels-last map. (B, H, W, C) -> (B, H, W, C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class ConvBnMlp(nn.Module):
+    """1x1 conv + BN -> act -> 1x1 conv + BN (SHViT's FFN; the last BN starts at zero).
+
+    (B, H, W, C) -> (B, H, W, C), computed channels-first.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, act_layer: Callable[..., nn.Module] = nn.ReLU,
+                 drop: float = 0.):
+        super().__init__()
+        self.fc1 = ConvNormAct(in_features, hidden_features, 1, apply_act=False)
+        self.act = act_layer()
+        self.drop = nn.Dropout(drop)
+        self.fc2 = ConvNormAct(hidden_features, in_features, 1, apply_act=False)
+        nn.init.zeros_(self.fc2.bn.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc2(self.drop(self.act(self.fc1(x.permute(0, 3, 1, 2)))))
+        return x.permute(0, 2, 3, 1)
 
 
 class DwConvMlp(nn.Module):
@@ -95,8 +132,11 @@ class LocalConcentration(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
-_MLPS = {'mlp': Mlp, 'dwconv_mlp': DwConvMlp, 'res_dwconv_mlp': ResDwConvMlp}
+_MLPS = {'mlp': Mlp, 'dwconv_mlp': DwConvMlp, 'res_dwconv_mlp': ResDwConvMlp, 'conv_bn_mlp': ConvBnMlp}
 _LOCAL_LAYERS = {'lcm': LocalConcentration}
+_POS_EMBEDS = {'conv': ConvPosEmbed, 'conv_bn': partial(ConvPosEmbed, bn=True)}
+# channels-last norms by name; each is built as norm(dim, eps=norm_eps)
+_NORMS = {'layernorm': nn.LayerNorm, 'batchnorm': BatchNormLast, 'identity': nn.Identity}
 
 
 class MixerBlock(nn.Module):
@@ -104,28 +144,30 @@ class MixerBlock(nn.Module):
 
     Args:
         dim: channels.
-        mixer: registered mixer name (see `list_mixers()`).
+        mixer: registered mixer name (see `list_mixers()`), or None for no mixer branch (and no norm1).
         mixer_kwargs: the mixer's family arguments (window_size, shift_size, kernel_size, dilation, ...).
         num_heads, head_dim, qkv_bias, attn_drop: the mixer contract's arguments.
         proj_drop: dropout after the mixer's projection and in the MLP.
         mlp_ratio: MLP hidden width / dim.
-        mlp_layer: 'mlp' (Linear-act-Linear), 'dwconv_mlp' (with a 3x3 depthwise conv) or 'res_dwconv_mlp'
-            (fc1, act, then a residual 3x3 depthwise conv, fc2: MALA).
+        mlp_layer: 'mlp' (Linear-act-Linear), 'dwconv_mlp' (with a 3x3 depthwise conv), 'res_dwconv_mlp'
+            (fc1, act, then a residual 3x3 depthwise conv, fc2: MALA) or 'conv_bn_mlp' (1x1 conv + BN pairs: SHViT).
         pos_embed: kernel size of a depthwise conv position embedding before the block, 0 for none.
+        pos_embed_layer: kind of both position embeddings: 'conv' (with bias) or 'conv_bn' (conv, BatchNorm: SHViT).
         mlp_pos_embed: kernel size of a second one between the mixer and the MLP branches (L2ViT's LWA block).
         local_layer: None, or 'lcm': a third residual branch between the mixer and the MLP, x + drop_path(
             lcm(norm3(x))), with L2ViT's local concentration module (its LGA block).
         layer_scale: init of the per-channel scales `gamma1` / `gamma2`, None for none.
         drop_path: stochastic depth rate of both branches.
         act_layer: MLP activation (name or class).
-        norm_layer: norm over channels (class), built as norm_layer(dim, eps=norm_eps).
+        norm_layer: norm over channels: a name ('layernorm', 'batchnorm', 'identity') or a class, built as
+            norm_layer(dim, eps=norm_eps).
         norm_eps: norm epsilon.
     """
 
     def __init__(
             self,
             dim: int,
-            mixer: str = 'window',
+            mixer: Optional[str] = 'window',
             mixer_kwargs: Optional[Mapping[str, Any]] = None,
             num_heads: Optional[int] = None,
             head_dim: Optional[int] = None,
@@ -138,21 +180,32 @@ class MixerBlock(nn.Module):
             layer_scale: Optional[float] = None,
             drop_path: float = 0.,
             act_layer: _layer_t = 'gelu',
-            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+            norm_layer: Union[str, Callable[..., nn.Module]] = nn.LayerNorm,
             norm_eps: float = 1e-5,
             mlp_pos_embed: int = 0,
             local_layer: Optional[str] = None,
+            pos_embed_layer: str = 'conv',
     ):
         super().__init__()
+        if isinstance(norm_layer, str):
+            if norm_layer not in _NORMS:
+                raise ValueError(f'norm_layer: expected one of {sorted(_NORMS)} or a class, got {norm_layer!r}')
+            norm_layer = _NORMS[norm_layer]
+        if pos_embed_layer not in _POS_EMBEDS:
+            raise ValueError(f'pos_embed_layer: expected one of {sorted(_POS_EMBEDS)}, got {pos_embed_layer!r}')
+        pos_embed_cls = _POS_EMBEDS[pos_embed_layer]
         if mlp_layer not in _MLPS:
             raise ValueError(f'mlp_layer: expected one of {sorted(_MLPS)}, got {mlp_layer!r}')
         if local_layer is not None and local_layer not in _LOCAL_LAYERS:
             raise ValueError(f'local_layer: expected None or one of {sorted(_LOCAL_LAYERS)}, got {local_layer!r}')
-        self.pos_embed = ConvPosEmbed(dim, pos_embed) if pos_embed else None
-        self.norm1 = norm_layer(dim, eps=norm_eps)
-        self.attn = create_mixer(
-            mixer, dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias, attn_drop=attn_drop,
-            proj_drop=proj_drop, **(mixer_kwargs or {}))
+        self.pos_embed = pos_embed_cls(dim, pos_embed) if pos_embed else None
+        if mixer is None:
+            self.norm1 = self.attn = None
+        else:
+            self.norm1 = norm_layer(dim, eps=norm_eps)
+            self.attn = create_mixer(
+                mixer, dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                proj_drop=proj_drop, **(mixer_kwargs or {}))
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         act = get_act_layer(act_layer) if isinstance(act_layer, str) else act_layer
         if local_layer is not None:
@@ -160,21 +213,20 @@ class MixerBlock(nn.Module):
             self.local = _LOCAL_LAYERS[local_layer](dim, act_layer=act)
         else:
             self.local = None
-        self.pos_embed2 = ConvPosEmbed(dim, mlp_pos_embed) if mlp_pos_embed else None
+        self.pos_embed2 = pos_embed_cls(dim, mlp_pos_embed) if mlp_pos_embed else None
         self.norm2 = norm_layer(dim, eps=norm_eps)
         self.mlp = _MLPS[mlp_layer](dim, int(dim * mlp_ratio), act_layer=act, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        if layer_scale is not None:
-            self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
-            self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
-        else:
-            self.gamma1 = self.gamma2 = None
+        scaled = layer_scale is not None
+        self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale))) if scaled and mixer is not None else None
+        self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale))) if scaled else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:
             x = self.pos_embed(x)
-        y = self.attn(self.norm1(x))
-        x = x + self.drop_path1(y if self.gamma1 is None else self.gamma1 * y)
+        if self.attn is not None and self.norm1 is not None:
+            y = self.attn(self.norm1(x))
+            x = x + self.drop_path1(y if self.gamma1 is None else self.gamma1 * y)
         if self.local is not None:
             x = x + self.drop_path1(self.local(self.norm3(x)))
         if self.pos_embed2 is not None:
@@ -207,14 +259,26 @@ class PatchMerging(nn.Module):
 
 
 class ConvDownsample(nn.Module):
-    """NAT's downsample: 3x3 stride-2 conv (no bias) + LayerNorm. (B, H, W, dim) -> (B, ceil(H/2), ceil(W/2), out_dim)."""
+    """Stride-2 conv + LayerNorm. (B, H, W, dim) -> (B, ceil(H/2), ceil(W/2), out_dim).
 
-    def __init__(self, dim: int, out_dim: Optional[int] = None, norm_layer: Callable[..., nn.Module] = nn.LayerNorm):
+    NAT's downsample: kernel_size=3 (padding 1), no bias. Twins' patch embedding: kernel_size=2 with bias; odd H
+    or W is then zero-padded at the bottom / right (every pixel is used, none cropped).
+    """
+
+    def __init__(self, dim: int, out_dim: Optional[int] = None, norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+                 kernel_size: int = 3, bias: bool = False):
         super().__init__()
-        self.reduction = nn.Conv2d(dim, out_dim or 2 * dim, kernel_size=3, stride=2, padding=1, bias=False)
+        if kernel_size not in (2, 3):
+            raise ValueError(f'kernel_size: expected 2 or 3, got {kernel_size!r}')
+        self.pad_to_even = kernel_size == 2
+        self.reduction = nn.Conv2d(dim, out_dim or 2 * dim, kernel_size=kernel_size, stride=2,
+                                   padding=kernel_size // 2 if kernel_size == 3 else 0, bias=bias)
         self.norm = norm_layer(out_dim or 2 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_to_even:
+            H, W = x.shape[1], x.shape[2]
+            x = F.pad(x, (0, 0, 0, 2 * ceil_div(W, 2) - W, 0, 2 * ceil_div(H, 2) - H))
         return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
@@ -266,12 +330,40 @@ class NormConvDownsample(nn.Module):
         return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
+class SeMerging(nn.Module):
+    """SHViT's downsample: a conv block (residual 3x3 depthwise conv + BN, residual conv-BN FFN) at each width
+    around an inverted residual with squeeze-excite: 1x1 conv + BN (4x) -> act -> 3x3 stride-2 depthwise conv + BN ->
+    act -> SE -> 1x1 conv + BN. (B, H, W, dim) -> (B, ceil(H / 2), ceil(W / 2), out_dim); the convs run channels-first.
+    """
+
+    def __init__(self, dim: int, out_dim: Optional[int] = None, act_layer: _layer_t = 'relu'):
+        super().__init__()
+        out_dim = out_dim or 2 * dim
+        hidden = 4 * dim
+        act = get_act_layer(act_layer) if isinstance(act_layer, str) else act_layer
+        conv_block = partial(MixerBlock, mixer=None, mlp_ratio=2., mlp_layer='conv_bn_mlp', pos_embed=3,
+                             pos_embed_layer='conv_bn', norm_layer='identity', act_layer=act)
+        self.pre = conv_block(dim)
+        self.conv1 = ConvNormAct(dim, hidden, 1, act_layer=act)
+        self.conv2 = ConvNormAct(hidden, hidden, 3, stride=2, groups=hidden, act_layer=act)
+        self.se = SqueezeExcite(hidden, rd_ratio=0.25)
+        self.conv3 = ConvNormAct(hidden, out_dim, 1, apply_act=False)
+        self.post = conv_block(out_dim)
+        for block in (self.pre, self.post):  # unlike the blocks' own, these depthwise branches start at full weight
+            nn.init.ones_(block.pos_embed.bn.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pre(x).permute(0, 3, 1, 2)
+        x = self.conv3(self.se(self.conv2(self.conv1(x))))
+        return self.post(x.permute(0, 2, 3, 1))
+
+
 _DOWNSAMPLES = {'patch_merging': PatchMerging, 'conv': ConvDownsample, 'conv_bn': ConvBnDownsample,
-                'norm_conv': NormConvDownsample}
+                'norm_conv': NormConvDownsample, 'se_merging': SeMerging}
 
 
 def create_downsample(name: str, dim: int, out_dim: int, **kwargs) -> nn.Module:
-    """A channels-last stride-2 downsample by name ('patch_merging', 'conv', 'conv_bn' or 'norm_conv')."""
+    """A channels-last stride-2 downsample by name ('patch_merging', 'conv', 'conv_bn', 'norm_conv', 'se_merging')."""
     if name not in _DOWNSAMPLES:
         raise ValueError(f'downsample: expected one of {sorted(_DOWNSAMPLES)}, got {name!r}')
     return _DOWNSAMPLES[name](dim, out_dim, **kwargs)

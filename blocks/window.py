@@ -12,8 +12,10 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import to_2tuple, trunc_normal_
 
+from zoo.kernels._sizes import ceil_div
 from zoo.kernels.window import window_attention
 
 from ._registry import check_input, register_mixer, resolve_heads
@@ -55,7 +57,10 @@ class WindowAttention(nn.Module):
         window_size: window height and width M (the bias table covers offsets up to M - 1).
         shift_size: cyclic shift of the windows (Swin uses M // 2 in every other block).
         rel_pos_bias: learn Swin's relative position bias table; False: plain window softmax with no bias
-            (L2ViT's local window attention).
+            (L2ViT's local window attention, Twins' locally grouped attention).
+        mask_padding: True: tokens padded up to a window multiple are masked out (Swin). False: the input is
+            zero-padded at the bottom / right before the qkv projection and the padded tokens take part as keys
+            and values (k = v = the qkv bias), as Twins' locally grouped attention does.
         qkv_bias: bias in the qkv projection.
         attn_drop: attention dropout; the window op has none, so only 0 is accepted.
         proj_drop: dropout after the output projection.
@@ -70,6 +75,7 @@ class WindowAttention(nn.Module):
             window_size: _int_or_tuple_2_t = 7,
             shift_size: _int_or_tuple_2_t = 0,
             rel_pos_bias: bool = True,
+            mask_padding: bool = True,
             qkv_bias: bool = True,
             attn_drop: float = 0.,
             proj_drop: float = 0.,
@@ -88,6 +94,7 @@ class WindowAttention(nn.Module):
             raise ValueError(f'shift_size: expected 0 <= shift < window_size={self.window_size}, got {self.shift_size}')
         attn_dim = head_dim * num_heads
         self.scale = head_dim ** -0.5
+        self.mask_padding = bool(mask_padding)
         win_h, win_w = self.window_size
         if rel_pos_bias:
             # Swin's layout: ((2Mh-1) * (2Mw-1), heads), row-major over the query-minus-key offset
@@ -111,12 +118,19 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.dim, 'WindowAttention')
         B, H, W, C = x.shape
-        q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
+        if not self.mask_padding:
+            win_h, win_w = self.window_size
+            x = F.pad(x, (0, 0, 0, ceil_div(W, win_w) * win_w - W, 0, ceil_div(H, win_h) * win_h - H))
+        Hp, Wp = x.shape[1], x.shape[2]
+        q, k, v = self.qkv(x).view(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
         x = window_attention(
             q, k, v, self.window_size, shift=self.shift_size, rel_pos_bias=self.rel_pos_bias(), scale=self.scale)
+        if not self.mask_padding:
+            x = x[:, :H, :W]
         x = self.proj(x.reshape(B, H, W, -1))
         return self.proj_drop(x)
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, '
-                f'shift_size={self.shift_size}, rel_pos_bias={self.relative_position_bias_table is not None}')
+                f'shift_size={self.shift_size}, rel_pos_bias={self.relative_position_bias_table is not None}, '
+                f'mask_padding={self.mask_padding}')

@@ -46,10 +46,11 @@ class StageSpec:
         mlp_ratio, mlp_layer, layer_scale, pos_embed: `MixerBlock` arguments.
         qkv_bias: this stage's qkv bias, overriding `build_stages`' block-wide one (None: keep that one);
             BiFormer's last stage has none while its other stages do.
-        downsample: 'patch_merging', 'conv', 'conv_bn' or 'norm_conv' for attention stages; for conv stages any
+        downsample: a name of `create_downsample` for attention stages; for conv stages any
             non-None value makes the first block stride 2. None: no downsample.
         block_kwargs: further `MixerBlock` arguments (mlp_pos_embed, local_layer, ...), shared by the blocks or
-            one mapping per block (L2ViT alternates two block kinds).
+            one mapping per block (L2ViT alternates two block kinds); they override the stage-wide ones (Twins
+            gives only its second block a pos_embed).
     """
     depth: int
     dim: int
@@ -166,7 +167,7 @@ def build_stages(
                 MixerBlock(
                     spec.dim, mixer, mixer_kwargs, num_heads=spec.num_heads, head_dim=spec.head_dim,
                     mlp_ratio=spec.mlp_ratio, mlp_layer=spec.mlp_layer, layer_scale=spec.layer_scale,
-                    pos_embed=spec.pos_embed, drop_path=dpr[i][j], **stage_kwargs, **extra)
+                    drop_path=dpr[i][j], **{**stage_kwargs, 'pos_embed': spec.pos_embed, **extra})
                 for j, ((mixer, mixer_kwargs), extra) in enumerate(zip(spec.per_block(), spec.blocks_kwargs()))
             ]
             stages.append(Stage(blocks, downsample, fmt='NHWC'))
