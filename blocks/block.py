@@ -24,7 +24,7 @@ from ._registry import create_mixer
 
 __all__ = [
     'MixerBlock', 'DwConvMlp', 'ConvPosEmbed', 'PatchMerging', 'ConvDownsample', 'ConvBnDownsample', 'ConvTokenizer',
-    'create_downsample', 'ResDwConvMlp', 'LocalConcentration', 'NormConvDownsample',
+    'create_downsample', 'ResDwConvMlp', 'LocalConcentration', 'NormConvDownsample', 'BatchNormChannelsLast',
 ]
 
 _layer_t = Union[str, Callable[..., nn.Module]]
@@ -95,6 +95,14 @@ class LocalConcentration(nn.Module):
         return x.permute(0, 2, 3, 1)
 
 
+class BatchNormChannelsLast(nn.BatchNorm2d):
+    """BatchNorm2d over the channels of a channels-last map (VAN's block norms). (B, H, W, C) -> (B, H, W, C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+_NORMS = {'layernorm': nn.LayerNorm, 'batchnorm': BatchNormChannelsLast}
 _MLPS = {'mlp': Mlp, 'dwconv_mlp': DwConvMlp, 'res_dwconv_mlp': ResDwConvMlp}
 _LOCAL_LAYERS = {'lcm': LocalConcentration}
 
@@ -118,7 +126,8 @@ class MixerBlock(nn.Module):
         layer_scale: init of the per-channel scales `gamma1` / `gamma2`, None for none.
         drop_path: stochastic depth rate of both branches.
         act_layer: MLP activation (name or class).
-        norm_layer: norm over channels (class), built as norm_layer(dim, eps=norm_eps).
+        norm_layer: norm over channels, a class or a name: 'layernorm' or 'batchnorm' (VAN); built as
+            norm_layer(dim, eps=norm_eps).
         norm_eps: norm epsilon.
     """
 
@@ -138,7 +147,7 @@ class MixerBlock(nn.Module):
             layer_scale: Optional[float] = None,
             drop_path: float = 0.,
             act_layer: _layer_t = 'gelu',
-            norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+            norm_layer: _layer_t = nn.LayerNorm,
             norm_eps: float = 1e-5,
             mlp_pos_embed: int = 0,
             local_layer: Optional[str] = None,
@@ -148,6 +157,10 @@ class MixerBlock(nn.Module):
             raise ValueError(f'mlp_layer: expected one of {sorted(_MLPS)}, got {mlp_layer!r}')
         if local_layer is not None and local_layer not in _LOCAL_LAYERS:
             raise ValueError(f'local_layer: expected None or one of {sorted(_LOCAL_LAYERS)}, got {local_layer!r}')
+        if isinstance(norm_layer, str):
+            if norm_layer not in _NORMS:
+                raise ValueError(f'norm_layer: expected a class or one of {sorted(_NORMS)}, got {norm_layer!r}')
+            norm_layer = _NORMS[norm_layer]
         self.pos_embed = ConvPosEmbed(dim, pos_embed) if pos_embed else None
         self.norm1 = norm_layer(dim, eps=norm_eps)
         self.attn = create_mixer(
