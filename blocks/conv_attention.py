@@ -123,7 +123,7 @@ class PolarizedSelfAttention(nn.Module):
             self.conv_up = nn.Sequential(
                 nn.Conv2d(inter, channels, 1, bias=False, **dd), nn.LayerNorm([channels, 1, 1], **dd))
         elif mode == 'p':
-            self.conv_up = nn.Sequential(nn.Conv2d(inter, channels, 1, bias=False, **dd))
+            self.conv_up = nn.Conv2d(inter, channels, 1, bias=False, **dd)  # official key conv_up.weight
         else:
             hidden = inter // 4
             self.conv_up = nn.Sequential(
