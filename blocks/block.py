@@ -96,10 +96,21 @@ class LocalConcentration(nn.Module):
 
 
 class BatchNormChannelsLast(nn.BatchNorm2d):
-    """BatchNorm2d over the channels of a channels-last map (VAN's block norms). (B, H, W, C) -> (B, H, W, C)."""
+    """BatchNorm2d (running statistics, momentum 0.1) over the channels of a channels-last map (VAN's block norms).
+
+    (B, H, W, C) -> (B, H, W, C); the parameter and buffer names are BatchNorm2d's.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__(num_features, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # written out (no super().forward): TorchScript has no super() and FX cannot trace BatchNorm2d's size check
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        x = F.batch_norm(x.permute(0, 3, 1, 2), self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, 0.1, self.eps)
+        return x.permute(0, 2, 3, 1)
 
 
 _NORMS = {'layernorm': nn.LayerNorm, 'batchnorm': BatchNormChannelsLast}

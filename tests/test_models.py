@@ -44,6 +44,8 @@ EXPECTED = {
     'flatten_swin_tiny', 'flatten_swin_small', 'flatten_swin_base', 'inline_swin_tiny', 'inline_swin_small',
     'inline_swin_base', 'mala_tiny', 'mala_small', 'mala_base', 'mala_large', 'l2vit_tiny', 'l2vit_small',
     'l2vit_base',
+    'van_b0', 'van_b1', 'van_b2', 'van_b3', 'van_b4', 'van_b5', 'van_b6', 'psa_resnet50', 'ela_resnet18',
+    'ela_resnet50',
 }
 
 
@@ -227,7 +229,7 @@ def test_onnx_parity(name, tmp_path):
 
 
 FAMILY_REPRESENTATIVES = ['swin_tiny', 'maxvit_tiny', 'cbam_resnet18', 'nat_mini', 'dinat_s_tiny', 'hybrid_tiny',
-                          'biformer_tiny']
+                          'biformer_tiny', 'van_b0']
 
 
 @pytest.mark.parametrize('name', FAMILY_REPRESENTATIVES)

@@ -243,3 +243,19 @@ def test_ela_bad_input():
         create_gate('ela', 64, variant='XL')
     with pytest.raises(ValueError, match=r'expected input \(B, 64, H, W\)'):
         create_gate('ela', 64)(torch.randn(1, 4, 4, 64))
+
+
+def test_batchnorm_norm_equals_batchnorm2d_in_train_and_eval():
+    from zoo.blocks.block import BatchNormChannelsLast
+    ours, ref = BatchNormChannelsLast(8), torch.nn.BatchNorm2d(8)
+    _randomise(ref)
+    ours.load_state_dict(ref.state_dict())
+    for _ in range(2):  # training: batch statistics, running statistics and the batch counter updated alike
+        x = torch.randn(3, 5, 7, 8) * 2 + 1
+        torch.testing.assert_close(ours(x), ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v)
+    assert int(ours.num_batches_tracked) == 2
+    ours.eval(), ref.eval()
+    x = torch.randn(2, 4, 3, 8)
+    torch.testing.assert_close(ours(x), ref(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
