@@ -21,7 +21,7 @@ ODD_SIZE = (97, 131)  # odd everywhere: padding in the stems, patch merging, win
 # hybrid_tiny runs the window, neighborhood and grid mixers and CBAM in one model (~25 s); the one-family models
 # export dynamically with dynamo too but take 35-70 s each (swin_tiny 41, maxvit_tiny 51, nat_mini 35,
 # dinat_mini 59, dinat_s_tiny 69, agent_swin_tiny 39, biformer_tiny 37 s for the export alone)
-DYNAMO = ['cbam_resnet18', 'hybrid_tiny']
+DYNAMO = ['cbam_resnet18', 'hybrid_tiny', 'van_b0', 'psa_resnet50', 'ela_resnet18']
 
 
 def _reduced(name: str) -> torch.nn.Module:
