@@ -26,8 +26,8 @@ from ._registry import create_mixer
 
 __all__ = [
     'MixerBlock', 'DwConvMlp', 'ConvPosEmbed', 'PatchMerging', 'ConvDownsample', 'ConvBnDownsample', 'ConvTokenizer',
-    'create_downsample', 'ResDwConvMlp', 'LocalConcentration', 'NormConvDownsample', 'ConvBnMlp', 'BatchNormLast',
-    'SeMerging',
+    'create_downsample', 'ResDwConvMlp', 'LocalConcentration', 'NormConvDownsample', 'ConvBnMlp',
+    'BatchNormChannelsLast', 'SeMerging',
 ]
 
 _layer_t = Union[str, Callable[..., nn.Module]]
@@ -51,11 +51,22 @@ class ConvPosEmbed(nn.Module):
         return x + y.permute(0, 2, 3, 1)
 
 
-class BatchNormLast(nn.BatchNorm2d):
-    """BatchNorm over the channels of a channels-last map. (B, H, W, C) -> (B, H, W, C)."""
+class BatchNormChannelsLast(nn.BatchNorm2d):
+    """BatchNorm2d (running statistics, momentum 0.1) over the channels of a channels-last map (VAN's block norms).
+
+    (B, H, W, C) -> (B, H, W, C); the parameter and buffer names are BatchNorm2d's.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__(num_features, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # written out (no super().forward): TorchScript has no super() and FX cannot trace BatchNorm2d's size check
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        x = F.batch_norm(x.permute(0, 3, 1, 2), self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, 0.1, self.eps)
+        return x.permute(0, 2, 3, 1)
 
 
 class ConvBnMlp(nn.Module):
@@ -136,7 +147,7 @@ _MLPS = {'mlp': Mlp, 'dwconv_mlp': DwConvMlp, 'res_dwconv_mlp': ResDwConvMlp, 'c
 _LOCAL_LAYERS = {'lcm': LocalConcentration}
 _POS_EMBEDS = {'conv': ConvPosEmbed, 'conv_bn': partial(ConvPosEmbed, bn=True)}
 # channels-last norms by name; each is built as norm(dim, eps=norm_eps)
-_NORMS = {'layernorm': nn.LayerNorm, 'batchnorm': BatchNormLast, 'identity': nn.Identity}
+_NORMS = {'layernorm': nn.LayerNorm, 'batchnorm': BatchNormChannelsLast, 'identity': nn.Identity}
 
 
 class MixerBlock(nn.Module):

@@ -46,6 +46,8 @@ EXPECTED = {
     'l2vit_base',
     'zoo_twins_pcpvt_small', 'zoo_twins_pcpvt_base', 'zoo_twins_pcpvt_large', 'zoo_twins_svt_small',
     'zoo_twins_svt_base', 'zoo_twins_svt_large', 'zoo_shvit_s1', 'zoo_shvit_s2', 'zoo_shvit_s3', 'zoo_shvit_s4',
+    'van_b0', 'van_b1', 'van_b2', 'van_b3', 'van_b4', 'van_b5', 'van_b6', 'psa_resnet50', 'ela_resnet18',
+    'ela_resnet50',
 }
 
 
@@ -231,7 +233,7 @@ def test_onnx_parity(name, tmp_path):
 
 
 FAMILY_REPRESENTATIVES = ['swin_tiny', 'maxvit_tiny', 'cbam_resnet18', 'nat_mini', 'dinat_s_tiny', 'hybrid_tiny',
-                          'biformer_tiny', 'zoo_twins_svt_small', 'zoo_shvit_s1']
+                          'biformer_tiny', 'zoo_twins_svt_small', 'zoo_shvit_s1', 'van_b0']
 
 
 @pytest.mark.parametrize('name', FAMILY_REPRESENTATIVES)

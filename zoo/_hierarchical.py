@@ -102,9 +102,11 @@ class Stage(nn.Module):
         blocks: the blocks, run in order.
         downsample: module run first (in the stage's layout), or None.
         fmt: layout the downsample and blocks work in, 'NCHW' or 'NHWC'.
+        norm: module run last (in the stage's layout), or None: VAN ends every stage with a LayerNorm.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], downsample: Optional[nn.Module] = None, fmt: str = 'NCHW'):
+    def __init__(self, blocks: Sequence[nn.Module], downsample: Optional[nn.Module] = None, fmt: str = 'NCHW',
+                 norm: Optional[nn.Module] = None):
         super().__init__()
         if fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"fmt: expected 'NCHW' or 'NHWC', got {fmt!r}")
@@ -112,6 +114,7 @@ class Stage(nn.Module):
         self.grad_checkpointing = False
         self.downsample = downsample if downsample is not None else nn.Identity()
         self.blocks = nn.Sequential(*blocks)
+        self.norm = norm if norm is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fmt == 'NHWC':
@@ -121,6 +124,7 @@ class Stage(nn.Module):
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
+        x = self.norm(x)
         if self.fmt == 'NHWC':
             x = x.permute(0, 3, 1, 2)
         return x
@@ -136,9 +140,11 @@ def build_stages(
     """Stages and their feature_info from specs; `in_dim` / `reduction` are those of the stem's output.
 
     `block_kwargs` go to every `MixerBlock` (qkv_bias, attn_drop, proj_drop, act_layer, norm_layer, norm_eps,
-    ...); `downsample_kwargs` in them go to the downsamples. Drop path rises stage-wise to `drop_path_rate`.
+    ...); `downsample_kwargs` in them go to the downsamples; `stage_norm` (a callable dim -> module), if given, ends
+    every attention stage (VAN). Drop path rises stage-wise to `drop_path_rate`.
     """
     downsample_kwargs = block_kwargs.pop('downsample_kwargs', {})
+    stage_norm = block_kwargs.pop('stage_norm', None)
     dpr = calculate_drop_path_rates(drop_path_rate, [s.depth for s in specs], stagewise=True)
     stages, feature_info = [], []
     for i, spec in enumerate(specs):
@@ -170,7 +176,8 @@ def build_stages(
                     drop_path=dpr[i][j], **{**stage_kwargs, 'pos_embed': spec.pos_embed, **extra})
                 for j, ((mixer, mixer_kwargs), extra) in enumerate(zip(spec.per_block(), spec.blocks_kwargs()))
             ]
-            stages.append(Stage(blocks, downsample, fmt='NHWC'))
+            norm = stage_norm(spec.dim) if stage_norm is not None else None
+            stages.append(Stage(blocks, downsample, fmt='NHWC', norm=norm))
             in_dim = spec.dim
         feature_info.append(dict(num_chs=spec.dim, reduction=reduction, module=f'stages.{i}'))
     return stages, feature_info
@@ -257,6 +264,7 @@ class HierarchicalBackbone(nn.Module):
             blocks=r'^stages\.(\d+)' if coarse else [
                 (r'^stages\.(\d+)\.downsample', (0,)),
                 (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^stages\.(\d+)\.norm', (99998,)),
                 (r'^norm', (99999,)),
             ],
         )

@@ -1,4 +1,6 @@
-"""CBAM ResNets: ResNet-18/34/50 with a CBAM module in every residual block (Woo et al., ECCV 2018).
+"""Gated ResNets: ResNet-18/34/50 with a conv-stage gate in every residual block. CBAM (Woo et al., ECCV 2018) by
+default; Polarized Self-Attention (psa_resnet50) and Efficient Local Attention (ela_resnet18/50) on the same
+scaffolding, any registered gate by `attn_layer`.
 
 Follows the official Jongchan/attention-module (MODELS/model_resnet.py): 7x7/2 conv + BN + ReLU +
 3x3/2 max-pool stem; BasicBlock / Bottleneck with the stride on the 3x3 conv (torchvision "v1.5")
@@ -7,10 +9,14 @@ the shape changes; global average pool + linear classifier.
 
 The residual blocks are timm's own (`timm.models.resnet`), with CBAM as their attention layer, so
 a block's CBAM lives at `.se`; `checkpoint_filter_fn` maps the official key layout onto ours.
+
+Where the gate sits (`attn_pos`): 'last' is timm's `se` slot, after the block's last conv + BN, before the
+residual add (CBAM, SE, ELA); 'mid' is timm's `aa` slot, after the block's first 3x3 conv + BN + ReLU, where the
+official HRNet-PSA puts its PSA (`deattn`, after conv1 of its BasicBlock) and where the Bottleneck's 3x3 conv is.
 """
 from collections import OrderedDict
 from functools import partial
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,6 +24,7 @@ from timm.layers import ClassifierHead, DropPath
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, downsample_conv
 
+from zoo.blocks import create_gate
 from zoo.blocks.cbam import CBAM
 from zoo.weights.keymap import KeyMap, KeyRule, make_filter
 
@@ -26,6 +33,7 @@ from ._hierarchical import HierarchicalBackbone, Stage, build_backbone, default_
 __all__ = ['CbamResNet', 'KEY_MAP', 'checkpoint_filter_fn']
 
 _BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
+_ATTN_POS = ('last', 'mid')
 
 
 class CbamResNet(HierarchicalBackbone):
@@ -38,6 +46,10 @@ class CbamResNet(HierarchicalBackbone):
         drop_path_rate: stochastic depth, linear over blocks (0 in the official recipe).
         reduction_ratio: CBAM channel-MLP reduction.
         zero_init_last: zero the last BN of each block (off in the official recipe).
+        attn_layer: the registered gate of every block ('cbam', 'psa_s', 'ela', ...; see `zoo mixers`).
+        attn_kwargs: the gate's arguments (for 'cbam', `reduction_ratio` is used unless given here).
+        attn_pos: 'last' (after the last conv + BN, timm's `.se`) or 'mid' (after the first 3x3 conv + BN + ReLU,
+            timm's `.aa`).
     """
     min_input_size = 32
 
@@ -52,8 +64,13 @@ class CbamResNet(HierarchicalBackbone):
             drop_path_rate: float = 0.,
             reduction_ratio: int = 16,
             zero_init_last: bool = False,
+            attn_layer: str = 'cbam',
+            attn_kwargs: Optional[Mapping[str, Any]] = None,
+            attn_pos: str = 'last',
     ):
         super().__init__()
+        if attn_pos not in _ATTN_POS:
+            raise ValueError(f'attn_pos: expected one of {_ATTN_POS}, got {attn_pos!r}')
         if block not in _BLOCKS:
             raise ValueError(f'block: expected one of {sorted(_BLOCKS)}, got {block!r}')
         if len(layers) != 4 or min(layers) < 1:
@@ -67,7 +84,10 @@ class CbamResNet(HierarchicalBackbone):
             ('pool', nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
         ]))
 
-        attn_layer = partial(CBAM, reduction_ratio=reduction_ratio)
+        attn_kwargs = dict(attn_kwargs or {})
+        if attn_layer == 'cbam':
+            attn_kwargs.setdefault('reduction_ratio', reduction_ratio)
+        gate = partial(create_gate, attn_layer, **attn_kwargs)
         n_blocks = sum(layers)
         dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]  # linear, as torch.linspace
         stages, feature_info = [], []
@@ -82,10 +102,13 @@ class CbamResNet(HierarchicalBackbone):
                 shortcut = None
                 if s != 1 or in_chs != out_chs:
                     shortcut = downsample_conv(in_chs, out_chs, kernel_size=1, stride=s)
-                blocks.append(block_cls(
-                    in_chs, planes, stride=s, downsample=shortcut, attn_layer=attn_layer,
+                blk = block_cls(
+                    in_chs, planes, stride=s, downsample=shortcut, attn_layer=gate if attn_pos == 'last' else None,
                     drop_path=DropPath(dpr[block_idx]) if dpr[block_idx] > 0 else None,
-                ))
+                )
+                if attn_pos == 'mid':
+                    blk.aa = gate(planes)  # the first 3x3 conv's width (base width 64, one group)
+                blocks.append(blk)
                 in_chs = out_chs
                 block_idx += 1
             stages.append(Stage(blocks))
@@ -134,9 +157,9 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> CbamResNet:
 
 def _cfg(**kwargs) -> Dict[str, Any]:
     # the official evaluation: Resize(256) + CenterCrop(224), bilinear, ImageNet mean/std
-    return default_cfg(
-        crop_pct=0.875, interpolation='bilinear', license='mit',
-        origin_url='https://github.com/Jongchan/attention-module', paper_ids='arXiv:1807.06521', **kwargs)
+    kwargs = dict(dict(license='mit', origin_url='https://github.com/Jongchan/attention-module',
+                       paper_ids='arXiv:1807.06521'), **kwargs)
+    return default_cfg(crop_pct=0.875, interpolation='bilinear', **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
@@ -148,11 +171,19 @@ default_cfgs = generate_default_cfgs({
         'https://drive.google.com/file/d/1mvAVvhLR_2XY_bPYxh-SEz4vDmGzSArO/view by hand and load it with '
         'pretrained=True, pretrained_cfg_overlay=dict(file=PATH); checkpoint_filter_fn converts it',
     )),
+    'psa_resnet50': _cfg(
+        origin_url='https://github.com/DeLightCMU/PSA', paper_ids='arXiv:2107.00782', license='',
+        notes=('no official weights: the official repo releases HRNet-PSA (segmentation / keypoints) only',)),
+    'ela_resnet18': _cfg(origin_url='', paper_ids='arXiv:2403.01123', license='',
+                         notes=('no official code or weights',)),
+    'ela_resnet50': _cfg(origin_url='', paper_ids='arXiv:2403.01123', license='',
+                         notes=('no official code or weights',)),
 })
 
 
 # shallow, same structure (the ResNet widths are fixed; see zoo.reduced_args)
-REDUCED_ARGS = {'cbam_resnet*': dict(layers=(1, 1, 1, 1))}
+REDUCED_ARGS = {'cbam_resnet*': dict(layers=(1, 1, 1, 1)), 'psa_resnet*': dict(layers=(1, 1, 1, 1)),
+                'ela_resnet*': dict(layers=(1, 1, 1, 1))}
 
 
 @register_model
@@ -171,3 +202,24 @@ def cbam_resnet34(pretrained: bool = False, **kwargs) -> CbamResNet:
 def cbam_resnet50(pretrained: bool = False, **kwargs) -> CbamResNet:
     """ResNet-50 + CBAM (28.09M params)."""
     return _create('cbam_resnet50', pretrained, **dict(dict(layers=(3, 4, 6, 3), block='bottleneck'), **kwargs))
+
+
+@register_model
+def psa_resnet50(pretrained: bool = False, **kwargs) -> CbamResNet:
+    """ResNet-50 + PSA_s (official form) after the 3x3 conv of every bottleneck (27.69M params; ResNet-50 25.56M)."""
+    model_args = dict(layers=(3, 4, 6, 3), block='bottleneck', attn_layer='psa_s', attn_pos='mid')
+    return _create('psa_resnet50', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ela_resnet18(pretrained: bool = False, **kwargs) -> CbamResNet:
+    """ResNet-18 + ELA-B at the end of every residual branch (11.71M params; ResNet-18 11.69M)."""
+    model_args = dict(layers=(2, 2, 2, 2), block='basic', attn_layer='ela', attn_kwargs=dict(variant='B'))
+    return _create('ela_resnet18', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ela_resnet50(pretrained: bool = False, **kwargs) -> CbamResNet:
+    """ResNet-50 + ELA-S at the end of every residual branch (26.19M params; ResNet-50 25.56M)."""
+    model_args = dict(layers=(3, 4, 6, 3), block='bottleneck', attn_layer='ela', attn_kwargs=dict(variant='S'))
+    return _create('ela_resnet50', pretrained, **dict(model_args, **kwargs))

@@ -22,8 +22,9 @@ ODD_SIZE = (97, 131)  # odd everywhere: padding in the stems, patch merging, win
 # export dynamically with dynamo too but take 35-70 s each (swin_tiny 41, maxvit_tiny 51, nat_mini 35,
 # dinat_mini 59, dinat_s_tiny 69, agent_swin_tiny 39, biformer_tiny 37 s for the export alone). The smallest Twins
 # and SHViT run here too: their mixers ('spatial_reduction', 'single_head', unmasked 'window') are checked by no
-# other dynamo export (issue 17)
-DYNAMO = ['cbam_resnet18', 'hybrid_tiny', 'zoo_twins_pcpvt_small', 'zoo_twins_svt_small', 'zoo_shvit_s1']
+# other dynamo export (issue 17); so do VAN and the PSA / ELA ResNets ('lka', 'psa_p', 'psa_s', 'ela'; issue 16)
+DYNAMO = ['cbam_resnet18', 'hybrid_tiny', 'van_b0', 'psa_resnet50', 'ela_resnet18', 'zoo_twins_pcpvt_small',
+          'zoo_twins_svt_small', 'zoo_shvit_s1']
 
 
 def _reduced(name: str) -> torch.nn.Module:

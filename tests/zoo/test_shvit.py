@@ -157,7 +157,7 @@ def test_block_parts():
                        pos_embed_layer='conv_bn', mlp_layer='conv_bn_mlp', act_layer='relu')
     assert {n.split('.')[0] for n, _ in block.named_parameters()} == {'pos_embed', 'attn', 'mlp'}
     plain = MixerBlock(32, None, pos_embed=3, norm_layer='batchnorm')
-    assert plain.attn is None and plain.norm1 is None and type(plain.norm2).__name__ == 'BatchNormLast'
+    assert plain.attn is None and plain.norm1 is None and type(plain.norm2).__name__ == 'BatchNormChannelsLast'
     x = torch.randn(2, 5, 7, 32)
     assert block(x).shape == plain(x).shape == x.shape
     with pytest.raises(ValueError, match="norm_layer: expected one of .*'batchnorm'.* got 'bn'"):
