@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.kernels._sizes import ceil_div
+from zoo.kernels.backend import is_exporting
 
 from ._registry import check_input, register_mixer, resolve_heads
 
@@ -34,12 +35,13 @@ def outlook_pool(x: torch.Tensor, stride: int) -> torch.Tensor:
     (`AvgPool2d(stride, stride, ceil_mode=True)`). (B, H, W, C) -> (B, ceil(H / s), ceil(W / s), C)."""
     if stride == 1:
         return x
-    B, H, W, C = x.shape
-    h, w = ceil_div(H, stride), ceil_div(W, stride)
-    pad = (0, 0, 0, w * stride - W, 0, h * stride - H)
-    total = F.pad(x, pad).reshape(B, h, stride, w, stride, C).sum((2, 4))
-    count = F.pad(torch.ones_like(x[:1, :, :, :1]), pad).reshape(1, h, stride, w, stride, 1).sum((2, 4))
-    return total / count
+    H, W = x.shape[1], x.shape[2]
+    pad = (0, ceil_div(W, stride) * stride - W, 0, ceil_div(H, stride) * stride - H)
+    # zero-padded cells averaged, then divided by their valid fraction (1 where nothing is padded): no ceil_mode
+    # pooling, whose partial cells exporters do not all lower alike
+    mean = F.avg_pool2d(F.pad(x.permute(0, 3, 1, 2), pad), stride, stride)
+    valid = F.avg_pool2d(F.pad(torch.ones_like(x[:1, :, :, 0]), pad)[:, None], stride, stride)
+    return (mean / valid).permute(0, 2, 3, 1)
 
 
 def outlook_windows(v: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
@@ -79,6 +81,10 @@ def outlook_fold(y: torch.Tensor, size: Tuple[int, int], kernel_size: int, strid
     (B, h, w, K, K, C) (window offsets row, column) -> (B, H, W, C) for size = (H, W)."""
     H, W = size
     p = kernel_size // 2
+    if not is_exporting():  # F.fold (col2im) is the fast eager path; it does not export with a dynamic size
+        B, h, w, C = y.shape[0], y.shape[1], y.shape[2], y.shape[-1]
+        cols = y.permute(0, 5, 3, 4, 1, 2).reshape(B, C * kernel_size * kernel_size, h * w)
+        return F.fold(cols, (H, W), kernel_size, padding=p, stride=stride).permute(0, 2, 3, 1)
     y = _place(y, 1, kernel_size, stride)  # (B, rows, w, K, C)
     y = _place(y, 2, kernel_size, stride)  # (B, rows, cols, C)
     return y[:, p:p + H, p:p + W]

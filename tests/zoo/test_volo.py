@@ -265,3 +265,20 @@ def test_pruned_head_and_classifier_reset():
         model.reset_classifier(5, 'token')
     model.reset_classifier(5, 'avg')
     assert model(x).shape == (1, 5)
+
+
+@pytest.mark.parametrize('k, s', [(3, 2), (5, 3), (3, 1), (1, 1)])
+@pytest.mark.parametrize('hw', [(9, 14), (1, 1), (8, 8)])
+def test_outlook_export_path_equals_eager(k, s, hw, monkeypatch, assert_close_to_scale):
+    """While exporting, outlook attention sums the windows back with pads and slices instead of F.fold: the same
+    output and gradients."""
+    import zoo.blocks.outlook as outlook
+    m = create_mixer('outlook', 16, num_heads=2, kernel_size=k, stride=s).double()
+    x = torch.randn(2, *hw, 16, dtype=torch.float64, requires_grad=True)
+    want = m(x)
+    (gx_want,) = torch.autograd.grad(want.square().sum(), x)
+    monkeypatch.setattr(outlook, 'is_exporting', lambda: True)
+    got = m(x)
+    (gx,) = torch.autograd.grad(got.square().sum(), x)
+    assert_close_to_scale(got, want)
+    assert_close_to_scale(gx, gx_want)
