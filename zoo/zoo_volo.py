@@ -101,6 +101,7 @@ class ClassAttentionHead(nn.Module):
     (no pooling: the normalised map (B, C, H, W), classified per position when num_classes > 0).
     `reset(..., reset_other=True)` (pruning) removes the class attention, its norm and the token-labeling classifier.
     """
+    no_weight_decay_keys = ('cls_token',)
 
     def __init__(self, dim: int, num_classes: int, num_heads: int, depth: int = 2, mlp_ratio: float = 4.,
                  pool_type: str = 'token', drop_rate: float = 0., aux_head: bool = True, qkv_bias: bool = False,

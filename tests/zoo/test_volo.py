@@ -254,6 +254,7 @@ def test_foreign_file_is_refused_whole(other, tmp_path):
 
 def test_pruned_head_and_classifier_reset():
     model = timm.create_model('zoo_volo_d1', **SMALL).eval()
+    assert model.no_weight_decay() == {'stages.1.pos_embed.table', 'head.cls_token'}  # timm's pos_embed, cls_token
     model.reset_classifier(10)
     assert model.head.fc.out_features == model.head.aux_head.out_features == 10
     x = torch.randn(1, 3, 64, 64)
