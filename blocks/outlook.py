@@ -8,8 +8,9 @@ K^2 x K^2 attention weights are not q . k but predicted by a linear layer from t
 stride average-pooled) token, and they mix the window's values. Parameter names follow the official module
 (`v`, `attn`, `proj`). Everything channels-last: (B, H, W, C); any H x W: the map is zero-padded for the windows
 and the overlapping window outputs are summed back onto the map and cropped to H x W (the semantics of
-`F.unfold` / `F.fold` with padding K // 2, as in the official code, written with slices and pads so that one
-dynamic ONNX export serves every size).
+`F.unfold` / `F.fold` with padding K // 2, as in the official code). The windows are strided slices; the sum back is
+`F.fold` in eager code and pads and slices while exporting (col2im does not export with a dynamic size), so one
+dynamic ONNX export serves every size.
 """
 from typing import Optional, Tuple
 
