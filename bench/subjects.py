@@ -44,6 +44,7 @@ class Entry:
     modes: Optional[List[str]] = None  # a subset of the suite's modes
     max_tokens: Optional[int] = None  # skipped above this many tokens (O(N^2) anchors)
     reduced: bool = False  # models: the family's reduced test width (`zoo.reduced_args`)
+    weights_from: Optional[str] = None  # models: a timm model built as the anchors are; its weights load into this
     is_anchor: bool = False
 
     def __post_init__(self):
@@ -268,6 +269,14 @@ class ModelSubject(Subject):
         kwargs = {**(zoo.reduced_args(entry.name) if entry.reduced else {}), **entry.kwargs}
         torch.manual_seed(0)
         self.model = timm.create_model(entry.name, **kwargs).to(device)
+        if entry.weights_from:  # the anchor's own weights (seed 0), through this model's family key map
+            import importlib
+
+            from zoo.weights.keymap import remap_state_dict
+            torch.manual_seed(0)
+            source = timm.create_model(entry.weights_from).state_dict()
+            key_map = importlib.import_module(type(self.model).__module__).KEY_MAP
+            self.model.load_state_dict(remap_state_dict(source, self.model, key_map, source=entry.weights_from))
         self.patch = PATCHES[entry.patch] if entry.patch else contextlib.nullcontext
         self._opt = None
 

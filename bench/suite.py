@@ -20,7 +20,8 @@ The built-in suites live in bench/suites/<group>/<name>.toml, group = models | m
 
     [[anchors]]                       # what it is compared with, measured in the same run
     name = "natten"                   # registry name or a code anchor of bench/anchors.py
-    modes = ["fwd"]                   # entry keys: name, label, kwargs, anchor, patch, modes, max_tokens, reduced
+    modes = ["fwd"]                   # entry keys: name, label, kwargs, anchor, patch, modes, max_tokens, reduced,
+                                      # weights_from (models: a timm model whose weights, seed 0, load into this one)
     max_tokens = 3136
 """
 import copy
@@ -46,7 +47,7 @@ DEFAULTS: Dict[str, Any] = dict(
     head_dim=32, anchor=None, every_mixer=False, subjects=[], anchors=[],
 )
 _SIZE_DEFAULT = {'ops': [14, 28, 56], 'mixers': [14, 28, 56], 'models': [224]}
-ENTRY_KEYS = ('name', 'label', 'kwargs', 'anchor', 'patch', 'modes', 'max_tokens', 'reduced')
+ENTRY_KEYS = ('name', 'label', 'kwargs', 'anchor', 'patch', 'modes', 'max_tokens', 'reduced', 'weights_from')
 
 
 class SuiteError(ValueError):
@@ -156,6 +157,8 @@ def _check(suite: Suite, where: str) -> Suite:
                                  f'(entries: {", ".join(labels)})')
         if e.patch is not None and (kind != 'models' or e.patch not in PATCHES):
             raise SuiteError(f'{at}: patch: expected one of {sorted(PATCHES)} (models only), got {e.patch!r}')
+        if e.weights_from is not None and (kind != 'models' or check_name(kind, e.weights_from)):
+            raise SuiteError(f'{at}: weights_from: expected a timm model name (models only), got {e.weights_from!r}')
         if e.modes is not None and (not e.modes or any(m not in MODES for m in e.modes)):
             raise SuiteError(f'{at}: modes: expected a non-empty list of {", ".join(MODES)}, got {e.modes!r}')
         if e.max_tokens is not None:

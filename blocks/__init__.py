@@ -18,12 +18,13 @@ for _m in pkgutil.iter_modules(__path__):
         importlib.import_module(f'{__name__}.{_m.name}')
 
 # the size-dependent functions the mixers call, FX leaves for timm's tracers (each module also torch.fx.wraps them)
-from . import agent, attention, linear, multiaxis, neighborhood, routing, window  # noqa: E402
+from . import agent, attention, block, linear, multiaxis, neighborhood, outlook, routing, window  # noqa: E402
 
 for _fn in (attention.rope_2d, linear.linear_attention, linear._at_least_fp32, linear.dynamic_dwconv3x3,
             linear.elu_plus_one, multiaxis.size_max,
             window.window_attention, neighborhood.neighborhood_attention, routing.routed_attention,
-            agent.agent_attention):
+            agent.agent_attention, outlook.outlook_windows, outlook.outlook_fold, outlook.outlook_pool,
+            block.resize_pos_table):
     register_notrace_function(_fn)
 
 __all__ = [

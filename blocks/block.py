@@ -13,22 +13,26 @@ variation (shift, dilation, window, ...) arrives as mixer kwargs. Parameter name
 Everything channels-last: (B, H, W, C).
 """
 from functools import partial
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ConvNormAct, DropPath, LayerNorm2d, Mlp, SqueezeExcite, get_act_layer
+from timm.layers import ConvNormAct, DropPath, LayerNorm2d, Mlp, SqueezeExcite, get_act_layer, to_2tuple, trunc_normal_
 
 from zoo.kernels._sizes import ceil_div
+from zoo.kernels.backend import is_exporting
 
 from ._registry import create_mixer
 
 __all__ = [
     'MixerBlock', 'DwConvMlp', 'ConvPosEmbed', 'PatchMerging', 'ConvDownsample', 'ConvBnDownsample', 'ConvTokenizer',
     'create_downsample', 'ResDwConvMlp', 'LocalConcentration', 'NormConvDownsample', 'ConvBnMlp',
-    'BatchNormChannelsLast', 'SeMerging',
+    'BatchNormChannelsLast', 'SeMerging', 'AbsPosEmbed', 'resize_pos_table',
 ]
+
+# FX leaf, one graph node: it reads sizes (any tracer; timm's registry lists it too, see __init__)
+torch.fx.wrap('resize_pos_table')
 
 _layer_t = Union[str, Callable[..., nn.Module]]
 
@@ -87,6 +91,31 @@ class ConvBnMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc2(self.drop(self.act(self.fc1(x.permute(0, 3, 1, 2)))))
         return x.permute(0, 2, 3, 1)
+
+
+def resize_pos_table(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A (1, h, w, C) position table resized to (1, height, width, C): bicubic, align_corners=False (the
+    resize of VOLO's official fine-tuning and of ViTDet-style detection code), the table itself at its own size.
+    While exporting it always interpolates (the identity at the table's size), so one graph serves any size."""
+    if not is_exporting() and table.shape[1] == height and table.shape[2] == width:
+        return table
+    out = F.interpolate(table.permute(0, 3, 1, 2), size=[height, width], mode='bicubic', align_corners=False)
+    return out.permute(0, 2, 3, 1)
+
+
+class AbsPosEmbed(nn.Module):
+    """Learned absolute position embedding sized to a grid, added to a map of any size (the table resized in the
+    graph by `resize_pos_table`). (B, H, W, C) -> (B, H, W, C)."""
+    no_weight_decay_keys = ('table',)
+
+    def __init__(self, dim: int, grid_size: Union[int, Sequence[int]]):
+        super().__init__()
+        gh, gw = to_2tuple(grid_size)
+        self.table = nn.Parameter(torch.zeros(1, gh, gw, dim))
+        trunc_normal_(self.table, std=.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + resize_pos_table(self.table, x.shape[1], x.shape[2])
 
 
 class DwConvMlp(nn.Module):
@@ -328,11 +357,13 @@ class ConvBnDownsample(nn.Module):
 
 class NormConvDownsample(nn.Module):
     """L2ViT's downsample: LayerNorm, then a 2x2 stride-2 conv (with bias); odd H or W is zero-padded at the
-    bottom / right after the norm. (B, H, W, dim) -> (B, ceil(H / 2), ceil(W / 2), out_dim)."""
+    bottom / right after the norm. Without `norm_layer` (None), VOLO's plain 2x2 conv ('conv2x2').
+    (B, H, W, dim) -> (B, ceil(H / 2), ceil(W / 2), out_dim)."""
 
-    def __init__(self, dim: int, out_dim: Optional[int] = None, norm_layer: Callable[..., nn.Module] = nn.LayerNorm):
+    def __init__(self, dim: int, out_dim: Optional[int] = None,
+                 norm_layer: Optional[Callable[..., nn.Module]] = nn.LayerNorm):
         super().__init__()
-        self.norm = norm_layer(dim)
+        self.norm = norm_layer(dim) if norm_layer is not None else nn.Identity()
         self.conv = nn.Conv2d(dim, out_dim or 2 * dim, kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -370,11 +401,13 @@ class SeMerging(nn.Module):
 
 
 _DOWNSAMPLES = {'patch_merging': PatchMerging, 'conv': ConvDownsample, 'conv_bn': ConvBnDownsample,
-                'norm_conv': NormConvDownsample, 'se_merging': SeMerging}
+                'norm_conv': NormConvDownsample, 'se_merging': SeMerging,
+                'conv2x2': partial(NormConvDownsample, norm_layer=None)}
 
 
 def create_downsample(name: str, dim: int, out_dim: int, **kwargs) -> nn.Module:
-    """A channels-last stride-2 downsample by name ('patch_merging', 'conv', 'conv_bn', 'norm_conv', 'se_merging')."""
+    """A channels-last stride-2 downsample by name ('patch_merging', 'conv', 'conv_bn', 'norm_conv', 'se_merging',
+    'conv2x2')."""
     if name not in _DOWNSAMPLES:
         raise ValueError(f'downsample: expected one of {sorted(_DOWNSAMPLES)}, got {name!r}')
     return _DOWNSAMPLES[name](dim, out_dim, **kwargs)

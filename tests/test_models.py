@@ -48,6 +48,7 @@ EXPECTED = {
     'zoo_twins_svt_base', 'zoo_twins_svt_large', 'zoo_shvit_s1', 'zoo_shvit_s2', 'zoo_shvit_s3', 'zoo_shvit_s4',
     'van_b0', 'van_b1', 'van_b2', 'van_b3', 'van_b4', 'van_b5', 'van_b6', 'psa_resnet50', 'ela_resnet18',
     'ela_resnet50',
+    'zoo_volo_d1', 'zoo_volo_d2', 'zoo_volo_d3', 'zoo_volo_d4', 'zoo_volo_d5',
 }
 
 
@@ -120,7 +121,8 @@ def test_default_cfg_and_heads(name):
     cfg = model.pretrained_cfg
     assert model.num_classes == cfg['num_classes'] and model.num_features > 0 and model.head_hidden_size > 0
     state = model.state_dict()
-    assert cfg['classifier'] + '.weight' in state
+    classifiers = cfg['classifier'] if isinstance(cfg['classifier'], (list, tuple)) else [cfg['classifier']]
+    assert all(c + '.weight' in state for c in classifiers)
     first_convs = cfg['first_conv'] if isinstance(cfg['first_conv'], (list, tuple)) else [cfg['first_conv']]
     assert all(fc + '.weight' in state for fc in first_convs)
     assert _expected_hw(cfg['input_size'][1:], model.feature_info[-1]['reduction']) == tuple(cfg['pool_size'])
@@ -312,6 +314,7 @@ def test_features_only_fx_and_create_feature_extractor(name):
     last = len(ref.stages) - 1
     with torch.no_grad():
         want = ref.forward_intermediates(x, intermediates_only=True)
+        last = len(want) - 1
         torch.manual_seed(0)  # same init as `ref`
         feats = _create(name, features_only=True, feature_cls='fx', out_indices=(1, last)).eval()
         for got, i in zip(feats(x), (1, last)):

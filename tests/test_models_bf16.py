@@ -22,6 +22,11 @@ import zoo
 MODELS = zoo.list_zoo_models()
 TOL = 2.0 ** -4  # 16 bf16 roundings of u = 2^-8 each
 BATCH = 4
+# VOLO's class token at init is almost all the learned token itself (after the final norm, the images differ by 1-5%
+# of its size), so the matched head's logits are small differences of large features and bf16's error reaches ~10%
+# of them, in timm's VOLO alike; pooling the tokens (class token included: the class attention still runs) keeps
+# the measurement meaningful
+EXTRA_ARGS = {'zoo_volo_': dict(global_pool='avg')}
 
 
 def _matched_head(model: torch.nn.Module, x: torch.Tensor) -> None:
@@ -36,12 +41,19 @@ def _matched_head(model: torch.nn.Module, x: torch.Tensor) -> None:
         directions = directions / directions.norm(dim=1, keepdim=True)
         fc.weight.copy_(directions)
         fc.bias.copy_(-(directions @ mean))
+        # other classifiers add to the logits (VOLO's token-labeling head): zeroed, so the matched head decides
+        names = model.pretrained_cfg['classifier']
+        for name in ([] if isinstance(names, str) else names[1:]):
+            other = model.get_submodule(name)
+            other.weight.zero_()
+            other.bias.zero_()
 
 
 @pytest.mark.parametrize('name', MODELS)
 def test_bf16_autocast_matches_fp32(name):
     torch.manual_seed(0)
-    model = timm.create_model(name, **zoo.reduced_args(name)).eval()
+    extra = next((v for k, v in EXTRA_ARGS.items() if name.startswith(k)), {})
+    model = timm.create_model(name, **zoo.reduced_args(name), **extra).eval()
     size = max(64, model.min_input_size)
     x = torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
     _matched_head(model, x)

@@ -23,7 +23,7 @@ from timm.models.resnet import BasicBlock, downsample_conv
 
 from zoo.blocks import MixerBlock, create_gate, list_gates
 from zoo.blocks._registry import shape_str
-from zoo.blocks.block import create_downsample
+from zoo.blocks.block import AbsPosEmbed, create_downsample
 from zoo.kernels.backend import ENV_VAR, get_backend
 from zoo.weights.keymap import KeyMap, make_filter
 from zoo.weights.sources import prepare_pretrained, release_pretrained_state_dict
@@ -50,7 +50,9 @@ class StageSpec:
             non-None value makes the first block stride 2. None: no downsample.
         block_kwargs: further `MixerBlock` arguments (mlp_pos_embed, local_layer, ...), shared by the blocks or
             one mapping per block (L2ViT alternates two block kinds); they override the stage-wide ones (Twins
-            gives only its second block a pos_embed).
+            gives only its second block a pos_embed; VOLO's outlookers have no drop_path).
+        abs_pos_embed: grid (h, w) of a learned absolute position embedding added after the downsample, resized
+            in the graph to the actual map (`AbsPosEmbed`); None for none.
     """
     depth: int
     dim: int
@@ -65,6 +67,7 @@ class StageSpec:
     qkv_bias: Optional[bool] = None
     downsample: Optional[str] = None
     block_kwargs: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]] = field(default_factory=dict)
+    abs_pos_embed: Optional[Tuple[int, int]] = None
 
     def blocks_kwargs(self) -> List[Dict[str, Any]]:
         """The extra `MixerBlock` arguments of each block."""
@@ -96,23 +99,25 @@ class StageSpec:
 
 
 class Stage(nn.Module):
-    """Optional downsample then a sequence of blocks; NCHW in, NCHW out.
+    """Optional downsample (and position embedding) then a sequence of blocks; NCHW in, NCHW out.
 
     Args:
         blocks: the blocks, run in order.
         downsample: module run first (in the stage's layout), or None.
         fmt: layout the downsample and blocks work in, 'NCHW' or 'NHWC'.
+        pos_embed: module run after the downsample (an `AbsPosEmbed`), or None.
         norm: module run last (in the stage's layout), or None: VAN ends every stage with a LayerNorm.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], downsample: Optional[nn.Module] = None, fmt: str = 'NCHW',
-                 norm: Optional[nn.Module] = None):
+                 pos_embed: Optional[nn.Module] = None, norm: Optional[nn.Module] = None):
         super().__init__()
         if fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"fmt: expected 'NCHW' or 'NHWC', got {fmt!r}")
         self.fmt = fmt
         self.grad_checkpointing = False
         self.downsample = downsample if downsample is not None else nn.Identity()
+        self.pos_embed = pos_embed
         self.blocks = nn.Sequential(*blocks)
         self.norm = norm if norm is not None else nn.Identity()
 
@@ -120,6 +125,8 @@ class Stage(nn.Module):
         if self.fmt == 'NHWC':
             x = x.permute(0, 2, 3, 1)
         x = self.downsample(x)
+        if self.pos_embed is not None:
+            x = self.pos_embed(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
@@ -173,11 +180,12 @@ def build_stages(
                 MixerBlock(
                     spec.dim, mixer, mixer_kwargs, num_heads=spec.num_heads, head_dim=spec.head_dim,
                     mlp_ratio=spec.mlp_ratio, mlp_layer=spec.mlp_layer, layer_scale=spec.layer_scale,
-                    drop_path=dpr[i][j], **{**stage_kwargs, 'pos_embed': spec.pos_embed, **extra})
+                    **{**stage_kwargs, 'pos_embed': spec.pos_embed, 'drop_path': dpr[i][j], **extra})
                 for j, ((mixer, mixer_kwargs), extra) in enumerate(zip(spec.per_block(), spec.blocks_kwargs()))
             ]
+            pos_embed = AbsPosEmbed(spec.dim, spec.abs_pos_embed) if spec.abs_pos_embed is not None else None
             norm = stage_norm(spec.dim) if stage_norm is not None else None
-            stages.append(Stage(blocks, downsample, fmt='NHWC', norm=norm))
+            stages.append(Stage(blocks, downsample, fmt='NHWC', pos_embed=pos_embed, norm=norm))
             in_dim = spec.dim
         feature_info.append(dict(num_chs=spec.dim, reduction=reduction, module=f'stages.{i}'))
     return stages, feature_info

@@ -48,11 +48,24 @@ def test_every_builtin_suite_loads():
     (dict(kind='mixers', threads=0, subjects=[dict(name='window')]), 'threads: expected an integer >= 1, got 0'),
     (dict(kind='mixers', modes=['backward'], subjects=[dict(name='window')]), "modes: expected a non-empty list"),
     (dict(kind='mixers', subjects=[]), 'expected at least one subject'),
+    (dict(kind='mixers', subjects=[dict(name='window', weights_from='volo_d1_224')]),
+     "weights_from: expected a timm model name (models only), got 'volo_d1_224'"),
 ])
 def test_suite_validation(data, message):
     with pytest.raises(SuiteError) as e:
         build_suite(data, 'x', data['kind'], 'x.toml')
     assert message in str(e.value) and str(e.value).startswith('x.toml: ')
+
+
+def test_weights_from_gives_the_anchor_weights():
+    """A models entry with weights_from runs on the anchor's own weights (seed 0) through its family's key map."""
+    from zoo.bench.subjects import Entry, ModelSubject
+    ours = ModelSubject(Entry('zoo_volo_d1', weights_from='volo_d1_224'), 'cpu')
+    anchor = ModelSubject(Entry('volo_d1_224', is_anchor=True), 'cpu')
+    shape = dict(batch=2, size=224)
+    with torch.no_grad():
+        got, want = ours.calls(shape, 'fp32')['fwd'](), anchor.calls(shape, 'fp32')['fwd']()
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def _bad(argv, capsys, tmp_path):
