@@ -21,10 +21,11 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, get_act_layer
 from zoo.kernels._sizes import ceil_div
 
 from ._registry import create_mixer
+from .gcvit import GlobalQueryGen, MbConvDownsample
 
 __all__ = [
     'MixerBlock', 'DwConvMlp', 'ConvPosEmbed', 'PatchMerging', 'ConvDownsample', 'ConvBnDownsample', 'ConvTokenizer',
-    'create_downsample', 'ResDwConvMlp', 'LocalConcentration', 'NormConvDownsample',
+    'create_downsample', 'ResDwConvMlp', 'LocalConcentration', 'NormConvDownsample', 'create_stage_context',
 ]
 
 _layer_t = Union[str, Callable[..., nn.Module]]
@@ -153,6 +154,10 @@ class MixerBlock(nn.Module):
         self.attn = create_mixer(
             mixer, dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias, attn_drop=attn_drop,
             proj_drop=proj_drop, **(mixer_kwargs or {}))
+        context = getattr(self.attn, 'stage_context', None)
+        if context is not None:
+            # set only on blocks whose mixer reads the stage context: TorchScript resolves hasattr while compiling
+            self.stage_context = context
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         act = get_act_layer(act_layer) if isinstance(act_layer, str) else act_layer
         if local_layer is not None:
@@ -170,10 +175,15 @@ class MixerBlock(nn.Module):
         else:
             self.gamma1 = self.gamma2 = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, H, W, dim) -> (B, H, W, dim); `context`: the stage context (e.g. GC ViT's global query), given to
+        the mixer if it reads one (`mixer.stage_context`), ignored otherwise."""
         if self.pos_embed is not None:
             x = self.pos_embed(x)
-        y = self.attn(self.norm1(x))
+        if hasattr(self, 'stage_context'):
+            y = self.attn(self.norm1(x), context)
+        else:
+            y = self.attn(self.norm1(x))
         x = x + self.drop_path1(y if self.gamma1 is None else self.gamma1 * y)
         if self.local is not None:
             x = x + self.drop_path1(self.local(self.norm3(x)))
@@ -267,11 +277,23 @@ class NormConvDownsample(nn.Module):
 
 
 _DOWNSAMPLES = {'patch_merging': PatchMerging, 'conv': ConvDownsample, 'conv_bn': ConvBnDownsample,
-                'norm_conv': NormConvDownsample}
+                'norm_conv': NormConvDownsample, 'mbconv': MbConvDownsample}
 
 
 def create_downsample(name: str, dim: int, out_dim: int, **kwargs) -> nn.Module:
-    """A channels-last stride-2 downsample by name ('patch_merging', 'conv', 'conv_bn' or 'norm_conv')."""
+    """A channels-last stride-2 downsample by name ('patch_merging', 'conv', 'conv_bn', 'norm_conv' or 'mbconv')."""
     if name not in _DOWNSAMPLES:
         raise ValueError(f'downsample: expected one of {sorted(_DOWNSAMPLES)}, got {name!r}')
     return _DOWNSAMPLES[name](dim, out_dim, **kwargs)
+
+
+# stage contexts: computed once per stage from its input (after the downsample), handed to every block; a mixer
+# that reads one names it in `stage_context`
+_STAGE_CONTEXTS = {'global_query': GlobalQueryGen}
+
+
+def create_stage_context(name: str, dim: int, **kwargs) -> nn.Module:
+    """A stage context by name ('global_query': GC ViT's global query): (B, H, W, dim) -> the context tensor."""
+    if name not in _STAGE_CONTEXTS:
+        raise ValueError(f'context: expected one of {sorted(_STAGE_CONTEXTS)}, got {name!r}')
+    return _STAGE_CONTEXTS[name](dim, **kwargs)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from timm.layers import to_2tuple, trunc_normal_
 
+from zoo.kernels._sizes import ceil_div
 from zoo.kernels.window import window_attention
 
 from ._registry import check_input, register_mixer, resolve_heads
@@ -21,8 +22,9 @@ from ._registry import check_input, register_mixer, resolve_heads
 # FX leaves, one graph node each: they read sizes and build per-size tables when called (any tracer; timm's registry
 # lists them too, see __init__)
 torch.fx.wrap('window_attention')
+torch.fx.wrap('tile_global_query')
 
-__all__ = ['WindowAttention', 'effective_window_shift']
+__all__ = ['WindowAttention', 'effective_window_shift', 'tile_global_query']
 
 _int_or_tuple_2_t = Union[int, Tuple[int, int]]
 
@@ -41,6 +43,15 @@ def effective_window_shift(
     return window, shift
 
 
+def tile_global_query(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-image window of queries repeated over a map: q (B, Mh, Mw, *rest), x (B, H, W, ...) ->
+    (B, H, W, *rest), token (i, j) getting q[:, i % Mh, j % Mw] (the grid of windows, cropped to H x W)."""
+    H, W = x.shape[1], x.shape[2]
+    nh, nw = ceil_div(H, q.shape[1]), ceil_div(W, q.shape[2])
+    q = q.repeat(1, nh, nw, *([1] * (q.dim() - 3)))
+    return q[:, :H, :W]
+
+
 @register_mixer('window', paper='Swin Transformer (Liu et al., ICCV 2021)', cost='O(N M^2), window M',
                 triton=True, torchscript=True)
 class WindowAttention(nn.Module):
@@ -56,6 +67,9 @@ class WindowAttention(nn.Module):
         shift_size: cyclic shift of the windows (Swin uses M // 2 in every other block).
         rel_pos_bias: learn Swin's relative position bias table; False: plain window softmax with no bias
             (L2ViT's local window attention).
+        global_query: GC ViT's global attention: `qkv` projects keys and values only and the queries are the
+            stage's global query, passed as `forward(x, global_query)` with shape (B, Mh, Mw, dim) (a stage
+            with ``context='global_query'`` computes it once and hands it to every block). No shift.
         qkv_bias: bias in the qkv projection.
         attn_drop: attention dropout; the window op has none, so only 0 is accepted.
         proj_drop: dropout after the output projection.
@@ -70,6 +84,7 @@ class WindowAttention(nn.Module):
             window_size: _int_or_tuple_2_t = 7,
             shift_size: _int_or_tuple_2_t = 0,
             rel_pos_bias: bool = True,
+            global_query: bool = False,
             qkv_bias: bool = True,
             attn_drop: float = 0.,
             proj_drop: float = 0.,
@@ -87,6 +102,12 @@ class WindowAttention(nn.Module):
         if any(s < 0 or s >= w for s, w in zip(self.shift_size, self.window_size)):
             raise ValueError(f'shift_size: expected 0 <= shift < window_size={self.window_size}, got {self.shift_size}')
         attn_dim = head_dim * num_heads
+        if global_query and (any(self.shift_size) or attn_dim != dim):
+            raise ValueError(f'global_query: expected no shift and num_heads * head_dim == dim={dim}, got shift_size='
+                             f'{self.shift_size}, num_heads={num_heads}, head_dim={head_dim}')
+        self.global_query = global_query
+        # the stage context this mixer reads (MixerBlock passes it on); None: it reads none
+        self.stage_context: Optional[str] = 'global_query' if global_query else None
         self.scale = head_dim ** -0.5
         win_h, win_w = self.window_size
         if rel_pos_bias:
@@ -96,7 +117,7 @@ class WindowAttention(nn.Module):
             trunc_normal_(self.relative_position_bias_table, std=.02)
         else:
             self.relative_position_bias_table = None
-        self.qkv = nn.Linear(dim, attn_dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, attn_dim * (2 if global_query else 3), bias=qkv_bias)
         self.proj = nn.Linear(attn_dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -108,10 +129,20 @@ class WindowAttention(nn.Module):
         table = self.relative_position_bias_table.view(2 * win_h - 1, 2 * win_w - 1, self.num_heads)
         return table.flip(0, 1).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, global_query: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, H, W, dim), global_query (B, Mh, Mw, dim) with global_query=True -> (B, H, W, dim)."""
         check_input(x, self.dim, 'WindowAttention')
         B, H, W, C = x.shape
-        q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
+        if self.global_query:
+            if global_query is None:
+                raise ValueError(
+                    'WindowAttention(global_query=True): expected the stage\'s global query (B, Mh, Mw, dim) as the '
+                    'second argument, got None (build the stage with context=\'global_query\')')
+            k, v = self.qkv(x).view(B, H, W, 2, self.num_heads, self.head_dim).unbind(3)
+            q = tile_global_query(global_query.reshape(
+                global_query.shape[0], self.window_size[0], self.window_size[1], self.num_heads, self.head_dim), x)
+        else:
+            q, k, v = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).unbind(3)
         x = window_attention(
             q, k, v, self.window_size, shift=self.shift_size, rel_pos_bias=self.rel_pos_bias(), scale=self.scale)
         x = self.proj(x.reshape(B, H, W, -1))
@@ -119,4 +150,5 @@ class WindowAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, '
-                f'shift_size={self.shift_size}, rel_pos_bias={self.relative_position_bias_table is not None}')
+                f'shift_size={self.shift_size}, rel_pos_bias={self.relative_position_bias_table is not None}'
+                + (', global_query=True' if self.global_query else ''))

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import calculate_drop_path_rates
 from timm.models import build_model_with_cfg, checkpoint_seq
@@ -23,7 +24,7 @@ from timm.models.resnet import BasicBlock, downsample_conv
 
 from zoo.blocks import MixerBlock, create_gate, list_gates
 from zoo.blocks._registry import shape_str
-from zoo.blocks.block import create_downsample
+from zoo.blocks.block import create_downsample, create_stage_context
 from zoo.kernels.backend import ENV_VAR, get_backend
 from zoo.weights.keymap import KeyMap, make_filter
 from zoo.weights.sources import prepare_pretrained, release_pretrained_state_dict
@@ -46,10 +47,13 @@ class StageSpec:
         mlp_ratio, mlp_layer, layer_scale, pos_embed: `MixerBlock` arguments.
         qkv_bias: this stage's qkv bias, overriding `build_stages`' block-wide one (None: keep that one);
             BiFormer's last stage has none while its other stages do.
-        downsample: 'patch_merging', 'conv', 'conv_bn' or 'norm_conv' for attention stages; for conv stages any
+        downsample: 'patch_merging', 'conv', 'conv_bn', 'norm_conv' or 'mbconv' for attention stages; for conv stages any
             non-None value makes the first block stride 2. None: no downsample.
         block_kwargs: further `MixerBlock` arguments (mlp_pos_embed, local_layer, ...), shared by the blocks or
             one mapping per block (L2ViT alternates two block kinds).
+        context: a stage context computed once from the stage input (after the downsample) and given to every
+            block, e.g. 'global_query' (GC ViT); None for none. Required when a block's mixer reads one.
+        context_kwargs: the context's arguments (e.g. window_size, levels).
     """
     depth: int
     dim: int
@@ -64,6 +68,8 @@ class StageSpec:
     qkv_bias: Optional[bool] = None
     downsample: Optional[str] = None
     block_kwargs: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]] = field(default_factory=dict)
+    context: Optional[str] = None
+    context_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def blocks_kwargs(self) -> List[Dict[str, Any]]:
         """The extra `MixerBlock` arguments of each block."""
@@ -95,28 +101,38 @@ class StageSpec:
 
 
 class Stage(nn.Module):
-    """Optional downsample then a sequence of blocks; NCHW in, NCHW out.
+    """Optional downsample, optional stage context, then a sequence of blocks; NCHW in, NCHW out.
 
     Args:
-        blocks: the blocks, run in order.
+        blocks: the blocks, run in order (given the context as a second argument when there is one).
         downsample: module run first (in the stage's layout), or None.
         fmt: layout the downsample and blocks work in, 'NCHW' or 'NHWC'.
+        context: module computing the stage context from the downsampled input (GC ViT's global query), or None.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], downsample: Optional[nn.Module] = None, fmt: str = 'NCHW'):
+    def __init__(self, blocks: Sequence[nn.Module], downsample: Optional[nn.Module] = None, fmt: str = 'NCHW',
+                 context: Optional[nn.Module] = None):
         super().__init__()
         if fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"fmt: expected 'NCHW' or 'NHWC', got {fmt!r}")
         self.fmt = fmt
         self.grad_checkpointing = False
         self.downsample = downsample if downsample is not None else nn.Identity()
+        self.context = context
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fmt == 'NHWC':
             x = x.permute(0, 2, 3, 1)
         x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if self.context is not None:
+            context = self.context(x)
+            for block in self.blocks:
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(block, x, context, use_reentrant=False)
+                else:
+                    x = block(x, context)
+        elif self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
@@ -169,7 +185,13 @@ def build_stages(
                     pos_embed=spec.pos_embed, drop_path=dpr[i][j], **stage_kwargs, **extra)
                 for j, ((mixer, mixer_kwargs), extra) in enumerate(zip(spec.per_block(), spec.blocks_kwargs()))
             ]
-            stages.append(Stage(blocks, downsample, fmt='NHWC'))
+            context = None
+            needs = sorted({getattr(b.attn, 'stage_context', None) for b in blocks} - {None})
+            if needs != ([spec.context] if spec.context is not None else []):
+                raise ValueError(f'StageSpec {i}: its mixers read the stage context {needs}, got context={spec.context!r}')
+            if spec.context is not None:
+                context = create_stage_context(spec.context, spec.dim, **spec.context_kwargs)
+            stages.append(Stage(blocks, downsample, fmt='NHWC', context=context))
             in_dim = spec.dim
         feature_info.append(dict(num_chs=spec.dim, reduction=reduction, module=f'stages.{i}'))
     return stages, feature_info
