@@ -44,11 +44,10 @@ def effective_window_shift(
 
 
 def tile_global_query(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A per-image window of queries repeated over a map: q (B, Mh, Mw, *rest), x (B, H, W, ...) ->
-    (B, H, W, *rest), token (i, j) getting q[:, i % Mh, j % Mw] (the grid of windows, cropped to H x W)."""
+    """A per-image window of queries repeated over a map: q (B, Mh, Mw, heads, d), x (B, H, W, ...) ->
+    (B, H, W, heads, d), token (i, j) getting q[:, i % Mh, j % Mw] (the grid of windows, cropped to H x W)."""
     H, W = x.shape[1], x.shape[2]
-    nh, nw = ceil_div(H, q.shape[1]), ceil_div(W, q.shape[2])
-    q = q.repeat(1, nh, nw, *([1] * (q.dim() - 3)))
+    q = q.repeat(1, ceil_div(H, q.shape[1]), ceil_div(W, q.shape[2]), 1, 1)
     return q[:, :H, :W]
 
 

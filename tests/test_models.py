@@ -44,6 +44,8 @@ EXPECTED = {
     'flatten_swin_tiny', 'flatten_swin_small', 'flatten_swin_base', 'inline_swin_tiny', 'inline_swin_small',
     'inline_swin_base', 'mala_tiny', 'mala_small', 'mala_base', 'mala_large', 'l2vit_tiny', 'l2vit_small',
     'l2vit_base',
+    'zoo_gcvit_xxtiny', 'zoo_gcvit_xtiny', 'zoo_gcvit_tiny', 'zoo_gcvit_small', 'zoo_gcvit_base',
+    'zoo_davit_tiny', 'zoo_davit_small', 'zoo_davit_base', 'zoo_davit_large', 'zoo_davit_huge', 'zoo_davit_giant',
 }
 
 
