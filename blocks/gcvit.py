@@ -10,6 +10,7 @@ The attention itself is the 'window' mixer (local blocks) and the 'window' mixer
 as many times as it was built for (the layout at the model's `img_size`) and resizes the result to the window
 in the graph (bicubic, as the official detection backbone does), an identity when the sizes already agree.
 """
+import math
 from typing import Tuple, Union
 
 import torch
@@ -17,7 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import SEModule, to_2tuple
 
-__all__ = ['SeMbConv', 'MbConvDownsample', 'GlobalQueryGen']
+__all__ = ['SeMbConv', 'MbConvDownsample', 'GlobalQueryGen', 'pool_levels']
+
+
+def pool_levels(size: Tuple[int, int], window: Tuple[int, int]) -> int:
+    """GC ViT's pooling rounds for a map of `size` and a window: floor(log2(min(size) / min(window))), >= 0."""
+    return max(0, int(math.log2(max(1, min(size)) / min(window))))
 
 
 class SeMbConv(nn.Module):

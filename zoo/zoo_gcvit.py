@@ -14,7 +14,6 @@ the stage input) computes once per stage, per image. Windows and pooling rounds 
 windows 7, 7, 14, 7 and 3, 2, 0, 0 pools, timm's rule); any input size runs: windows pad and mask, and the
 global query is resized to the window in the graph (bicubic, as the official detection backbone does).
 """
-import math
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn as nn
 from timm.layers import ClassifierHead, LayerNorm2d, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 
-from zoo.blocks.gcvit import MbConvDownsample
+from zoo.blocks.gcvit import MbConvDownsample, pool_levels
 from zoo.weights.keymap import KeyMap, KeyRule, make_filter
 
 from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, build_stages, default_cfg
@@ -85,7 +84,7 @@ def _windows_and_pools(
         raise ValueError(f'window_size: expected {num_stages} positive windows (from img_size={img_size} and '
                          f'window_ratio={tuple(window_ratio)}), got {windows}')
     feats = [(img_size[0] // 4 // 2 ** i, img_size[1] // 4 // 2 ** i) for i in range(num_stages)]
-    pools = tuple(max(0, int(math.log2(max(1, min(f)) / min(w)))) for f, w in zip(feats, windows))
+    pools = tuple(pool_levels(f, w) for f, w in zip(feats, windows))
     return windows, pools
 
 

@@ -185,3 +185,18 @@ def test_bad_input():
         from zoo import StageSpec, build_stages
         build_stages([StageSpec(depth=2, dim=16, num_heads=2,
                                 mixer_kwargs=dict(window_size=4, global_query=True))], 16, 4)
+
+
+def test_global_query_window_in_any_hybrid_stage():
+    """GC ViT's global attention (and its per-stage query) in any stage of hybrid_tiny, at any size."""
+    small = zoo.reduced_args('hybrid_tiny')
+    for pos in range(4):
+        mixers = ['se'] + ['grid'] * 3
+        mixers[pos] = ('window', 'window')
+        model = timm.create_model('hybrid_tiny', mixers=mixers, mixer_kwargs={'window': dict(global_query=True)},
+                                  **dict(small, depths=(2, 2, 2, 2)))
+        stage = model.stages[pos]
+        assert isinstance(stage.context, GlobalQueryGen) and all(b.attn.global_query for b in stage.blocks)
+        out = model(torch.randn(2, 3, 97, 131))
+        out.mean().backward()
+        assert torch.isfinite(out).all() and all(p.grad is not None for p in stage.parameters())
