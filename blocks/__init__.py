@@ -22,7 +22,8 @@ from . import agent, attention, linear, multiaxis, neighborhood, routing, window
 
 for _fn in (attention.rope_2d, linear.linear_attention, linear._at_least_fp32, linear.dynamic_dwconv3x3,
             linear.elu_plus_one, multiaxis.size_max,
-            window.window_attention, window.tile_global_query, neighborhood.neighborhood_attention, routing.routed_attention,
+            window.window_attention, window.tile_global_query, window.pad_to_windows,
+            neighborhood.neighborhood_attention, routing.routed_attention,
             agent.agent_attention):
     register_notrace_function(_fn)
 

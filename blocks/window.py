@@ -12,6 +12,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import to_2tuple, trunc_normal_
 
 from zoo.kernels._sizes import ceil_div
@@ -23,8 +24,9 @@ from ._registry import check_input, register_mixer, resolve_heads
 # lists them too, see __init__)
 torch.fx.wrap('window_attention')
 torch.fx.wrap('tile_global_query')
+torch.fx.wrap('pad_to_windows')
 
-__all__ = ['WindowAttention', 'effective_window_shift', 'tile_global_query']
+__all__ = ['WindowAttention', 'effective_window_shift', 'tile_global_query', 'pad_to_windows']
 
 _int_or_tuple_2_t = Union[int, Tuple[int, int]]
 
@@ -51,6 +53,12 @@ def tile_global_query(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return q[:, :H, :W]
 
 
+def pad_to_windows(x: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
+    """(B, H, W, C) zero-padded at the bottom / right to multiples of the window: (B, Hp, Wp, C)."""
+    H, W = x.shape[1], x.shape[2]
+    return F.pad(x, (0, 0, 0, ceil_div(W, window[1]) * window[1] - W, 0, ceil_div(H, window[0]) * window[0] - H))
+
+
 @register_mixer('window', paper='Swin Transformer (Liu et al., ICCV 2021)', cost='O(N M^2), window M',
                 triton=True, torchscript=True)
 class WindowAttention(nn.Module):
@@ -66,6 +74,10 @@ class WindowAttention(nn.Module):
         shift_size: cyclic shift of the windows (Swin uses M // 2 in every other block).
         rel_pos_bias: learn Swin's relative position bias table; False: plain window softmax with no bias
             (L2ViT's local window attention).
+        mask_padding: at sizes that are no multiple of the window, mask the padded keys (default: outputs never
+            depend on the padding). False: zero-pad the normed input before the qkv projection and let the padded
+            tokens join the keys and values unmasked, as DaViT and GC ViT's detection code do (so their weights
+            give their official outputs at any size).
         global_query: GC ViT's global attention: `qkv` projects keys and values only and the queries are the
             stage's global query, passed as `forward(x, global_query)` with shape (B, Mh, Mw, dim) (a stage
             with ``context='global_query'`` computes it once and hands it to every block). No shift.
@@ -83,6 +95,7 @@ class WindowAttention(nn.Module):
             window_size: _int_or_tuple_2_t = 7,
             shift_size: _int_or_tuple_2_t = 0,
             rel_pos_bias: bool = True,
+            mask_padding: bool = True,
             global_query: bool = False,
             qkv_bias: bool = True,
             attn_drop: float = 0.,
@@ -105,6 +118,7 @@ class WindowAttention(nn.Module):
             raise ValueError(f'global_query: expected no shift and num_heads * head_dim == dim={dim}, got shift_size='
                              f'{self.shift_size}, num_heads={num_heads}, head_dim={head_dim}')
         self.global_query = global_query
+        self.mask_padding = mask_padding
         # the stage context this mixer reads (MixerBlock passes it on); None: it reads none
         self.stage_context: Optional[str] = 'global_query' if global_query else None
         self.scale = head_dim ** -0.5
@@ -131,6 +145,9 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, global_query: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, H, W, dim), global_query (B, Mh, Mw, dim) with global_query=True -> (B, H, W, dim)."""
         check_input(x, self.dim, 'WindowAttention')
+        unpadded = x
+        if not self.mask_padding:
+            x = pad_to_windows(x, self.window_size)
         B, H, W, C = x.shape
         if self.global_query:
             if global_query is None:
@@ -145,9 +162,12 @@ class WindowAttention(nn.Module):
         x = window_attention(
             q, k, v, self.window_size, shift=self.shift_size, rel_pos_bias=self.rel_pos_bias(), scale=self.scale)
         x = self.proj(x.reshape(B, H, W, -1))
+        if not self.mask_padding:
+            x = x[:, :unpadded.shape[1], :unpadded.shape[2]]
         return self.proj_drop(x)
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, '
                 f'shift_size={self.shift_size}, rel_pos_bias={self.relative_position_bias_table is not None}'
-                + (', global_query=True' if self.global_query else ''))
+                + (', global_query=True' if self.global_query else '')
+                + ('' if self.mask_padding else ', mask_padding=False'))

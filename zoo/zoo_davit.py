@@ -9,9 +9,10 @@ A stem (7x7 stride-4 conv, LayerNorm), four stages of the one `MixerBlock` with 
 downsample before stages 2-4, and timm's norm head (pool, LayerNorm, linear). Blocks alternate: even blocks are
 spatial attention in 7 x 7 windows with no bias and no shift ('window' with rel_pos_bias=False), odd blocks channel
 group attention ('channel_group'); every block has a 3x3 depthwise conv position embedding before the attention
-and another before the MLP (ConvPosEnc). MLP ratio 4, LayerNorm eps 1e-5, no layer scale. Any input size runs:
-the stem and downsamples pad as timm / official; windows pad and mask (officially the padding joins the keys;
-every map at 224 px is a multiple of 7, so nothing is padded there).
+and another before the MLP (ConvPosEnc). MLP ratio 4, LayerNorm eps 1e-5, no layer scale. Any input size runs, with
+timm's and the official outputs: the stem and downsamples pad as they do, and the spatial attention zero-pads its
+normed input to window multiples and lets the padded tokens join the keys unmasked, as they do
+(``mask_padding=False``; every map at 224 px is a multiple of 7, so nothing is padded there).
 """
 from functools import partial
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -55,7 +56,7 @@ def davit_stage_specs(
     if not len(embed_dims) == len(depths) == len(num_heads):
         raise ValueError(f'embed_dims, depths, num_heads: expected one entry per stage each, got {tuple(embed_dims)}, '
                          f'{tuple(depths)}, {tuple(num_heads)}')
-    spatial = ('window', dict(window_size=window_size, rel_pos_bias=False))
+    spatial = ('window', dict(window_size=window_size, rel_pos_bias=False, mask_padding=False))
     channel = ('channel_group', {})
     return tuple(
         StageSpec(

@@ -11,8 +11,9 @@ stride-2 conv, LayerNorm), four stages of the one `MixerBlock` (that downsample 
 ('window'); odd blocks: the same with the queries taken from the stage's global query ('window',
 ``global_query=True``), which a stage context (`zoo.blocks.gcvit.GlobalQueryGen`: fused MBConvs and max-pools of
 the stage input) computes once per stage, per image. Windows and pooling rounds are those of `img_size` (224:
-windows 7, 7, 14, 7 and 3, 2, 0, 0 pools, timm's rule); any input size runs: windows pad and mask, and the
-global query is resized to the window in the graph (bicubic, as the official detection backbone does).
+windows 7, 7, 14, 7 and 3, 2, 0, 0 pools, timm's rule); any input size runs as in the official detection backbone:
+each attention zero-pads its normed input to window multiples, the padded tokens joining the keys unmasked
+(``mask_padding=False``), and the global query is resized to the window in the graph (bicubic).
 """
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -63,7 +64,8 @@ def gcvit_stage_specs(
             raise ValueError(f'depths: expected >= 2 blocks per stage (a local and a global one), got {tuple(depths)}')
         specs.append(StageSpec(
             depth=depth, dim=embed_dim * 2 ** i, mixer='window',
-            mixer_kwargs=[dict(window_size=window, global_query=bool(j % 2)) for j in range(depth)],
+            mixer_kwargs=[dict(window_size=window, global_query=bool(j % 2), mask_padding=False)
+                          for j in range(depth)],
             num_heads=heads, mlp_ratio=mlp_ratio, layer_scale=layer_scale, downsample='mbconv' if i else None,
             context='global_query', context_kwargs=dict(window_size=window, levels=levels)))
     return tuple(specs)

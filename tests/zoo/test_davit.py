@@ -121,14 +121,19 @@ def test_channel_group_attention_is_timms(hw):
 
 
 @pytest.mark.parametrize('size', [(97, 131), (320, 256)])
-def test_any_size_and_four_feature_maps(size):
+def test_any_size_is_timms_and_four_feature_maps(size, timm_tiny, assert_close_to_scale):
+    """At sizes that are no multiple of the windows the padded tokens join the keys, as in timm and the official
+    code, so the logits are still timm's."""
+    ref = timm_tiny[0]
     model = timm.create_model('zoo_davit_tiny').eval()
+    model.load_state_dict(checkpoint_filter_fn(ref.state_dict(), model), strict=True)
     feats = timm.create_model('zoo_davit_tiny', features_only=True).eval()
     feats.load_state_dict(model.state_dict(), strict=False)
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
-        out, maps = model(x), feats(x)
+        out, maps, want = model(x), feats(x), ref(x)
     assert out.shape == (2, 1000) and torch.isfinite(out).all()
+    assert_close_to_scale(out, want)
     assert len(maps) == 4
     for f, r, c in zip(maps, (4, 8, 16, 32), (96, 192, 384, 768)):
         assert f.shape == (2, c, -(-size[0] // r), -(-size[1] // r)) and torch.isfinite(f).all()

@@ -158,6 +158,21 @@ def test_dynamic_onnx_from_224(exporter, tmp_path):
     assert all(c['max_abs_err'] <= c['tol'] for c in report['checks'])
 
 
+@pytest.mark.parametrize('global_query', [False, True])
+def test_unmasked_padding_is_attention_over_the_padded_input(global_query):
+    """mask_padding=False (GC ViT, DaViT): the same as the padded input through the mixer, cropped."""
+    unmasked = create_mixer('window', 32, num_heads=2, window_size=4, global_query=global_query, mask_padding=False)
+    masked = create_mixer('window', 32, num_heads=2, window_size=4, global_query=global_query)
+    masked.load_state_dict(unmasked.state_dict())
+    x, q = torch.randn(2, 9, 6, 32), torch.randn(2, 4, 4, 32)
+    args = (q,) if global_query else ()
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 2, 0, 3))
+    with torch.no_grad():
+        got = unmasked(x, *args)
+        torch.testing.assert_close(got, masked(padded, *args)[:, :9, :6], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got, masked(x, *args), atol=1e-3)
+
+
 def test_global_query_window_option():
     mixer = create_mixer('window', 32, num_heads=2, window_size=4, global_query=True)
     assert mixer.qkv.out_features == 64 and mixer.stage_context == 'global_query'
