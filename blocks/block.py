@@ -1,7 +1,8 @@
 """The one pre-norm residual block every attention stage is built from, and the layers around it.
 
     x = x + pos_embed(x)                                  (optional depthwise conv position embedding)
-    x = x + drop_path(gamma1 * mixer(norm1(x)))           (mixer from `create_mixer`, layer scale optional)
+    x = x + drop_path(gamma1 * mixer(norm1(x)))           (mixer from `create_mixer`, layer scale optional; a mixer
+                                                           that reads a stage context gets it: mixer(norm1(x), ctx))
     x = x + drop_path(local(norm3(x)))                    (optional local branch: L2ViT's LCM)
     x = x + pos_embed2(x)                                 (optional second position embedding: L2ViT's LWA)
     x = x + drop_path(gamma2 * mlp(norm2(x)))             (MLP, or MLP with a depthwise conv)
