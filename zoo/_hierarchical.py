@@ -47,8 +47,8 @@ class StageSpec:
         mlp_ratio, mlp_layer, layer_scale, pos_embed: `MixerBlock` arguments.
         qkv_bias: this stage's qkv bias, overriding `build_stages`' block-wide one (None: keep that one);
             BiFormer's last stage has none while its other stages do.
-        downsample: 'patch_merging', 'conv', 'conv_bn', 'norm_conv' or 'mbconv' for attention stages; for conv stages any
-            non-None value makes the first block stride 2. None: no downsample.
+        downsample: 'patch_merging', 'conv', 'conv_bn', 'norm_conv' or 'mbconv' for attention stages; for conv
+            stages any non-None value makes the first block stride 2. None: no downsample.
         block_kwargs: further `MixerBlock` arguments (mlp_pos_embed, local_layer, ...), shared by the blocks or
             one mapping per block (L2ViT alternates two block kinds).
         context: a stage context computed once from the stage input (after the downsample) and given to every
@@ -188,7 +188,8 @@ def build_stages(
             context = None
             needs = sorted({getattr(b.attn, 'stage_context', None) for b in blocks} - {None})
             if needs != ([spec.context] if spec.context is not None else []):
-                raise ValueError(f'StageSpec {i}: its mixers read the stage context {needs}, got context={spec.context!r}')
+                raise ValueError(
+                    f'StageSpec {i}: its mixers read the stage context {needs}, got context={spec.context!r}')
             if spec.context is not None:
                 context = create_stage_context(spec.context, spec.dim, **spec.context_kwargs)
             stages.append(Stage(blocks, downsample, fmt='NHWC', context=context))

@@ -95,7 +95,8 @@ def test_official_layout_loads_one_to_one(official_checkpoint, tmp_path):
     model = timm.create_model('zoo_davit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     ours = model.state_dict()
     assert len(ours) == len(state)
-    torch.testing.assert_close(ours['stages.2.blocks.5.pos_embed2.proj.weight'], state['main_blocks.2.2.1.cpe.1.proj.weight'])
+    torch.testing.assert_close(ours['stages.2.blocks.5.pos_embed2.proj.weight'],
+                               state['main_blocks.2.2.1.cpe.1.proj.weight'])
     torch.testing.assert_close(ours['stages.1.downsample.norm.weight'], state['patch_embeds.1.norm.weight'])
     torch.testing.assert_close(ours['head.norm.weight'], state['norms.weight'])
 

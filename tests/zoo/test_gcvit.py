@@ -107,7 +107,8 @@ def test_official_layout_loads_one_to_one(official_checkpoint, tmp_path):
     model = timm.create_model('zoo_gcvit_xxtiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     ours = model.state_dict()
     assert len(ours) == len(state) - 12  # the official relative_position_index buffers are dropped
-    torch.testing.assert_close(ours['stages.1.downsample.reduction.weight'], state['levels.0.downsample.reduction.weight'])
+    torch.testing.assert_close(ours['stages.1.downsample.reduction.weight'],
+                               state['levels.0.downsample.reduction.weight'])
     torch.testing.assert_close(ours['stages.0.context.blocks.conv3.se.fc1.weight'].flatten(1),
                                state['levels.0.q_global_gen.to_q_global.2.conv.2.fc.0.weight'])
     torch.testing.assert_close(ours['head.fc.weight'], state['head.weight'])
