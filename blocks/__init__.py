@@ -22,9 +22,9 @@ from . import agent, attention, block, linear, multiaxis, neighborhood, outlook,
 
 for _fn in (attention.rope_2d, linear.linear_attention, linear._at_least_fp32, linear.dynamic_dwconv3x3,
             linear.elu_plus_one, multiaxis.size_max,
-            window.window_attention, neighborhood.neighborhood_attention, routing.routed_attention,
-            agent.agent_attention, outlook.outlook_windows, outlook.outlook_fold, outlook.outlook_pool,
-            block.resize_pos_table):
+            window.window_attention, window.tile_global_query, window.pad_to_windows,
+            neighborhood.neighborhood_attention, routing.routed_attention, agent.agent_attention,
+            outlook.outlook_windows, outlook.outlook_fold, outlook.outlook_pool, block.resize_pos_table):
     register_notrace_function(_fn)
 
 __all__ = [

@@ -2,7 +2,8 @@
 
     x = x + pos_embed(x)                                  (optional depthwise conv position embedding)
     (no mixer branch when mixer is None: SHViT's first-stage blocks and its downsample's conv / FFN pairs)
-    x = x + drop_path(gamma1 * mixer(norm1(x)))           (mixer from `create_mixer`, layer scale optional)
+    x = x + drop_path(gamma1 * mixer(norm1(x)))           (mixer from `create_mixer`, layer scale optional; a mixer
+                                                           that reads a stage context gets it: mixer(norm1(x), ctx))
     x = x + drop_path(local(norm3(x)))                    (optional local branch: L2ViT's LCM)
     x = x + pos_embed2(x)                                 (optional second position embedding: L2ViT's LWA)
     x = x + drop_path(gamma2 * mlp(norm2(x)))             (MLP, or MLP with a depthwise conv)
@@ -24,11 +25,12 @@ from zoo.kernels._sizes import ceil_div
 from zoo.kernels.backend import is_exporting
 
 from ._registry import create_mixer
+from .gcvit import GlobalQueryGen, MbConvDownsample
 
 __all__ = [
     'MixerBlock', 'DwConvMlp', 'ConvPosEmbed', 'PatchMerging', 'ConvDownsample', 'ConvBnDownsample', 'ConvTokenizer',
     'create_downsample', 'ResDwConvMlp', 'LocalConcentration', 'NormConvDownsample', 'ConvBnMlp',
-    'BatchNormChannelsLast', 'SeMerging', 'AbsPosEmbed', 'resize_pos_table',
+    'BatchNormChannelsLast', 'SeMerging', 'AbsPosEmbed', 'resize_pos_table', 'create_stage_context',
 ]
 
 # FX leaf, one graph node: it reads sizes (any tracer; timm's registry lists it too, see __init__)
@@ -246,6 +248,10 @@ class MixerBlock(nn.Module):
             self.attn = create_mixer(
                 mixer, dim, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias, attn_drop=attn_drop,
                 proj_drop=proj_drop, **(mixer_kwargs or {}))
+            context = getattr(self.attn, 'stage_context', None)
+            if context is not None:
+                # set only on blocks whose mixer reads the stage context: TorchScript resolves hasattr while compiling
+                self.stage_context = context
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         act = get_act_layer(act_layer) if isinstance(act_layer, str) else act_layer
         if local_layer is not None:
@@ -261,11 +267,16 @@ class MixerBlock(nn.Module):
         self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale))) if scaled and mixer is not None else None
         self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale))) if scaled else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, H, W, dim) -> (B, H, W, dim); `context`: the stage context (e.g. GC ViT's global query), given to
+        the mixer if it reads one (`mixer.stage_context`), ignored otherwise."""
         if self.pos_embed is not None:
             x = self.pos_embed(x)
         if self.attn is not None and self.norm1 is not None:
-            y = self.attn(self.norm1(x))
+            if hasattr(self, 'stage_context'):
+                y = self.attn(self.norm1(x), context)
+            else:
+                y = self.attn(self.norm1(x))
             x = x + self.drop_path1(y if self.gamma1 is None else self.gamma1 * y)
         if self.local is not None:
             x = x + self.drop_path1(self.local(self.norm3(x)))
@@ -402,12 +413,24 @@ class SeMerging(nn.Module):
 
 _DOWNSAMPLES = {'patch_merging': PatchMerging, 'conv': ConvDownsample, 'conv_bn': ConvBnDownsample,
                 'norm_conv': NormConvDownsample, 'se_merging': SeMerging,
-                'conv2x2': partial(NormConvDownsample, norm_layer=None)}
+                'conv2x2': partial(NormConvDownsample, norm_layer=None), 'mbconv': MbConvDownsample}
 
 
 def create_downsample(name: str, dim: int, out_dim: int, **kwargs) -> nn.Module:
     """A channels-last stride-2 downsample by name ('patch_merging', 'conv', 'conv_bn', 'norm_conv', 'se_merging',
-    'conv2x2')."""
+    'conv2x2', 'mbconv')."""
     if name not in _DOWNSAMPLES:
         raise ValueError(f'downsample: expected one of {sorted(_DOWNSAMPLES)}, got {name!r}')
     return _DOWNSAMPLES[name](dim, out_dim, **kwargs)
+
+
+# stage contexts: computed once per stage from its input (after the downsample), handed to every block; a mixer
+# that reads one names it in `stage_context`
+_STAGE_CONTEXTS = {'global_query': GlobalQueryGen}
+
+
+def create_stage_context(name: str, dim: int, **kwargs) -> nn.Module:
+    """A stage context by name ('global_query': GC ViT's global query): (B, H, W, dim) -> the context tensor."""
+    if name not in _STAGE_CONTEXTS:
+        raise ValueError(f'context: expected one of {sorted(_STAGE_CONTEXTS)}, got {name!r}')
+    return _STAGE_CONTEXTS[name](dim, **kwargs)

@@ -49,6 +49,8 @@ EXPECTED = {
     'van_b0', 'van_b1', 'van_b2', 'van_b3', 'van_b4', 'van_b5', 'van_b6', 'psa_resnet50', 'ela_resnet18',
     'ela_resnet50',
     'zoo_volo_d1', 'zoo_volo_d2', 'zoo_volo_d3', 'zoo_volo_d4', 'zoo_volo_d5',
+    'zoo_gcvit_xxtiny', 'zoo_gcvit_xtiny', 'zoo_gcvit_tiny', 'zoo_gcvit_small', 'zoo_gcvit_base',
+    'zoo_davit_tiny', 'zoo_davit_small', 'zoo_davit_base', 'zoo_davit_large', 'zoo_davit_huge', 'zoo_davit_giant',
 }
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import calculate_drop_path_rates
 from timm.models import build_model_with_cfg, checkpoint_seq
@@ -23,7 +24,7 @@ from timm.models.resnet import BasicBlock, downsample_conv
 
 from zoo.blocks import MixerBlock, create_gate, list_gates
 from zoo.blocks._registry import shape_str
-from zoo.blocks.block import AbsPosEmbed, create_downsample
+from zoo.blocks.block import AbsPosEmbed, create_downsample, create_stage_context
 from zoo.kernels.backend import ENV_VAR, get_backend
 from zoo.weights.keymap import KeyMap, make_filter
 from zoo.weights.sources import prepare_pretrained, release_pretrained_state_dict
@@ -53,6 +54,9 @@ class StageSpec:
             gives only its second block a pos_embed; VOLO's outlookers have no drop_path).
         abs_pos_embed: grid (h, w) of a learned absolute position embedding added after the downsample, resized
             in the graph to the actual map (`AbsPosEmbed`); None for none.
+        context: a stage context computed once from the stage input (after the downsample) and given to every
+            block, e.g. 'global_query' (GC ViT); None for none. Required when a block's mixer reads one.
+        context_kwargs: the context's arguments (e.g. window_size, levels).
     """
     depth: int
     dim: int
@@ -68,6 +72,8 @@ class StageSpec:
     downsample: Optional[str] = None
     block_kwargs: Union[Mapping[str, Any], Sequence[Mapping[str, Any]]] = field(default_factory=dict)
     abs_pos_embed: Optional[Tuple[int, int]] = None
+    context: Optional[str] = None
+    context_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def blocks_kwargs(self) -> List[Dict[str, Any]]:
         """The extra `MixerBlock` arguments of each block."""
@@ -99,18 +105,21 @@ class StageSpec:
 
 
 class Stage(nn.Module):
-    """Optional downsample (and position embedding) then a sequence of blocks; NCHW in, NCHW out.
+    """Optional downsample (and position embedding), optional stage context, then a sequence of blocks; NCHW in,
+    NCHW out.
 
     Args:
-        blocks: the blocks, run in order.
+        blocks: the blocks, run in order (given the context as a second argument when there is one).
         downsample: module run first (in the stage's layout), or None.
         fmt: layout the downsample and blocks work in, 'NCHW' or 'NHWC'.
         pos_embed: module run after the downsample (an `AbsPosEmbed`), or None.
+        context: module computing the stage context from the downsampled input (GC ViT's global query), or None.
         norm: module run last (in the stage's layout), or None: VAN ends every stage with a LayerNorm.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], downsample: Optional[nn.Module] = None, fmt: str = 'NCHW',
-                 pos_embed: Optional[nn.Module] = None, norm: Optional[nn.Module] = None):
+                 pos_embed: Optional[nn.Module] = None, context: Optional[nn.Module] = None,
+                 norm: Optional[nn.Module] = None):
         super().__init__()
         if fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"fmt: expected 'NCHW' or 'NHWC', got {fmt!r}")
@@ -118,6 +127,7 @@ class Stage(nn.Module):
         self.grad_checkpointing = False
         self.downsample = downsample if downsample is not None else nn.Identity()
         self.pos_embed = pos_embed
+        self.context = context
         self.blocks = nn.Sequential(*blocks)
         self.norm = norm if norm is not None else nn.Identity()
 
@@ -127,7 +137,14 @@ class Stage(nn.Module):
         x = self.downsample(x)
         if self.pos_embed is not None:
             x = self.pos_embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if self.context is not None:
+            context = self.context(x)
+            for block in self.blocks:
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(block, x, context, use_reentrant=False)
+                else:
+                    x = block(x, context)
+        elif self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
@@ -183,9 +200,16 @@ def build_stages(
                     **{**stage_kwargs, 'pos_embed': spec.pos_embed, 'drop_path': dpr[i][j], **extra})
                 for j, ((mixer, mixer_kwargs), extra) in enumerate(zip(spec.per_block(), spec.blocks_kwargs()))
             ]
+            context = None
+            needs = sorted({getattr(b.attn, 'stage_context', None) for b in blocks} - {None})
+            if needs != ([spec.context] if spec.context is not None else []):
+                raise ValueError(
+                    f'StageSpec {i}: its mixers read the stage context {needs}, got context={spec.context!r}')
+            if spec.context is not None:
+                context = create_stage_context(spec.context, spec.dim, **spec.context_kwargs)
             pos_embed = AbsPosEmbed(spec.dim, spec.abs_pos_embed) if spec.abs_pos_embed is not None else None
             norm = stage_norm(spec.dim) if stage_norm is not None else None
-            stages.append(Stage(blocks, downsample, fmt='NHWC', pos_embed=pos_embed, norm=norm))
+            stages.append(Stage(blocks, downsample, fmt='NHWC', pos_embed=pos_embed, context=context, norm=norm))
             in_dim = spec.dim
         feature_info.append(dict(num_chs=spec.dim, reduction=reduction, module=f'stages.{i}'))
     return stages, feature_info

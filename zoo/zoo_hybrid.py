@@ -13,6 +13,8 @@ shift in every other window block, sized from `img_size` as in Swin.
 A plan may be written as one string (`parse_mixer_plan`): 'cbam/window/neighborhood/grid' or
 '[se,linear,agent,global]' (one entry per stage), 'window' (every stage), 'cbam/window+neighborhood/...'
 (one name per block of a stage).
+With `mixer_kwargs={'window': dict(global_query=True)}` the 'window' blocks are GC ViT's global-query window
+blocks (no shift) and the stage computes GC ViT's global query once for them.
 
 No pretrained weights: it is a test bed. Any input size works.
 """
@@ -27,6 +29,7 @@ from timm.models.vision_transformer import init_weights_vit_timm
 
 from zoo.blocks import gate_info, list_gates, list_mixers, mixer_info
 from zoo.blocks.block import ConvTokenizer
+from zoo.blocks.gcvit import pool_levels
 from zoo.blocks.window import effective_window_shift
 
 from ._hierarchical import HierarchicalBackbone, StageSpec, build_backbone, build_stages, default_cfg
@@ -112,20 +115,24 @@ def hybrid_stage_specs(
             raise ValueError(f'mixers[{i}]: expected one mixer per block ({depth}), got {names}')
         stride = stem_stride * 2 ** i
         size = (-(-img_h // stride), -(-img_w // stride))
-        kwargs, n_window = [], 0
+        kwargs, n_window, context = [], 0, None
         names, args = zip(*(split_mixer_name(n) for n in names))
         for name, arg in zip(names, args):
             kw = dict(mixer_kwargs.get(name, {}), **arg)
             if name == 'window':
                 window = to_2tuple(kw.pop('window_size', 7))
                 win, shift = effective_window_shift(size, window, tuple(w // 2 for w in window))
-                kw.update(window_size=win, shift_size=shift if n_window % 2 else 0)
+                global_query = kw.get('global_query', False)
+                kw.update(window_size=win, shift_size=shift if n_window % 2 and not global_query else 0)
                 n_window += 1
+                if global_query:
+                    context = dict(window_size=win, levels=pool_levels(size, win))
             kwargs.append(kw)
         is_conv = all(n in list_gates() for n in names)
         specs.append(StageSpec(
             depth=depth, dim=dim, mixer=list(names), mixer_kwargs=kwargs,
-            downsample=None if i == 0 else ('stride' if is_conv else 'conv'), **spec_kwargs))
+            downsample=None if i == 0 else ('stride' if is_conv else 'conv'),
+            context=None if context is None else 'global_query', context_kwargs=context or {}, **spec_kwargs))
     return specs
 
 
