@@ -111,7 +111,11 @@ class GNATables(NamedTuple):
     query_index: torch.Tensor  # (tiles * Tq,) query token of each tile slot
     halo_index: torch.Tensor  # (tiles * Tk,) key token of each halo slot
     out_index: torch.Tensor  # (N,) flat (tile, slot) of each token, to undo the tiling
-    bias_index: torch.Tensor  # (tiles, Tq, Tk) index into the padded bias table (see `_bias_table`)
+    # index of each (tile, query slot, halo slot) into the padded bias table (see `_bias_table`), stored as distinct
+    # patterns (U, Tq, Tk) and the pattern of each tile (tiles,): interior tiles share one pattern, so the rpb
+    # gather and its gradient scatter touch U << tiles patterns (no dedup in graph form: U = tiles)
+    bias_patterns: torch.Tensor
+    tile_pattern: torch.Tensor
     mask: Optional[torch.Tensor]  # (tiles, 1, Tq, Tk) additive 0 / -inf mask, None when nothing is masked
     tile_shape: List[int]  # [tiles, Tq, Tk]
 
@@ -163,11 +167,15 @@ def _build_tables(sizes: List[int], kernel: List[int], stride: List[int], dilati
     out_index = (tile_flat * Tq + slot_flat).reshape(-1)
     bias_index = bias.reshape(P, Tq, Tk)
     mask: Optional[torch.Tensor] = _bias_table(None, kernel, torch.float32, device).reshape(-1)[bias_index]
-    if eager and not bool((mask != 0).any()):  # e.g. blocked attention on a map the kernel divides
-        mask = None
+    patterns, tile_pattern = bias_index, torch.arange(P, device=device)
+    if eager:
+        if not bool((mask != 0).any()):  # e.g. blocked attention on a map the kernel divides
+            mask = None
+        patterns, tile_pattern = torch.unique(bias_index.reshape(P, -1), dim=0, return_inverse=True)
+        patterns = patterns.reshape(-1, Tq, Tk)
     if mask is not None:
         mask = mask.unsqueeze(1)
-    return GNATables(query_index, halo_index, out_index, bias_index, mask, [P, Tq, Tk])
+    return GNATables(query_index, halo_index, out_index, patterns, tile_pattern, mask, [P, Tq, Tk])
 
 
 _cached_tables = size_cache(64)(_build_tables)
@@ -229,7 +237,15 @@ def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_in
         mask = mask.to(qt.dtype)
         if mask.shape[1] != 1 and B != 1:  # per-head bias: repeat over the batch (layout (P, B * heads))
             mask = mask.unsqueeze(1).expand(P, B, nh, Tq, Tk).reshape(P, B * nh, Tq, Tk)
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)  # P, B * heads, Tq, dv
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        # a learned bias needs the score gradient, which the fused kernel does not give: the math path, with a plain
+        # softmax (SDPA's own math path also scans for fully masked rows, which never occur here)
+        out = torch.softmax(torch.baddbmm(mask.flatten(0, 1) if mask.shape[1] != 1 else mask.expand(
+            P, B * nh, Tq, Tk).flatten(0, 1), qt.flatten(0, 1), kt.flatten(0, 1).transpose(1, 2), alpha=scale),
+            dim=-1) @ vt.flatten(0, 1)
+        out = out.view(P, B * nh, Tq, -1)
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)  # P, B * heads, Tq, dv
     dv = out.shape[-1]
     out = out.transpose(1, 2).reshape(P * Tq, B, nh, dv).index_select(0, out_index)
     return out.transpose(0, 1)
@@ -273,7 +289,10 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: GNATables, k
     mask = tables.mask
     if rel_pos_bias is not None:
         table = _bias_table(rel_pos_bias, kernel_size, rel_pos_bias.dtype, q.device)
-        mask = table.reshape(nh, -1)[:, tables.bias_index.reshape(-1)].reshape(nh, P, Tq, Tk).transpose(0, 1)
+        patterns = tables.bias_patterns
+        mask = table.reshape(nh, -1).index_select(1, patterns.reshape(-1)).reshape(nh, patterns.shape[0], Tq, Tk)
+        mask = mask.transpose(0, 1)
+        mask = mask.index_select(0, tables.tile_pattern)  # P, heads, Tq, Tk
     N = q.shape[1]
     for a in range(1, n):
         N = N * q.shape[1 + a]
