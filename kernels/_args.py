@@ -62,6 +62,6 @@ def per_axis(value, n: int, name: str, kind: type = int) -> list:
         result = None
     if result is None or len(result) != n or not all(
             isinstance(v, kind) and (kind is bool or not isinstance(v, bool)) for v in result):
-        raise (TypeError if result is None else ValueError)(
+        raise (TypeError if result is None and kind is not bool else ValueError)(
             f'{name}: expected {article} {what} or {n} {what}s (one per spatial axis), got {value!r}')
     return result

@@ -14,9 +14,17 @@ from ..backend import resolve_backend
 from .reference import DENSE_MAX_TOKENS, gna_ref, gna_tables, neighborhood_attention_ref
 
 __all__ = ['neighborhood_attention', 'neighborhood_attention_1d', 'neighborhood_attention_3d',
-           'neighborhood_attention_ref', 'gna_ref', 'gna_tables', 'DENSE_MAX_TOKENS', 'AXIS_NAMES']
+           'neighborhood_attention_ref', 'gna_ref', 'gna_tables', 'DENSE_MAX_TOKENS', 'axis_names']
 
-AXIS_NAMES = {1: ['length'], 2: ['height', 'width'], 3: ['depth', 'height', 'width']}
+
+
+def axis_names(n: int) -> List[str]:
+    """Names of the spatial axes of an n-D op, as error messages use them."""
+    if n == 1:
+        return ['length']
+    if n == 2:
+        return ['height', 'width']
+    return ['depth', 'height', 'width']
 
 
 def _fmt(values: List[int]) -> str:
@@ -32,7 +40,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Lis
                   dilation: List[int], causal: List[bool], rel_pos_bias: Optional[torch.Tensor], op: str) -> None:
     """NATTEN's argument rules, each failure one ValueError naming the argument, the axis and the value."""
     n = len(kernel)
-    layout = 'B, ' + ', '.join(AXIS_NAMES[n]) + ', heads, head_dim'
+    layout = 'B, ' + ', '.join(axis_names(n)) + ', heads, head_dim'
     if q.dim() != n + 3:
         raise ValueError(f'q: {op} expects a {n + 3}-D ({layout}) tensor, got {q.dim()}-D {shape_str(q)}')
     if k.shape != q.shape or v.shape != q.shape:
@@ -40,7 +48,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Lis
                          f'{shape_str(q)}, {shape_str(k)}, {shape_str(v)}')
     sizes = [q.shape[1 + a] for a in range(n)]
     for a in range(n):
-        axis = AXIS_NAMES[n][a]
+        axis = axis_names(n)[a]
         if kernel[a] < 1:
             raise ValueError(f'kernel_size: expected positive sizes, got {_fmt(kernel)} ({axis} kernel {kernel[a]})')
         if stride[a] < 1:
@@ -54,16 +62,16 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Lis
         if kernel[a] * dilation[a] > sizes[a]:
             raise ValueError(
                 f'kernel_size * dilation must not exceed the input {axis}: {kernel[a]} * {dilation[a]} = '
-                f'{kernel[a] * dilation[a]} > {sizes[a]} (input {" x ".join(AXIS_NAMES[n])} = '
+                f'{kernel[a] * dilation[a]} > {sizes[a]} (input {" x ".join(axis_names(n))} = '
                 f'{" x ".join([str(s) for s in sizes])})')
     if rel_pos_bias is not None:
         for a in range(n):
             if causal[a]:
                 raise ValueError(f'rel_pos_bias: not defined with causal attention (NATTEN defines relative-position '
                                  f'bias only without is_causal), got is_causal={_fmt_bools(causal)} '
-                                 f'({AXIS_NAMES[n][a]} causal)')
+                                 f'({axis_names(n)[a]} causal)')
         expected = [q.shape[-2]] + [2 * kernel[a] - 1 for a in range(n)]
-        if rel_pos_bias.shape != expected:
+        if list(rel_pos_bias.shape) != expected:
             table = ', '.join(['2*k' + str(a) + '-1' for a in range(n)])
             raise ValueError(f'rel_pos_bias: expected shape (heads, {table}) = {_fmt(expected)}, '
                              f'got {shape_str(rel_pos_bias)}')

@@ -166,15 +166,14 @@ def _build_tables(sizes: List[int], kernel: List[int], stride: List[int], dilati
     halo_index = torch.where(h_bad, n_tokens, h_tok).reshape(-1)
     out_index = (tile_flat * Tq + slot_flat).reshape(-1)
     bias_index = bias.reshape(P, Tq, Tk)
-    mask: Optional[torch.Tensor] = _bias_table(None, kernel, torch.float32, device).reshape(-1)[bias_index]
+    zeros = _bias_table(None, kernel, torch.float32, device).reshape(-1)[bias_index]  # (P, Tq, Tk) 0 / -inf
+    mask: Optional[torch.Tensor] = zeros.unsqueeze(1)
     patterns, tile_pattern = bias_index, torch.arange(P, device=device)
     if eager:
-        if not bool((mask != 0).any()):  # e.g. blocked attention on a map the kernel divides
+        if not bool((zeros != 0).any()):  # e.g. blocked attention on a map the kernel divides
             mask = None
         patterns, tile_pattern = torch.unique(bias_index.reshape(P, -1), dim=0, return_inverse=True)
         patterns = patterns.reshape(-1, Tq, Tk)
-    if mask is not None:
-        mask = mask.unsqueeze(1)
     return GNATables(query_index, halo_index, out_index, patterns, tile_pattern, mask, [P, Tq, Tk])
 
 
@@ -220,19 +219,21 @@ def use_dense(sizes: List[int]) -> bool:
     return n_tokens <= DENSE_MAX_TOKENS
 
 
+def _tokens(t: torch.Tensor, index: torch.Tensor, P: int, T: int) -> torch.Tensor:
+    """(B, N, heads, d) gathered at `index` (N: a zero padding token) -> (P, B * heads, T, d), a view."""
+    B, nh, d = t.shape[0], t.shape[2], t.shape[3]
+    t = torch.cat([t, t.new_zeros(B, 1, nh, d)], dim=1).transpose(0, 1)
+    return t.index_select(0, index).reshape(P, T, B * nh, d).transpose(1, 2)
+
+
 def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_index: torch.Tensor,
                      halo_index: torch.Tensor, out_index: torch.Tensor, mask: Optional[torch.Tensor],
                      P: int, Tq: int, Tk: int, scale: float) -> torch.Tensor:
     """q, k, v (B, N, heads, d); mask None, (P, 1, Tq, Tk) or (P, heads, Tq, Tk) -> (B, N, heads, d)."""
     B, N, nh, d = q.shape
-
-    def tokens(t: torch.Tensor, index: torch.Tensor, T: int) -> torch.Tensor:  # -> (P, B * heads, T, d), a view
-        t = torch.cat([t, t.new_zeros(B, 1, nh, t.shape[-1])], dim=1).transpose(0, 1)
-        return t.index_select(0, index).reshape(P, T, B * nh, t.shape[-1]).transpose(1, 2)
-
-    qt = tokens(q, query_index, Tq)
-    kt = tokens(k, halo_index, Tk)
-    vt = tokens(v, halo_index, Tk)
+    qt = _tokens(q, query_index, P, Tq)
+    kt = _tokens(k, halo_index, P, Tk)
+    vt = _tokens(v, halo_index, P, Tk)
     if mask is not None:
         mask = mask.to(qt.dtype)
         if mask.shape[1] != 1 and B != 1:  # per-head bias: repeat over the batch (layout (P, B * heads))
