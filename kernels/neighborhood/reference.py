@@ -116,7 +116,7 @@ class GNATables(NamedTuple):
     # gather and its gradient scatter touch U << tiles patterns (no dedup in graph form: U = tiles)
     bias_patterns: torch.Tensor
     tile_pattern: torch.Tensor
-    mask: Optional[torch.Tensor]  # (tiles, 1, Tq, Tk) additive 0 / -inf mask, None when nothing is masked
+    mask: Optional[torch.Tensor]  # (1, tiles, Tq, Tk) additive 0 / -inf mask, None when nothing is masked
     tile_shape: List[int]  # [tiles, Tq, Tk]
 
 
@@ -167,7 +167,7 @@ def _build_tables(sizes: List[int], kernel: List[int], stride: List[int], dilati
     out_index = (tile_flat * Tq + slot_flat).reshape(-1)
     bias_index = bias.reshape(P, Tq, Tk)
     zeros = _bias_table(None, kernel, torch.float32, device).reshape(-1)[bias_index]  # (P, Tq, Tk) 0 / -inf
-    mask: Optional[torch.Tensor] = zeros.unsqueeze(1)
+    mask: Optional[torch.Tensor] = zeros.unsqueeze(0)
     patterns, tile_pattern = bias_index, torch.arange(P, device=device)
     if eager:
         if not bool((zeros != 0).any()):  # e.g. blocked attention on a map the kernel divides
@@ -219,37 +219,35 @@ def use_dense(sizes: List[int]) -> bool:
     return n_tokens <= DENSE_MAX_TOKENS
 
 
-def _tokens(t: torch.Tensor, index: torch.Tensor, P: int, T: int) -> torch.Tensor:
-    """(B, N, heads, d) gathered at `index` (N: a zero padding token) -> (P, B * heads, T, d), a view."""
-    B, nh, d = t.shape[0], t.shape[2], t.shape[3]
-    t = torch.cat([t, t.new_zeros(B, 1, nh, d)], dim=1).transpose(0, 1)
-    return t.index_select(0, index).reshape(P, T, B * nh, d).transpose(1, 2)
+def _tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, N, heads, d) gathered at `index` (N: a zero padding token) -> (B, heads, len(index), d), contiguous."""
+    return F.pad(t.transpose(1, 2), [0, 0, 0, 1]).index_select(2, index)
 
 
 def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_index: torch.Tensor,
                      halo_index: torch.Tensor, out_index: torch.Tensor, mask: Optional[torch.Tensor],
                      P: int, Tq: int, Tk: int, scale: float) -> torch.Tensor:
-    """q, k, v (B, N, heads, d); mask None, (P, 1, Tq, Tk) or (P, heads, Tq, Tk) -> (B, N, heads, d)."""
+    """q, k, v (B, N, heads, d); mask None, (1, P, Tq, Tk) (shared by the heads) or (heads, P, Tq, Tk)
+    -> (B, N, heads, d). Tiles are laid out (B, heads, P, T, d), so every matmul runs on contiguous blocks and
+    the mask broadcasts over the batch with no copy."""
     B, N, nh, d = q.shape
-    qt = _tokens(q, query_index, P, Tq)
-    kt = _tokens(k, halo_index, P, Tk)
-    vt = _tokens(v, halo_index, P, Tk)
+    qt, kt, vt = _tokens(q, query_index), _tokens(k, halo_index), _tokens(v, halo_index)
+    dv = vt.shape[-1]
+    if mask is not None and mask.shape[0] != 1:  # per-head bias: (B, heads * P) batches, broadcast over B
+        qt, kt, vt = qt.view(B, nh * P, Tq, d), kt.view(B, nh * P, Tk, d), vt.view(B, nh * P, Tk, dv)
+        mask = mask.reshape(1, nh * P, Tq, Tk)
+    else:  # (B * heads, P) batches
+        qt, kt, vt = qt.view(B * nh, P, Tq, d), kt.view(B * nh, P, Tk, d), vt.view(B * nh, P, Tk, dv)
     if mask is not None:
         mask = mask.to(qt.dtype)
-        if mask.shape[1] != 1 and B != 1:  # per-head bias: repeat over the batch (layout (P, B * heads))
-            mask = mask.unsqueeze(1).expand(P, B, nh, Tq, Tk).reshape(P, B * nh, Tq, Tk)
     if mask is not None and mask.requires_grad and torch.is_grad_enabled():
         # a learned bias needs the score gradient, which the fused kernel does not give: the math path, with a plain
         # softmax (SDPA's own math path also scans for fully masked rows, which never occur here)
-        out = torch.softmax(torch.baddbmm(mask.flatten(0, 1) if mask.shape[1] != 1 else mask.expand(
-            P, B * nh, Tq, Tk).flatten(0, 1), qt.flatten(0, 1), kt.flatten(0, 1).transpose(1, 2), alpha=scale),
-            dim=-1) @ vt.flatten(0, 1)
-        out = out.view(P, B * nh, Tq, -1)
+        out = torch.softmax(torch.matmul(qt, kt.transpose(-2, -1)) * scale + mask, dim=-1) @ vt
     else:
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)  # P, B * heads, Tq, dv
-    dv = out.shape[-1]
-    out = out.transpose(1, 2).reshape(P * Tq, B, nh, dv).index_select(0, out_index)
-    return out.transpose(0, 1)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    out = out.reshape(B, nh, P * Tq, dv).index_select(2, out_index)
+    return out.transpose(1, 2)
 
 
 def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List[int], stride: List[int],
@@ -292,8 +290,7 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: GNATables, k
         table = _bias_table(rel_pos_bias, kernel_size, rel_pos_bias.dtype, q.device)
         patterns = tables.bias_patterns
         mask = table.reshape(nh, -1).index_select(1, patterns.reshape(-1)).reshape(nh, patterns.shape[0], Tq, Tk)
-        mask = mask.transpose(0, 1)
-        mask = mask.index_select(0, tables.tile_pattern)  # P, heads, Tq, Tk
+        mask = mask.index_select(1, tables.tile_pattern)  # heads, P, Tq, Tk
     N = q.shape[1]
     for a in range(1, n):
         N = N * q.shape[1 + a]
