@@ -35,9 +35,11 @@ from .._sizes import ceil_div
 from ..backend import is_exporting
 
 __all__ = ['neighborhood_attention_ref', 'gna_ref', 'gna_axis_window', 'gna_tables', 'GNATables', 'tile_sizes',
-           'use_dense', 'TILE', 'DENSE_MAX_TOKENS']
+           'use_dense', 'TILE', 'TILE_MATH', 'DENSE_MAX_TOKENS']
 
-TILE = 4  # target query-tile side per axis (sub-grid positions), rounded to a multiple of the stride
+TILE = 8  # target query-tile side per axis (sub-grid positions), rounded to a multiple of the stride
+# the same when a learned bias takes the math path (its score matrices are not fused: smaller tiles waste less)
+TILE_MATH = 4
 # The automatic choice takes the dense path up to this many tokens: it bounds the extra memory to heads * N^2.
 DENSE_MAX_TOKENS = 256
 
@@ -267,6 +269,9 @@ def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List
     logit_scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl not in ('auto', 'gather', 'dense'):
         raise ValueError(f"impl: expected 'auto', 'gather' or 'dense', got '{impl}'")
+    if tile is None:
+        math = rel_pos_bias is not None and rel_pos_bias.requires_grad and torch.is_grad_enabled()
+        tile = tile_sizes(kernel_size, stride, TILE_MATH if math else TILE)
     if not torch.jit.is_scripting():
         if not is_exporting() and not torch.compiler.is_compiling():
             if impl == 'auto':
@@ -275,8 +280,7 @@ def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List
             return _run(q, k, v, tables, kernel_size, rel_pos_bias, logit_scale)
     if impl == 'dense':
         raise ValueError("impl: 'dense' runs in eager mode only (its tables depend on the size); use 'auto'")
-    tiles = tile_sizes(kernel_size, stride) if tile is None else tile
-    tables = _build_tables(sizes, kernel_size, stride, dilation, is_causal, tiles, False, q.device, False)
+    tables = _build_tables(sizes, kernel_size, stride, dilation, is_causal, tile, False, q.device, False)
     return _run(q, k, v, tables, kernel_size, rel_pos_bias, logit_scale)
 
 
