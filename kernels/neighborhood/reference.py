@@ -62,8 +62,9 @@ def gna_axis_window(p: torch.Tensor, length: torch.Tensor, kernel: int, stride: 
 
 
 def tile_sizes(kernel: List[int], stride: List[int], tile: int = TILE) -> List[int]:
-    """Query-tile side per axis: the multiple of the stride nearest to `tile` (at least one stride group)."""
-    return [s * max(1, (tile + s // 2) // s) for s in stride]
+    """Query-tile side per axis: one block when the stride equals the kernel (blocked attention: a tile gathers
+    exactly its k keys and needs no mask), else the multiple of the stride nearest to `tile`."""
+    return [s if s == k else s * max(1, (tile + s // 2) // s) for k, s in zip(kernel, stride)]
 
 
 def _axis_tiles(length: int, kernel: int, stride: int, dilation: int, causal: bool, tile: int, dense: bool,
@@ -271,7 +272,7 @@ def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List
         raise ValueError(f"impl: expected 'auto', 'gather' or 'dense', got '{impl}'")
     if tile is None:
         math = rel_pos_bias is not None and rel_pos_bias.requires_grad and torch.is_grad_enabled()
-        tile = tile_sizes(kernel_size, stride, TILE_MATH if math else TILE)
+        tile = tile_sizes(kernel_size, stride, 4 if math else 8)  # TILE_MATH, TILE (TorchScript: no globals)
     if not torch.jit.is_scripting():
         if not is_exporting() and not torch.compiler.is_compiling():
             if impl == 'auto':
