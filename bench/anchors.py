@@ -114,21 +114,17 @@ def sdpa_window_attention(q, k, v, window, shift, table, scale):
 def neighborhood_dense_mask(sizes, kernel, stride, dilation, causal, rpb=None) -> torch.Tensor:
     """(heads or 1, N, N) float mask of generalized neighborhood attention over all N tokens: the relative-position
     bias (or 0) on each query's neighborhood, -inf elsewhere; built from the per-axis windows (the AND of the axes)."""
-    from zoo.kernels.neighborhood.reference import gna_axis_window
+    from zoo.kernels.neighborhood.reference import gna_axis_mask
     allowed, offsets = None, None
     for a, n in enumerate(sizes):
-        i = torch.arange(n)
-        group, sub = i % dilation[a], i // dilation[a]
-        length = (n - group + dilation[a] - 1) // dilation[a]
-        start, end = gna_axis_window(sub, length, kernel[a], stride[a], causal[a])
-        ok = (group[:, None] == group[None, :]) & (sub[None, :] >= start[:, None]) & (sub[None, :] <= end[:, None])
-        rel = sub[None, :] - sub[:, None] + kernel[a] - 1  # (n, n) key - query offset in the dilation group
+        ok, rel = gna_axis_mask(n, kernel[a], stride[a], dilation[a], causal[a])
+        rel = (rel + kernel[a] - 1).clamp(0, 2 * kernel[a] - 2)  # a table index (any, off the neighbourhood)
         if allowed is None:
             allowed, offsets = ok, rel
         else:
             allowed = (allowed[:, None, :, None] & ok[None, :, None, :]).flatten(2).flatten(0, 1)
             offsets = (offsets[:, None, :, None] * (2 * kernel[a] - 1) + rel[None, :, None, :]).flatten(2).flatten(0, 1)
-    values = torch.zeros(1, *allowed.shape) if rpb is None else rpb.flatten(1)[:, offsets.clamp(min=0)]
+    values = torch.zeros(1, *allowed.shape) if rpb is None else rpb.flatten(1)[:, offsets]
     return values.masked_fill(~allowed, float('-inf'))
 
 

@@ -71,17 +71,13 @@ def gna_bounds(sizes: Sequence[int], kernel_size, stride=1, dilation=1, is_causa
     * ``tile_bound``: with box tiles of `tile` positions per axis for queries and keys, dense tile pairs / visited
       tile pairs (a pair costs a full tile-by-tile block if any of its query-key pairs is unmasked).
     """
-    from zoo.kernels.neighborhood.reference import gna_axis_window
+    from zoo.kernels.neighborhood.reference import gna_axis_mask
     n_axes = len(sizes)
     kernel, stride = _per_axis(kernel_size, n_axes), _per_axis(stride, n_axes)
     dilation, causal = _per_axis(dilation, n_axes), _per_axis(is_causal, n_axes)
     bound, tile_bound = 1.0, 1.0
     for a, n in enumerate(sizes):
-        i = torch.arange(n)
-        group, sub = i % dilation[a], i // dilation[a]
-        length = (n - group + dilation[a] - 1) // dilation[a]
-        start, end = gna_axis_window(sub, length, kernel[a], stride[a], causal[a])
-        allowed = (group[:, None] == group[None, :]) & (sub[None, :] >= start[:, None]) & (sub[None, :] <= end[:, None])
+        allowed, _ = gna_axis_mask(n, kernel[a], stride[a], dilation[a], causal[a])
         bound *= n * n / allowed.sum().item()
         t = -(-n // tile)
         blocks = torch.nn.functional.pad(allowed, (0, t * tile - n, 0, t * tile - n)).view(t, tile, t, tile)

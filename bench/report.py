@@ -200,12 +200,7 @@ def _plot_bounds(result: Dict[str, Any], path: str) -> None:
         ax.set_title(mode, fontsize=9)
         ax.grid(True, axis='y', which='both', alpha=0.25)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        with atomic_write(path) as tmp:
-            fig.savefig(tmp, dpi=110, format='png')
-    finally:
-        plt.close(fig)
+    _save(fig, path)
 
 
 def _plot(result: Dict[str, Any], path: str) -> None:
@@ -261,6 +256,11 @@ def _plot(result: Dict[str, Any], path: str) -> None:
             ax.text(b[1], i, f' {fmt(b[1])}', va='center', fontsize=7)
     threads = f"{meta['threads']} thread{'s' if meta['threads'] != 1 else ''}"
     fig.suptitle(f"{meta['title'] or meta['suite']} ({meta['device']}, {threads})", fontsize=9)
+    _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     try:
         with atomic_write(path) as tmp:

@@ -2,9 +2,9 @@
 callables per shape, mode and precision.
 
 Kinds and names:
-  ops     zoo.kernels ops (window_attention, neighborhood_attention, routed_attention, linear_attention; 'gna':
-          neighborhood_attention / neighborhood_attention_3d with stride and causal, on S x S or depth x S x S) and the
-          code anchors of `bench.anchors.OP_ANCHORS`; inputs q, k, v of (batch, S, S, heads, head_dim) plus each
+  ops     zoo.kernels ops (window_attention, neighborhood_attention, routed_attention, linear_attention;
+          neighborhood_attention_nd: neighborhood_attention / neighborhood_attention_3d with stride and causal, on
+          S x S or depth x S x S maps, op family 'gna') and the code anchors of `bench.anchors.OP_ANCHORS`; inputs q, k, v of (batch, S, S, heads, head_dim) plus each
           op family's tables (relative-position bias, routing index, normaliser features)
   mixers  `zoo.blocks.create_mixer(name, dim, num_heads=..., **kwargs)`, on one (1, S, S, dim) map
   models  timm names (zoo's included, `import zoo` registers them), on (batch, 3, img_size, img_size)
@@ -84,7 +84,7 @@ def _ours_ops() -> Dict[str, Tuple[str, Callable]]:
         return op(t['q'], t['k'], t['v'], kernel_size, dilation, rel_pos_bias=t['rpb'] if rpb else None,
                   backend=backend, stride=stride, is_causal=is_causal)
 
-    return {'gna': ('gna', gna),
+    return {'neighborhood_attention_nd': ('gna', gna),
             'window_attention': ('window', window), 'neighborhood_attention': ('neighborhood', neighborhood),
             'routed_attention': ('routing', routing), 'linear_attention': ('linear', linear)}
 

@@ -116,6 +116,9 @@ class NeighborhoodAttention2D(nn.Module):
         if not torch.jit.is_scripting():
             who = type(self).__name__
         check_input(x, self.dim, who)
+        self._check_dropout()
+
+    def _check_dropout(self) -> None:
         if self.training and self.attn_drop > 0.:
             raise ValueError(f'attn_drop: the neighborhood attention op has no attention dropout; '
                              f'training needs attn_drop=0, got {self.attn_drop}')
@@ -167,9 +170,7 @@ class NeighborhoodAttention3D(NeighborhoodAttention2D):
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or x.shape[-1] != self.dim:
             raise ValueError(f'NeighborhoodAttention3D: expected input (B, T, H, W, {self.dim}), got {shape_str(x)}')
-        if self.training and self.attn_drop > 0.:
-            raise ValueError(f'attn_drop: the neighborhood attention op has no attention dropout; '
-                             f'training needs attn_drop=0, got {self.attn_drop}')
+        self._check_dropout()
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return neighborhood_attention_3d(q, k, v, self.kernel_size, self.dilation, rel_pos_bias=self.rpb,

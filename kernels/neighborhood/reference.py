@@ -34,7 +34,7 @@ from .._cache import size_cache
 from .._sizes import ceil_div
 from ..backend import is_exporting
 
-__all__ = ['neighborhood_attention_ref', 'gna_ref', 'gna_axis_window', 'gna_tables', 'GNATables', 'tile_sizes',
+__all__ = ['neighborhood_attention_ref', 'gna_ref', 'gna_axis_window', 'gna_axis_mask', 'gna_tables', 'GNATables', 'tile_sizes',
            'use_dense', 'TILE', 'TILE_MATH', 'DENSE_MAX_TOKENS']
 
 TILE = 8  # target query-tile side per axis (sub-grid positions), rounded to a multiple of the stride
@@ -59,6 +59,17 @@ def gna_axis_window(p: torch.Tensor, length: torch.Tensor, kernel: int, stride: 
     lead = torch.minimum(_div(p, stride) * stride + stride // 2, length - 1)
     centre = torch.minimum(lead.clamp(min=left), length - 1 - right)
     return centre - left, centre + right
+
+
+def gna_axis_mask(length: int, kernel: int, stride: int, dilation: int,
+                  causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One axis over all positions: allowed (length, length) query-key pairs and key - query offsets in the
+    dilation group (length, length). The N-D mask is the AND of the axes' (dense anchors and bounds, not the op)."""
+    i = torch.arange(length)
+    group, sub = i % dilation, _div(i, dilation)
+    start, end = gna_axis_window(sub, _div(length - group + dilation - 1, dilation), kernel, stride, causal)
+    allowed = (group[:, None] == group[None, :]) & (sub[None, :] >= start[:, None]) & (sub[None, :] <= end[:, None])
+    return allowed, sub[None, :] - sub[:, None]
 
 
 def tile_sizes(kernel: List[int], stride: List[int], tile: int = TILE) -> List[int]:
