@@ -132,6 +132,7 @@ class GNATables(NamedTuple):
     tile_pattern: torch.Tensor
     mask: Optional[torch.Tensor]  # (1, tiles, Tq, Tk) additive 0 / -inf mask, None when nothing is masked
     tile_shape: List[int]  # [tiles, Tq, Tk]
+    padded: bool  # whether any index is the padding token (always in graph form)
 
 
 def _build_tables(sizes: List[int], kernel: List[int], stride: List[int], dilation: List[int], causal: List[bool],
@@ -188,7 +189,10 @@ def _build_tables(sizes: List[int], kernel: List[int], stride: List[int], dilati
             mask = None
         patterns, tile_pattern = torch.unique(bias_index.reshape(P, -1), dim=0, return_inverse=True)
         patterns = patterns.reshape(-1, Tq, Tk)
-    return GNATables(query_index, halo_index, out_index, patterns, tile_pattern, mask, [P, Tq, Tk])
+    padded = True
+    if eager:  # e.g. blocked attention on a map the kernel divides reads no padding token
+        padded = bool((query_index == n_tokens).any()) or bool((halo_index == n_tokens).any())
+    return GNATables(query_index, halo_index, out_index, patterns, tile_pattern, mask, [P, Tq, Tk], padded)
 
 
 _cached_tables = size_cache(64)(_build_tables)
@@ -233,19 +237,21 @@ def use_dense(sizes: List[int]) -> bool:
     return n_tokens <= DENSE_MAX_TOKENS
 
 
-def _tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(B, N, heads, d) gathered at `index` (N: a zero padding token) -> (B, heads, len(index), d), contiguous."""
-    return F.pad(t.transpose(1, 2), [0, 0, 0, 1]).index_select(2, index)
+def _tokens(t: torch.Tensor, index: torch.Tensor, pad: bool) -> torch.Tensor:
+    """(B, N, heads, d) gathered at `index` (N: a zero padding token, appended only if `pad`)
+    -> (B, heads, len(index), d), contiguous."""
+    t = t.transpose(1, 2)
+    return (F.pad(t, [0, 0, 0, 1]) if pad else t).index_select(2, index)
 
 
 def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_index: torch.Tensor,
                      halo_index: torch.Tensor, out_index: torch.Tensor, mask: Optional[torch.Tensor],
-                     P: int, Tq: int, Tk: int, scale: float) -> torch.Tensor:
+                     P: int, Tq: int, Tk: int, scale: float, pad: bool = True) -> torch.Tensor:
     """q, k, v (B, N, heads, d); mask None, (1, P, Tq, Tk) (shared by the heads) or (heads, P, Tq, Tk)
     -> (B, N, heads, d). Tiles are laid out (B, heads, P, T, d), so every matmul runs on contiguous blocks and
     the mask broadcasts over the batch with no copy."""
     B, N, nh, d = q.shape
-    qt, kt, vt = _tokens(q, query_index), _tokens(k, halo_index), _tokens(v, halo_index)
+    qt, kt, vt = _tokens(q, query_index, pad), _tokens(k, halo_index, pad), _tokens(v, halo_index, pad)
     dv = vt.shape[-1]
     if mask is not None and mask.shape[0] != 1:  # per-head bias: (B, heads * P) batches, broadcast over B
         qt, kt, vt = qt.view(B, nh * P, Tq, d), kt.view(B, nh * P, Tk, d), vt.view(B, nh * P, Tk, dv)
@@ -311,7 +317,8 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: GNATables, k
     for a in range(1, n):
         N = N * q.shape[1 + a]
     out = _tiled_attention(q.reshape(B, N, nh, d), k.reshape(B, N, nh, d), v.reshape(B, N, nh, v.shape[-1]),
-                           tables.query_index, tables.halo_index, tables.out_index, mask, P, Tq, Tk, logit_scale)
+                           tables.query_index, tables.halo_index, tables.out_index, mask, P, Tq, Tk, logit_scale,
+                           tables.padded)
     return out.reshape(list(q.shape[:-1]) + [v.shape[-1]])
 
 
