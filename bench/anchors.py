@@ -7,6 +7,10 @@ Ops (q, k, v: (B, H, W, heads, d) -> (B, H, W, heads, d); called as `fn(inputs, 
   natten              natten.functional.na2d (CPU: its Flex backend, forward only, no RPB)
   sdpa_neighborhood   F.scaled_dot_product_attention over all tokens, (heads, N, N) float mask: RPB on the
                       neighborhood, -inf elsewhere (O(N^2) memory)
+  sdpa_dense          dense F.scaled_dot_product_attention over all tokens, no mask (1-D / 2-D / 3-D maps): the
+                      speed-of-light reference of the sparse 'gna' op
+  natten_gna          natten.functional.na2d / na3d with kernel_size / stride / dilation / is_causal (CPU: Flex,
+                      forward only)
   sdpa_window         pad / roll / partition copies + SDPA with a materialised float mask (bias + shift mask)
   routed_gather       the official BiFormer formulation (ops/bra_legacy.py): `torch.gather` of the routed
                       K/V out of a broadcast view, then explicit softmax attention
@@ -22,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['routed_attention_gather', 'gather_baseline', 'sdpa_window_attention', 'sdpa_neighborhood_attention',
-           'flex_routed_attention', 'natten_na2d', 'OP_ANCHORS', 'FORWARD_ONLY_ON_CPU', 'PATCHES']
+           'neighborhood_dense_mask', 'dense_sdpa', 'natten_gna', 'flex_routed_attention', 'natten_na2d', 'OP_ANCHORS',
+           'FORWARD_ONLY_ON_CPU', 'PATCHES']
 
 
 def routed_attention_gather(
@@ -106,15 +111,28 @@ def sdpa_window_attention(q, k, v, window, shift, table, scale):
     return out[:, :H, :W]
 
 
+def neighborhood_dense_mask(sizes, kernel, stride, dilation, causal, rpb=None) -> torch.Tensor:
+    """(heads or 1, N, N) float mask of generalized neighborhood attention over all N tokens: the relative-position
+    bias (or 0) on each query's neighborhood, -inf elsewhere; built from the per-axis windows (the AND of the axes)."""
+    from zoo.kernels.neighborhood.reference import gna_axis_mask
+    allowed, offsets = None, None
+    for a, n in enumerate(sizes):
+        ok, rel = gna_axis_mask(n, kernel[a], stride[a], dilation[a], causal[a])
+        rel = (rel + kernel[a] - 1).clamp(0, 2 * kernel[a] - 2)  # a table index (any, off the neighbourhood)
+        if allowed is None:
+            allowed, offsets = ok, rel
+        else:
+            allowed = (allowed[:, None, :, None] & ok[None, :, None, :]).flatten(2).flatten(0, 1)
+            offsets = (offsets[:, None, :, None] * (2 * kernel[a] - 1) + rel[None, :, None, :]).flatten(2).flatten(0, 1)
+    values = torch.zeros(1, *allowed.shape) if rpb is None else rpb.flatten(1)[:, offsets]
+    return values.masked_fill(~allowed, float('-inf'))
+
+
 def sdpa_neighborhood_attention(q, k, v, kernel, dilation, rpb, scale):
     """Dense SDPA over all tokens with a (heads, N, N) float mask: RPB on the neighborhood, -inf elsewhere."""
-    from zoo.kernels.neighborhood.reference import na_tables
     B, H, W, nh, d = q.shape
     N = H * W
-    key_index, bias_index = na_tables(H, W, kernel, dilation, q.device)
-    vals = rpb.flatten(1)[:, bias_index].to(q.dtype) if rpb is not None else q.new_zeros(nh, *key_index.shape)
-    mask = torch.full((nh, N, N), float('-inf'), device=q.device, dtype=q.dtype).scatter(
-        2, key_index.expand(nh, -1, -1), vals)
+    mask = neighborhood_dense_mask((H, W), kernel, (1, 1), dilation, (False, False), rpb).to(q.dtype)
 
     def heads_first(t):
         return t.reshape(B, N, nh, d).transpose(1, 2)
@@ -122,6 +140,28 @@ def sdpa_neighborhood_attention(q, k, v, kernel, dilation, rpb, scale):
     out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), attn_mask=mask[None],
                                          scale=scale)
     return out.transpose(1, 2).reshape(B, H, W, nh, d)
+
+
+def dense_sdpa(q, k, v, scale=None):
+    """Dense attention over all tokens (no mask): the speed-of-light reference of a sparse attention.
+    q, k, v: (B, *spatial, heads, d) -> same."""
+    B, nh, d = q.shape[0], q.shape[-2], q.shape[-1]
+
+    def heads_first(t):
+        return t.reshape(B, -1, nh, t.shape[-1]).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=scale)
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+def natten_gna(q, k, v, kernel_size=7, stride=1, dilation=1, is_causal=False, scale=None):
+    """natten 0.21's na2d / na3d by the rank of q (CPU: Flex, forward only, no RPB). Raises ImportError without
+    natten and natten's NotImplementedError where its CPU backend cannot run (fp64, head_dim not a power of 2)."""
+    from natten.functional import na2d, na3d
+    op = na3d if q.dim() == 6 else na2d
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return op(q, k, v, kernel_size, stride=stride, dilation=dilation, is_causal=is_causal, scale=scale)
 
 
 def flex_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_win: int, idx: torch.Tensor,
@@ -164,6 +204,9 @@ OP_ANCHORS: Dict[str, tuple] = {
     'sdpa_neighborhood': ('neighborhood', lambda t, kernel_size=7, dilation=1, scale=None, **_:
                           sdpa_neighborhood_attention(t['q'], t['k'], t['v'], (kernel_size,) * 2, (dilation,) * 2,
                                                       t.get('rpb'), scale)),
+    'sdpa_dense': ('gna', lambda t, **_: dense_sdpa(t['q'], t['k'], t['v'])),
+    'natten_gna': ('gna', lambda t, kernel_size=7, stride=1, dilation=1, is_causal=False, **_: natten_gna(
+        t['q'].detach(), t['k'].detach(), t['v'].detach(), kernel_size, stride, dilation, is_causal)),
     'sdpa_window': ('window', lambda t, window_size=7, shift=0, scale=None, **_: sdpa_window_attention(
         t['q'], t['k'], t['v'], (window_size,) * 2, (shift,) * 2, t['rpb'], scale)),
     'routed_gather': ('routing', lambda t, n_win=7, topk=4, **_: routed_attention_gather(
@@ -173,6 +216,7 @@ OP_ANCHORS: Dict[str, tuple] = {
 }
 
 # anchors without a CPU backward: measured forward only on CPU
-FORWARD_ONLY_ON_CPU = {'natten': 'natten has no CPU backward (Flex)', 'flex_routed': 'no CPU backward in torch'}
+FORWARD_ONLY_ON_CPU = {'natten': 'natten has no CPU backward (Flex)', 'natten_gna': 'natten has no CPU backward (Flex)',
+                       'flex_routed': 'no CPU backward in torch'}
 
 PATCHES: Dict[str, Callable[[], contextlib.AbstractContextManager]] = {'gather_baseline': gather_baseline}

@@ -69,7 +69,7 @@ def plan(suite: Suite) -> List[Item]:
     from .anchors import FORWARD_ONLY_ON_CPU
     p, items = suite.params, []
     for index, shape in enumerate(suite.shapes()):
-        tokens = None if suite.kind == 'models' else shape['size'] ** 2
+        tokens = None if suite.kind == 'models' else shape['size'] ** 2 * shape.get('depth', 1)
         for entry in suite.entries:
             for precision in p['precisions']:
                 for mode in p['modes']:
@@ -288,8 +288,12 @@ def run(suite: Suite, items: Optional[List[Item]] = None, memory: Optional[bool]
     rows = [_row(suite, item, prepared.get(item.key), samples.get(item.key), mem.get(item.key, {}),
                  flops.get((item.entry.label, item.shape_index)), subjects.get(item.entry.label),
                  diffs.get(item.key)) for item in items]
-    return dict(meta=_meta(suite, memory, command), entries=[_entry_info(e) for e in suite.entries], rows=rows,
-                ratios=_ratios(rows), growth=growth_per_4x(rows))
+    ratios = _ratios(rows)
+    result = dict(meta=_meta(suite, memory, command), entries=[_entry_info(e) for e in suite.entries], rows=rows,
+                  ratios=ratios, growth=growth_per_4x(rows))
+    if p['speed_of_light']:
+        result['bounds'] = speed_of_light(ratios, p['speed_of_light'], p['bound_tile'])
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ result
@@ -349,6 +353,32 @@ def _ratios(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
+def speed_of_light(ratios: List[Dict[str, Any]], dense: str, tile: int) -> List[Dict[str, Any]]:
+    """Per subject, mode and shape: the analytic speed-up bound of its sparsity (`flops.gna_bounds`), the speed-up
+    measured over the dense anchor `dense` in this run (its time / ours, wall and CPU), the fraction of each bound
+    realised, and the speed-up over every other anchor (e.g. natten) at the same mode and shape."""
+    from .flops import gna_bounds
+    out = []
+    for r in ratios:
+        if r['anchor'] != dense or not r.get('time'):
+            continue
+        kw = r['shape']
+        sizes = ([kw['depth']] if kw.get('depth') else []) + [r['size'], r['size']]
+        bound = gna_bounds(sizes, kw.get('kernel_size', 7), kw.get('stride', 1), kw.get('dilation', 1),
+                           kw.get('is_causal', False), tile)
+        speedup, cpu_speedup = 1 / r['time'], 1 / r['cpu_time'] if r.get('cpu_time') else None
+        row = dict(subject=r['subject'], mode=r['mode'], precision=r['precision'], size=r['size'],
+                   tokens=r['tokens'], shape=kw, bound=bound['bound'], tile_bound=bound['tile_bound'], tile=tile,
+                   speedup=speedup, cpu_speedup=cpu_speedup, fraction=speedup / bound['bound'],
+                   tile_fraction=speedup / bound['tile_bound'], vs={})
+        for o in ratios:
+            if (o['subject'], o['mode'], o['precision'], o['size'], o['shape']) == (
+                    r['subject'], r['mode'], r['precision'], r['size'], kw) and o['anchor'] != dense and o.get('time'):
+                row['vs'][o['anchor']] = 1 / o['time']
+        out.append(row)
+    return out
+
+
 def growth_per_4x(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Per subject, mode and precision measured at 2+ token counts (other shape keys equal): the factor time
     (and allocator peak) grows by per 4x tokens, over the whole range, (t_last / t_first) ** (log 4 / log(N_last /
@@ -396,7 +426,8 @@ def _meta(suite: Suite, memory: bool, command: Optional[str]) -> Dict[str, Any]:
     elif p['device'] == 'cuda':
         memory_text = 'torch.cuda.max_memory_allocated during one call above the memory allocated before it'
     return dict(
-        suite=suite.stem, title=p['title'], description=p['description'], kind=suite.kind, path=_suite_path(suite),
+        suite=suite.stem, title=p['title'], description=p['description'], kind=suite.kind,
+        speed_of_light=p['speed_of_light'], path=_suite_path(suite),
         command=command,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
         device=p['device'], threads=torch.get_num_threads(), repeats=p['repeats'], warmup=p['warmup'],

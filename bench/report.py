@@ -141,9 +141,66 @@ def markdown(result: Dict[str, Any]) -> str:
             lines.append(f"| {g['subject']} | {g['mode']} | {g['precision']} | "
                          f"{g['sizes'][0]}^2..{g['sizes'][-1]}^2 | {fmt(g['time'])}x | "
                          f"{fmt(g['peak_alloc']) + 'x' if g['peak_alloc'] else '-'} | {steps} |")
+    if result.get('bounds'):
+        lines += _bounds_markdown(result)
     if errors:
         lines += ['', 'Errors:', ''] + [f'- {e}' for e in errors]
     return '\n'.join(lines) + '\n'
+
+
+def _config(row: Dict[str, Any]) -> str:
+    """'56x56 k7 s2' (or '8x32x32 ...') of a bounds row."""
+    kw = row['shape']
+    size = (f"{kw['depth']}x" if kw.get('depth') else '') + f"{row['size']}x{row['size']}"
+    extra = ''.join(f' {short}{kw[key]}' for key, short in (('dilation', 'd'), ('is_causal', 'causal '))
+                    if kw.get(key) not in (None, 1, False))
+    return f"{size} k{kw.get('kernel_size', 7)} s{kw.get('stride', 1)}{extra}"
+
+
+def _bounds_markdown(result: Dict[str, Any]) -> List[str]:
+    """The speed-of-light table: analytic bounds, measured speed-up over the dense anchor, fraction realised."""
+    bounds = result['bounds']
+    tile = bounds[0]['tile']
+    anchors = sorted({a for b in bounds for a in b['vs']})
+    dense = result['meta'].get('speed_of_light') or 'dense'
+    lines = ['', f'Speed of light (same run): bound = N^2 / unmasked pairs (N / K); tile bound = the same with '
+                 f'{tile}-per-axis box tiles; speed-up = {dense} time / ours (wall; CPU time in brackets); % = '
+                 f'speed-up / bound. ' + (f'x {", ".join(anchors)}: ours faster by (its time / ours).' if anchors
+                                         else ''), '']
+    head = ['subject', 'config', 'mode', 'bound', 'tile bound', 'speed-up', '% of bound', '% of tile bound']
+    head += [f'x {a}' for a in anchors]
+    lines += ['| ' + ' | '.join(head) + ' |', '|---|---|---|' + '---:|' * (len(head) - 3)]
+    for b in bounds:
+        cpu = f" ({fmt(b['cpu_speedup'])})" if b.get('cpu_speedup') else ''
+        line = [b['subject'], _config(b), b['mode'] + ('' if b['precision'] == 'fp32' else ' ' + b['precision']),
+                fmt(b['bound']), fmt(b['tile_bound']), fmt(b['speedup']) + cpu, f"{100 * b['fraction']:.1f}",
+                f"{100 * b['tile_fraction']:.0f}"]
+        line += [fmt(b['vs'][a]) if a in b['vs'] else '-' for a in anchors]
+        lines.append('| ' + ' | '.join(line) + ' |')
+    return lines
+
+
+def _plot_bounds(result: Dict[str, Any], path: str) -> None:
+    """Bound vs measured speed-up per configuration (log scale), one panel per mode."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    modes = list(dict.fromkeys(b['mode'] for b in result['bounds']))
+    fig, axes = plt.subplots(len(modes), 1, figsize=(11, 3.6 * len(modes)), squeeze=False)
+    for ax, mode in zip(axes[:, 0], modes):
+        rows = [b for b in result['bounds'] if b['mode'] == mode]
+        x = range(len(rows))
+        ax.bar([i - 0.27 for i in x], [b['bound'] for b in rows], 0.27, label='bound (N / K)', color='tab:gray')
+        ax.bar(list(x), [b['tile_bound'] for b in rows], 0.27, label=f"tile bound ({rows[0]['tile']}-box)",
+               color='tab:olive')
+        ax.bar([i + 0.27 for i in x], [b['speedup'] for b in rows], 0.27, label='measured', color='tab:blue')
+        ax.set_yscale('log')
+        ax.set_xticks(list(x), [f"{b['subject']}\n{_config(b)}" for b in rows], fontsize=6, rotation=90)
+        ax.set_ylabel('speed-up over dense attention')
+        ax.set_title(mode, fontsize=9)
+        ax.grid(True, axis='y', which='both', alpha=0.25)
+        ax.legend(fontsize=7)
+    _save(fig, path)
 
 
 def _plot(result: Dict[str, Any], path: str) -> None:
@@ -199,6 +256,11 @@ def _plot(result: Dict[str, Any], path: str) -> None:
             ax.text(b[1], i, f' {fmt(b[1])}', va='center', fontsize=7)
     threads = f"{meta['threads']} thread{'s' if meta['threads'] != 1 else ''}"
     fig.suptitle(f"{meta['title'] or meta['suite']} ({meta['device']}, {threads})", fontsize=9)
+    _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     try:
         with atomic_write(path) as tmp:
@@ -222,6 +284,9 @@ def write_results(result: Dict[str, Any], out_dir: str, stem: str, plot: bool = 
         try:
             _plot(result, base + '.png')
             written.append(base + '.png')
+            if result.get('bounds'):
+                _plot_bounds(result, base + '_bounds.png')
+                written.append(base + '_bounds.png')
         except ImportError:
             pass
     return written

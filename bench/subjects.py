@@ -2,8 +2,9 @@
 callables per shape, mode and precision.
 
 Kinds and names:
-  ops     zoo.kernels ops (window_attention, neighborhood_attention, routed_attention, linear_attention) and the
-          code anchors of `bench.anchors.OP_ANCHORS`; inputs q, k, v of (batch, S, S, heads, head_dim) plus each
+  ops     zoo.kernels ops (window_attention, neighborhood_attention, routed_attention, linear_attention;
+          neighborhood_attention_nd: neighborhood_attention / neighborhood_attention_3d with stride and causal, on
+          S x S or depth x S x S maps, op family 'gna') and the code anchors of `bench.anchors.OP_ANCHORS`; inputs q, k, v of (batch, S, S, heads, head_dim) plus each
           op family's tables (relative-position bias, routing index, normaliser features)
   mixers  `zoo.blocks.create_mixer(name, dim, num_heads=..., **kwargs)`, on one (1, S, S, dim) map
   models  timm names (zoo's included, `import zoo` registers them), on (batch, 3, img_size, img_size)
@@ -30,6 +31,8 @@ OP_KWARGS: Dict[str, Tuple[str, ...]] = {
     'neighborhood': ('kernel_size', 'dilation', 'backend', 'impl', 'rpb'),
     'routing': ('n_win', 'topk', 'backend'),
     'linear': ('normalizer', 'backend'),
+    # generalized neighborhood attention on 2-D maps, or 3-D ones when the shape gives a depth (S x S x depth)
+    'gna': ('kernel_size', 'stride', 'dilation', 'is_causal', 'rpb', 'backend', 'depth'),
 }
 
 
@@ -54,7 +57,8 @@ class Entry:
 
 
 def _ours_ops() -> Dict[str, Tuple[str, Callable]]:
-    from zoo.kernels import linear_attention, neighborhood_attention, routed_attention, window_attention
+    from zoo.kernels import (
+        linear_attention, neighborhood_attention, neighborhood_attention_3d, routed_attention, window_attention)
     from zoo.kernels.neighborhood.reference import neighborhood_attention_ref
 
     def window(t, window_size=7, shift=0, mode='block', backend=None, rpb=True, **_):
@@ -76,7 +80,13 @@ def _ours_ops() -> Dict[str, Tuple[str, Callable]]:
         return linear_attention(t['q'], t['k'], t['v'], normalizer=normalizer, scale=t['scale'],
                                 q_norm=t.get('q_norm'), k_norm=t.get('k_norm'), backend=backend)
 
-    return {'window_attention': ('window', window), 'neighborhood_attention': ('neighborhood', neighborhood),
+    def gna(t, kernel_size=7, stride=1, dilation=1, is_causal=False, backend=None, rpb=False, **_):
+        op = neighborhood_attention_3d if t['q'].dim() == 6 else neighborhood_attention
+        return op(t['q'], t['k'], t['v'], kernel_size, dilation, rel_pos_bias=t['rpb'] if rpb else None,
+                  backend=backend, stride=stride, is_causal=is_causal)
+
+    return {'neighborhood_attention_nd': ('gna', gna),
+            'window_attention': ('window', window), 'neighborhood_attention': ('neighborhood', neighborhood),
             'routed_attention': ('routing', routing), 'linear_attention': ('linear', linear)}
 
 
@@ -171,7 +181,9 @@ class OpSubject(Subject):
         params = self.params_for(shape)
         dtype, dev = dtype_of(precision), self.device
         g = torch.Generator().manual_seed(0)
-        dims = (shape.get('batch', self.batch), shape['size'], shape['size'], shape['heads'], shape['head_dim'])
+        depth = (params['depth'],) if params.get('depth') else ()
+        dims = (shape.get('batch', self.batch),) + depth + (shape['size'], shape['size'], shape['heads'],
+                                                           shape['head_dim'])
 
         def t(rand=torch.randn, scale=1.0):
             return (scale * rand(dims, generator=g)).to(dev, dtype).requires_grad_()
@@ -184,9 +196,9 @@ class OpSubject(Subject):
                 out.update(q_norm=t(feature), k_norm=t(feature))
             return out
         out = dict(q=t(), k=t(), v=t())
-        if self.family in ('window', 'neighborhood'):
+        if self.family in ('window', 'neighborhood') or (self.family == 'gna' and params.get('rpb')):
             side = 2 * params.get('window_size' if self.family == 'window' else 'kernel_size', 7) - 1
-            table = 0.1 * torch.randn(shape['heads'], side, side, generator=g)
+            table = 0.1 * torch.randn(shape['heads'], *[side] * (len(dims) - 3), generator=g)
             out['rpb'] = table.to(dev).requires_grad_()
         if self.family == 'routing':
             from zoo.kernels.routing import default_scale, region_routing

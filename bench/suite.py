@@ -17,6 +17,8 @@ The built-in suites live in bench/suites/<group>/<name>.toml, group = models | m
     name = "neighborhood_attention"   # a registry name (zoo.kernels op, create_mixer name, timm model)
     kwargs = {kernel_size = 7, backend = "torch"}
     anchor = "natten"                 # the label of the anchor its ratios are taken against
+    # speed_of_light = "dense"        # ops: the dense anchor; the report adds each subject's analytic bound
+    # bound_tile = 8                  #   (flops.gna_bounds, box tiles of this side) and the fraction realised
 
     [[anchors]]                       # what it is compared with, measured in the same run
     name = "natten"                   # registry name or a code anchor of bench/anchors.py
@@ -44,7 +46,7 @@ _GROUP_KIND = {'models': 'models', 'mixers': 'mixers', 'ops': 'ops', 'gpu': 'ops
 DEFAULTS: Dict[str, Any] = dict(
     title='', description='', kind=None, device='cpu', modes=['fwd'], precisions=['fp32'], sizes=None,
     threads=None, repeats=5, warmup=1, min_time=0.0, memory=True, batch=1, dim=96, num_heads=3, heads=2,
-    head_dim=32, anchor=None, every_mixer=False, subjects=[], anchors=[],
+    head_dim=32, anchor=None, every_mixer=False, speed_of_light=None, bound_tile=8, subjects=[], anchors=[],
 )
 _SIZE_DEFAULT = {'ops': [14, 28, 56], 'mixers': [14, 28, 56], 'models': [224]}
 ENTRY_KEYS = ('name', 'label', 'kwargs', 'anchor', 'patch', 'modes', 'max_tokens', 'reduced', 'weights_from')
@@ -140,6 +142,10 @@ def _check(suite: Suite, where: str) -> Suite:
     if all(isinstance(s, int) for s in p['sizes']):
         p['sizes'] = sorted(set(p['sizes']))
     labels = [e.label for e in suite.entries]
+    if p['speed_of_light'] is not None and (kind != 'ops' or p['speed_of_light'] not in labels):
+        raise SuiteError(f'{where}: speed_of_light: expected the label of the dense anchor of an ops suite '
+                         f'(entries: {", ".join(labels)}), got {p["speed_of_light"]!r}')
+    _positive_int(f'{where}: bound_tile', p['bound_tile'])
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise SuiteError(f'{where}: labels must be unique; {dupes} repeat (give entries a label)')

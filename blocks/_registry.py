@@ -38,6 +38,7 @@ class MixerInfo:
     triton: bool
     onnx_dynamic: bool
     torchscript: bool
+    spatial_dims: int = 2  # 2: (B, H, W, C) in and out (the shared contract); 3: (B, T, H, W, C)
 
     def family_params(self) -> List[inspect.Parameter]:
         """The family arguments (those of the shared contract left out), in signature order."""
@@ -68,15 +69,16 @@ def _register(table: Dict[str, MixerInfo], kind: str, name: str, **info) -> Call
 
 
 def register_mixer(name: str, *, paper: str, cost: str, triton: bool = False, onnx_dynamic: bool = True,
-                   torchscript: bool = False) -> Callable:
+                   torchscript: bool = False, spatial_dims: int = 2) -> Callable:
     """Decorator: register a channels-last token mixer class or factory under `name`.
 
     `paper` cites the method, `cost` is its time in tokens N (e.g. 'O(N k^2)'), `triton` says whether a
     Triton path exists, `onnx_dynamic` whether one ONNX export runs at any H x W, `torchscript` whether
-    `torch.jit.script` compiles it (otherwise scripting a module that holds one fails at once, naming it).
+    `torch.jit.script` compiles it (otherwise scripting a module that holds one fails at once, naming it);
+    `spatial_dims` 3 marks a video-shaped (B, T, H, W, C) mixer, left out of the 2-D listing.
     """
     return _register(_MIXERS, 'mixer', name, paper=paper, cost=cost, triton=triton, onnx_dynamic=onnx_dynamic,
-                     torchscript=torchscript)
+                     torchscript=torchscript, spatial_dims=spatial_dims)
 
 
 def register_gate(name: str, *, paper: str, cost: str = 'O(N)') -> Callable:
@@ -84,9 +86,9 @@ def register_gate(name: str, *, paper: str, cost: str = 'O(N)') -> Callable:
     return _register(_GATES, 'gate', name, paper=paper, cost=cost, triton=False, onnx_dynamic=True, torchscript=True)
 
 
-def list_mixers() -> List[str]:
-    """Names of the registered token mixers."""
-    return sorted(_MIXERS)
+def list_mixers(spatial_dims: Optional[int] = 2) -> List[str]:
+    """Names of the registered token mixers over `spatial_dims` axes (2: the (B, H, W, C) ones; None: all)."""
+    return sorted(n for n, info in _MIXERS.items() if spatial_dims is None or info.spatial_dims == spatial_dims)
 
 
 def list_gates() -> List[str]:
@@ -97,7 +99,7 @@ def list_gates() -> List[str]:
 def mixer_info(name: str) -> MixerInfo:
     if name not in _MIXERS:
         hint = f' ({name!r} is a gate for conv stages: use create_gate)' if name in _GATES else ''
-        raise KeyError(f'unknown mixer {name!r}{hint}; expected one of {list_mixers()}')
+        raise KeyError(f'unknown mixer {name!r}{hint}; expected one of {list_mixers(None)}')
     return _MIXERS[name]
 
 

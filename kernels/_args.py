@@ -42,3 +42,26 @@ def check_kernel_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     if not (q.device == k.device == v.device) or (bias is not None and bias.device != q.device):
         devices = [str(t.device) for t in (q, k, v, bias) if t is not None]
         raise ValueError(f'q, k, v, rel_pos_bias: expected one device, got {devices}')
+
+
+# an int or a triple of ints (3-D ops); a bool or a tuple of bools (per-axis flags)
+IntOr3 = Union[int, Tuple[int, int, int]]
+BoolOr2 = Union[bool, Tuple[bool, bool]]
+BoolOr3 = Union[bool, Tuple[bool, bool, bool]]
+
+
+def per_axis(value, n: int, name: str, kind: type = int) -> list:
+    """An int (bool) or a sequence of `n` of them -> a list of `n`; a clear error naming `name` otherwise (Python)."""
+    what = 'bool' if kind is bool else 'int'
+    article = 'a' if kind is bool else 'an'
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return [value] * n
+    try:
+        result = list(value)
+    except TypeError:
+        result = None
+    if result is None or len(result) != n or not all(
+            isinstance(v, kind) and (kind is bool or not isinstance(v, bool)) for v in result):
+        raise (TypeError if result is None and kind is not bool else ValueError)(
+            f'{name}: expected {article} {what} or {n} {what}s (one per spatial axis), got {value!r}')
+    return result

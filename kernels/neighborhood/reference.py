@@ -1,321 +1,325 @@
-"""Neighborhood attention (NA / DiNA) in pure PyTorch: the ground truth and the CPU / ONNX path.
+"""Generalized neighborhood attention (GNA: NA, DiNA, strided and blocked, causal) in pure PyTorch, 1-D / 2-D / 3-D.
 
-Tensors are channels-last with heads split out: ``(B, H, W, heads, head_dim)``.
+The CPU production path, the export / TorchScript path and the ground truth of the Triton kernels.
+Tensors are channels-last with heads split out: ``(B, *spatial, heads, head_dim)``.
 
-Semantics (NATTEN; verified against natten 0.17.5 with RPB and 0.21.7 without), per axis of length
-``L`` with odd kernel ``k``, dilation ``d`` and ``k * d <= L``:
-  * position ``i`` lives in the dilation sub-grid of residue ``r = i % d`` at sub-index ``p = i // d``;
-    that sub-grid has ``L_r = ceil((L - r) / d)`` positions (ragged: the last groups may be one shorter);
-  * its window is the ``k`` sub-grid positions starting at ``clamp(p - k // 2, 0, L_r - k)``: windows
-    are shifted, not truncated, at the borders, so every query sees exactly ``kh * kw`` keys;
-  * the relative-position bias for query sub-index ``p`` and key sub-index ``s`` is
-    ``rpb[head, s_row - p_row + kh - 1, s_col - p_col + kw - 1]``.
+Semantics (NATTEN 0.21.7 ``na1d / na2d / na3d``): the mask is the AND of one mask per axis. Per axis of length
+``n`` with kernel ``k``, stride ``s`` and dilation ``d`` (``s <= k``, ``k * d <= n``):
+  * position ``i`` lives in dilation group ``g = i % d`` at sub-index ``p = i // d``; the group has
+    ``L_g = ceil((n - g) / d)`` positions (ragged groups when d does not divide n); keys come from the same group;
+  * non-causal: the stride group of ``p`` has leader ``l = min((p // s) * s + s // 2, L_g - 1)``, the window
+    centre is ``clamp(l, k // 2, L_g - 1 - right)`` with ``right = k // 2 - (1 - k % 2)`` (even kernels have one
+    more key on the left), and the window is the ``k`` sub-positions around it: every query of a stride group
+    shares it, windows shift (not shrink) at the borders;
+  * causal: ``l = min((p // s) * s + s - 1, L_g - 1)``, keys ``l - k < p' <= p`` (fewer than k early on);
+  * the optional relative-position bias of query ``p`` and key ``p'`` is ``rpb[head, ..., p' - p + k - 1, ...]``
+    per axis (offsets in the dilation group), as NATTEN <= 0.17 defined it; not defined with a causal axis.
 
-Two implementations:
-  * ``gather`` (default): the dilation sub-grids are cut into query tiles of at most ``TILE x TILE``;
-    each tile gathers the halo of keys that covers all its clamped windows, ``(T + kh - 1) x (T + kw - 1)``,
-    and runs a small dense attention with an additive bias / -inf mask gathered from a cached index table.
-    Sub-grid permutation, padding and tiling are all folded into cached gather indices, so memory is
-    O(N (T + k - 1)^2) with no N x N term, and the matmuls are batched GEMMs.
-  * ``dense``: manual ``softmax(q k^T + bias) v`` over all N keys with a scattered -inf mask; O(N^2)
-    memory, chosen automatically only for small maps (``DENSE_MAX_TOKENS``).
-
-While a model is exported (``is_exporting()``), the automatic choice is `_na_export`: the gather path's tiles
-and halos with fixed-size tiles, gathered separably per axis, and every index computed in the graph from the
-runtime size (no cache, no branch on the size), so one ONNX export runs at any H x W.
+Implementation: per axis, the dilation groups are cut into query tiles of ``T`` sub-positions (a multiple of the
+stride, so a tile holds whole stride groups) and each tile gathers the halo of keys covering all its windows,
+``T - s + k`` positions (windows are monotone in the query). The tiles of all axes multiply into N-D tiles; each
+runs one small dense attention (``F.scaled_dot_product_attention``, fp32 accumulation) under a 0 / -inf mask or
+bias gathered from the per-axis offsets. Memory is O(N (T - s + k)^n) with no N x N term; a blocked configuration
+(``s == k``, ``T == s``) gathers exactly its k keys per tile and needs no mask at all. Index tables are cached
+per size in eager mode and computed in the graph from the runtime size while exporting or scripted, so one
+export runs at any size. ``impl='dense'`` is the same code with one tile per dilation group (small maps).
 """
 import warnings
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .._cache import size_cache
 from .._sizes import ceil_div
 from ..backend import is_exporting
 
-__all__ = ['neighborhood_attention_ref', 'na_axis_tables', 'na_tables', 'na_tile_tables', 'dense_mask',
-           'use_dense', 'NATileTables', 'TILE', 'DENSE_MAX_TOKENS']
+__all__ = ['neighborhood_attention_ref', 'gna_ref', 'gna_axis_window', 'gna_axis_mask', 'gna_tables', 'GNATables', 'tile_sizes',
+           'use_dense', 'TILE', 'TILE_MATH', 'DENSE_MAX_TOKENS']
 
-TILE = 4  # max query-tile side of the gather path (per axis, in sub-grid positions; fastest on CPU for k=3..11)
-# The automatic choice takes the dense path up to this many tokens (crossover measured on a 2-core CPU
-# with bench/na_cpu.py); it bounds the dense path's extra memory to heads * N^2 floats per image.
+TILE = 8  # target query-tile side per axis (sub-grid positions), rounded to a multiple of the stride
+# the same when a learned bias takes the math path (its score matrices are not fused: smaller tiles waste less)
+TILE_MATH = 4
+# The automatic choice takes the dense path up to this many tokens: it bounds the extra memory to heads * N^2.
 DENSE_MAX_TOKENS = 256
 
 
-def _static_sizes(H, W) -> Optional[Tuple[int, int]]:
-    """(H, W) as ints for the table caches, or None while dynamo traces (tables then go into the graph).
-
-    TorchScript tracing (the legacy ONNX exporter) hands sizes over as tensors; they are frozen to
-    ints so the tables become constants (only an explicit impl='gather' / 'dense' gets here while exporting:
-    the automatic choice takes `_na_export`, whose tables follow the runtime size).
-    """
-    if torch.compiler.is_compiling():
-        return None
-    if isinstance(H, int) and isinstance(W, int):
-        return H, W
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', torch.jit.TracerWarning)
-        return int(H), int(W)
-
-
-def _div(a, b):
+def _div(a, b: int):
     return torch.div(a, b, rounding_mode='floor')
 
 
-def na_axis_tables(length: int, kernel: int, dilation: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per query position along one axis: key positions (length, kernel) and rpb offsets (length, kernel)."""
+def gna_axis_window(p: torch.Tensor, length: torch.Tensor, kernel: int, stride: int,
+                    causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """First and last key sub-index (inclusive) of the window of query sub-index `p` in a group of `length`."""
+    if causal:
+        lead = torch.minimum(_div(p, stride) * stride + (stride - 1), length - 1)
+        return (lead - kernel + 1).clamp(min=0), p
+    left = kernel // 2
+    right = left - (1 - kernel % 2)
+    lead = torch.minimum(_div(p, stride) * stride + stride // 2, length - 1)
+    centre = torch.minimum(lead.clamp(min=left), length - 1 - right)
+    return centre - left, centre + right
+
+
+def gna_axis_mask(length: int, kernel: int, stride: int, dilation: int,
+                  causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One axis over all positions: allowed (length, length) query-key pairs and key - query offsets in the
+    dilation group (length, length). The N-D mask is the AND of the axes' (dense anchors and bounds, not the op)."""
+    i = torch.arange(length)
+    group, sub = i % dilation, _div(i, dilation)
+    start, end = gna_axis_window(sub, _div(length - group + dilation - 1, dilation), kernel, stride, causal)
+    allowed = (group[:, None] == group[None, :]) & (sub[None, :] >= start[:, None]) & (sub[None, :] <= end[:, None])
+    return allowed, sub[None, :] - sub[:, None]
+
+
+def tile_sizes(kernel: List[int], stride: List[int], tile: int = TILE) -> List[int]:
+    """Query-tile side per axis: one block when the stride equals the kernel (blocked attention: a tile gathers
+    exactly its k keys and needs no mask), else the multiple of the stride nearest to `tile`."""
+    return [s if s == k else s * max(1, (tile + s // 2) // s) for k, s in zip(kernel, stride)]
+
+
+def _axis_tiles(length: int, kernel: int, stride: int, dilation: int, causal: bool, tile: int, dense: bool,
+                device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One axis: per (dilation group, tile) = P tiles, query positions (P, T) and halo positions (P, Th) in the
+    full axis (-1: padding), key offsets (P, T, Th) (p' - p + k - 1 in the window, 2k - 1 off it, 2k for a
+    padding query), and the tile (length,) and slot (length,) of every position. `length` may be symbolic."""
     i = torch.arange(length, device=device)
-    r = i % dilation
-    p = _div(i, dilation)
-    sub_len = _div(length - r + dilation - 1, dilation)
-    start = torch.minimum((p - kernel // 2).clamp(min=0), sub_len - kernel)
-    sub = start[:, None] + torch.arange(kernel, device=device)[None, :]
-    return r[:, None] + dilation * sub, sub - p[:, None] + kernel - 1
+    if dense:  # one tile per group covering all of it (eager only: sizes are ints)
+        tile = ceil_div(ceil_div(length, dilation), stride) * stride
+    n_tiles = ceil_div(ceil_div(length, dilation), tile)
+    halo = ceil_div(length, dilation) if dense else tile - stride + kernel
+    g = torch.arange(dilation, device=device)[:, None, None]
+    t = torch.arange(n_tiles, device=device)[None, :, None]
+    group_len = _div(i[-1:, None, None] - g, dilation) + 1  # (G, 1, 1): ragged groups are shorter
+    p = t * tile + torch.arange(tile, device=device)  # (1, nT, T)
+    q_ok = p < group_len
+    start, end = gna_axis_window(p, group_len, kernel, stride, causal)  # (G, nT, T)
+    h0 = torch.zeros_like(start[..., :1]) if dense else start[..., :1]  # windows are monotone: the first starts
+    h = h0 + torch.arange(halo, device=device)  # (G, nT, Th)
+    h_ok = (h >= 0) & (h < group_len)
+    hq = h[:, :, None, :]
+    in_window = (hq >= start[..., None]) & (hq <= end[..., None]) & h_ok[:, :, None, :]
+    rel = torch.where(in_window, hq - p[..., None] + (kernel - 1), 2 * kernel - 1)
+    rel = torch.where(q_ok[..., None], rel, 2 * kernel)
+    q_pos = torch.where(q_ok, g + dilation * p, -1)
+    h_pos = torch.where(h_ok, g + dilation * h, -1)
+    sub = _div(i, dilation)
+    tile_of = (i - dilation * sub) * n_tiles + _div(sub, tile)
+    slot = sub - _div(sub, tile) * tile
+    P = dilation * n_tiles
+    return q_pos.reshape(P, tile), h_pos.reshape(P, halo), rel.reshape(P, tile, halo), tile_of, slot
 
 
-def _build_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device) -> Tuple[
-        torch.Tensor, torch.Tensor]:
-    kh, kw = kernel
-    rk, rr = na_axis_tables(H, kh, dilation[0], device)
-    ck, cr = na_axis_tables(W, kw, dilation[1], device)
-    key_index = (rk[:, None, :, None] * W + ck[None, :, None, :]).reshape(H * W, kh * kw)
-    bias_index = (rr[:, None, :, None] * (2 * kw - 1) + cr[None, :, None, :]).reshape(H * W, kh * kw)
-    return key_index, bias_index
+def _place(t: torch.Tensor, axis: int, n: int, groups: List[int]) -> torch.Tensor:
+    """View a per-axis table (its dims in `groups` order) so it broadcasts into the N-D layout whose dims are
+    [P_1..P_n] [T_1..T_n] [Th_1..Th_n] (one block per entry of `groups`, `axis` within each)."""
+    shape: List[int] = []
+    for j in range(len(groups)):
+        for a in range(n):
+            shape.append(t.shape[j] if a == axis else 1)
+    return t.reshape(shape)
+
+
+class GNATables(NamedTuple):
+    """Index tables of one configuration at one size; tokens index the flattened map, N = zero padding token."""
+    query_index: torch.Tensor  # (tiles * Tq,) query token of each tile slot
+    halo_index: torch.Tensor  # (tiles * Tk,) key token of each halo slot
+    out_index: torch.Tensor  # (N,) flat (tile, slot) of each token, to undo the tiling
+    # index of each (tile, query slot, halo slot) into the padded bias table (see `_bias_table`), stored as distinct
+    # patterns (U, Tq, Tk) and the pattern of each tile (tiles,): interior tiles share one pattern, so the rpb
+    # gather and its gradient scatter touch U << tiles patterns (no dedup in graph form: U = tiles)
+    bias_patterns: torch.Tensor
+    tile_pattern: torch.Tensor
+    mask: Optional[torch.Tensor]  # (1, tiles, Tq, Tk) additive 0 / -inf mask, None when nothing is masked
+    tile_shape: List[int]  # [tiles, Tq, Tk]
+    padded: bool  # whether any index is the padding token (always in graph form)
+
+
+def _build_tables(sizes: List[int], kernel: List[int], stride: List[int], dilation: List[int], causal: List[bool],
+                  tile: List[int], dense: bool, device: torch.device, eager: bool) -> GNATables:
+    n = len(sizes)
+    qs, hs, rels, tiles_of, slots = [], [], [], [], []
+    for a in range(n):
+        q, h, r, to, sl = _axis_tiles(sizes[a], kernel[a], stride[a], dilation[a], causal[a], tile[a], dense, device)
+        qs.append(q)
+        hs.append(h)
+        rels.append(r)
+        tiles_of.append(to)
+        slots.append(sl)
+    n_tokens = 1
+    for a in range(n):
+        n_tokens = n_tokens * sizes[a]
+    q_tok = torch.zeros([1], dtype=torch.long, device=device)
+    h_tok = torch.zeros([1], dtype=torch.long, device=device)
+    q_bad = torch.zeros([1], dtype=torch.bool, device=device)
+    h_bad = torch.zeros([1], dtype=torch.bool, device=device)
+    bias = torch.zeros([1], dtype=torch.long, device=device)
+    tile_flat = torch.zeros([1], dtype=torch.long, device=device)
+    slot_flat = torch.zeros([1], dtype=torch.long, device=device)
+    token_stride = n_tokens
+    bias_stride = 1
+    for a in range(n):
+        bias_stride = bias_stride * (2 * kernel[a] + 1)
+    for a in range(n):
+        token_stride = token_stride // sizes[a]
+        bias_stride = bias_stride // (2 * kernel[a] + 1)
+        q_tok = q_tok + _place(qs[a], a, n, [0, 1]) * token_stride
+        h_tok = h_tok + _place(hs[a], a, n, [0, 2]) * token_stride
+        q_bad = q_bad | _place(qs[a] < 0, a, n, [0, 1])
+        h_bad = h_bad | _place(hs[a] < 0, a, n, [0, 2])
+        bias = bias + _place(rels[a], a, n, [0, 1, 2]) * bias_stride
+        tile_flat = tile_flat * qs[a].shape[0] + tiles_of[a].reshape([-1 if b == a else 1 for b in range(n)])
+        slot_flat = slot_flat * qs[a].shape[1] + slots[a].reshape([-1 if b == a else 1 for b in range(n)])
+    Tq = 1
+    Tk = 1
+    P = 1
+    for a in range(n):
+        P = P * qs[a].shape[0]
+        Tq = Tq * qs[a].shape[1]
+        Tk = Tk * hs[a].shape[1]
+    query_index = torch.where(q_bad, n_tokens, q_tok).reshape(-1)
+    halo_index = torch.where(h_bad, n_tokens, h_tok).reshape(-1)
+    out_index = (tile_flat * Tq + slot_flat).reshape(-1)
+    bias_index = bias.reshape(P, Tq, Tk)
+    zeros = _bias_table(None, kernel, torch.float32, device).reshape(-1)[bias_index]  # (P, Tq, Tk) 0 / -inf
+    mask: Optional[torch.Tensor] = zeros.unsqueeze(0)
+    patterns, tile_pattern = bias_index, torch.arange(P, device=device)
+    if eager:
+        if not bool((zeros != 0).any()):  # e.g. blocked attention on a map the kernel divides
+            mask = None
+        patterns, tile_pattern = torch.unique(bias_index.reshape(P, -1), dim=0, return_inverse=True)
+        patterns = patterns.reshape(-1, Tq, Tk)
+    padded = True
+    if eager:  # e.g. blocked attention on a map the kernel divides reads no padding token
+        padded = bool((query_index == n_tokens).any()) or bool((halo_index == n_tokens).any())
+    return GNATables(query_index, halo_index, out_index, patterns, tile_pattern, mask, [P, Tq, Tk], padded)
 
 
 _cached_tables = size_cache(64)(_build_tables)
 
 
-def na_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device=None) -> Tuple[
-        torch.Tensor, torch.Tensor]:
-    """Per query: key index (N, kh*kw) into the flattened map and bias index (N, kh*kw) into rpb.flatten(1)."""
-    sizes = _static_sizes(H, W)
-    if sizes is not None:
-        H, W = sizes
-        return _cached_tables(H, W, tuple(kernel), tuple(dilation), torch.device(device or 'cpu'))
-    return _build_tables(H, W, kernel, dilation, device)
+def _cache_key(x):
+    return tuple(x)
 
 
-class NATileTables(NamedTuple):
-    """Index tables of the gather path; tokens index the flattened map, N means 'zero padding token'."""
-    query_index: torch.Tensor  # (tiles, T*T) query token of each tile slot
-    halo_index: torch.Tensor  # (tiles, halo) key token of each halo slot
-    out_index: torch.Tensor  # (N,) tile slot of each token, to undo the tiling
-    mask: torch.Tensor  # (tiles, T*T, halo) additive 0 / -inf mask (the bias without rpb)
-    # bias index of each (tile, query slot, halo slot) into [rpb.flatten(1), 0 (padding query), -inf (not a
-    # neighbor)], stored as distinct patterns (P, T*T, halo) and the pattern of each tile (tiles,): interior
-    # tiles share one pattern, so the rpb gather and its gradient scatter touch P << tiles patterns.
-    bias_patterns: torch.Tensor
-    tile_pattern: torch.Tensor
+def gna_tables(sizes: List[int], kernel: List[int], stride: List[int], dilation: List[int], causal: List[bool],
+               tile: Optional[List[int]] = None, dense: bool = False, device=None) -> GNATables:
+    """The index tables of the tiled path (cached per configuration and size; eager sizes only)."""
+    tile = tile_sizes(kernel, stride) if tile is None else list(tile)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)
+        sizes = [int(s) for s in sizes]
+    return _cached_tables(_cache_key(sizes), _cache_key(kernel), _cache_key(stride), _cache_key(dilation),
+                          _cache_key(causal), _cache_key(tile), dense, torch.device(device or 'cpu'), True)
 
 
-def _axis_tiles(length: int, kernel: int, dilation: int, tile: int, device):
-    """Per axis, for each (dilation group, tile): query positions (G, nT, T), halo positions (G, nT, Th)
-    (-1 = padding), rpb offsets (G, nT, T, Th) with -1 off-window and -2 for padding queries, slot of each
-    position (length,) as (group, tile, offset) triples."""
-    sub_max = -(-length // dilation)
-    n_tiles = -(-sub_max // tile)
-    T = -(-sub_max // n_tiles)
-    halo = T + kernel - 1
-    g = torch.arange(dilation, device=device)[:, None, None]
-    t = torch.arange(n_tiles, device=device)[None, :, None]
-    sub_len = _div(length - g + dilation - 1, dilation)  # (G, 1, 1): ragged groups are shorter
-    p = t * T + torch.arange(T, device=device)  # (1, nT, T) query sub-index
-    q_ok = p < sub_len
-    q_pos = torch.where(q_ok, g + dilation * p, -1)
-    # windows start at clamp(p - k//2, 0, L_g - k), non-decreasing in p: the tile's halo starts at its first
-    h_sub = torch.minimum((t * T - kernel // 2).clamp(min=0), sub_len - kernel) + torch.arange(halo, device=device)
-    h_pos = torch.where(h_sub < sub_len, g + dilation * h_sub, -1)
-    start = torch.minimum((p - kernel // 2).clamp(min=0), sub_len - kernel)
-    off = h_sub[:, :, None, :] - start[..., None]  # (G, nT, T, Th): key offset inside the query's window
-    rel = torch.where((off >= 0) & (off < kernel), h_sub[:, :, None, :] - p[..., None] + kernel - 1, -1)
-    rel = torch.where(q_ok[..., None], rel, -2)
-    i = torch.arange(length, device=device)
-    s = _div(i, dilation)
-    slot = (i % dilation, _div(s, T), s % T)
-    return q_pos, h_pos, rel, slot, (dilation, n_tiles, T, halo)
+def _bias_table(rel_pos_bias: Optional[torch.Tensor], kernel: List[int], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """(heads or 1, 2k_1 + 1, ...) table: rpb (or 0) at offsets 0..2k-2, -inf at 2k - 1 (off-window) on any
+    axis, 0 at 2k (padding query) on any axis, so a padding query never has an all -inf row."""
+    n = len(kernel)
+    if rel_pos_bias is None:
+        table = torch.zeros([1] + [2 * kernel[a] - 1 for a in range(n)], dtype=dtype, device=device)
+    else:
+        table = rel_pos_bias.to(dtype)
+    pad: List[int] = []
+    for _ in range(n):
+        pad = pad + [0, 1]
+    table = F.pad(table, pad, value=float('-inf'))
+    return F.pad(table, pad, value=0.)
 
 
-def _build_tile_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], tile: int,
-                       device, dedup: bool = True) -> NATileTables:
-    kh, kw = kernel
-    qr, hr, rr, (gr, tr, ar), (Gr, nTr, Tr, Hr) = _axis_tiles(H, kh, dilation[0], tile, device)
-    qc, hc, rc, (gc, tc, ac), (Gc, nTc, Tc, Hc) = _axis_tiles(W, kw, dilation[1], tile, device)
-    N = H * W
-
-    def token(pr, pc):  # (G1, nT1, X), (G2, nT2, Y) -> (G1 * G2 * nT1 * nT2, X * Y) flat token or N
-        pr, pc = pr[:, None, :, None, :, None], pc[None, :, None, :, None, :]
-        return torch.where((pr >= 0) & (pc >= 0), pr * W + pc, N).reshape(Gr * Gc * nTr * nTc, -1)
-
-    nb = (2 * kh - 1) * (2 * kw - 1)
-    rr = rr[:, None, :, None, :, None, :, None]
-    rc = rc[None, :, None, :, None, :, None, :]
-    bias_index = torch.where((rr >= 0) & (rc >= 0), rr * (2 * kw - 1) + rc, nb + 1)
-    bias_index = torch.where((rr == -2) | (rc == -2), nb, bias_index).reshape(Gr * Gc * nTr * nTc, Tr * Tc, Hr * Hc)
-    tile_of = ((gr[:, None] * Gc + gc[None, :]) * nTr + tr[:, None]) * nTc + tc[None, :]
-    out_index = (tile_of * (Tr * Tc) + ar[:, None] * Tc + ac[None, :]).reshape(N)
-    mask = torch.where(bias_index > nb, float('-inf'), 0.0)
-    if dedup:
-        patterns, tile_pattern = torch.unique(bias_index.flatten(1), dim=0, return_inverse=True)
-        patterns = patterns.view(-1, *bias_index.shape[1:])
-    else:  # graph capture (torch.export): one pattern per tile, no data-dependent shapes
-        patterns, tile_pattern = bias_index, torch.arange(bias_index.shape[0], device=device)
-    return NATileTables(token(qr, qc), token(hr, hc), out_index, mask, patterns, tile_pattern)
-
-
-_cached_tile_tables = size_cache(64)(_build_tile_tables)
-
-
-def na_tile_tables(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device=None,
-                   tile: int = TILE) -> NATileTables:
-    """Index tables of the gather path, cached per (H, W, kernel, dilation, tile, device)."""
-    sizes = _static_sizes(H, W)
-    if sizes is not None:
-        H, W = sizes
-        return _cached_tile_tables(H, W, tuple(kernel), tuple(dilation), tile, torch.device(device or 'cpu'))
-    return _build_tile_tables(H, W, kernel, dilation, tile, device, False)
-
-
-def _build_dense_mask(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device) -> torch.Tensor:
-    key_index, _ = na_tables(H, W, kernel, dilation, device)
-    N = H * W
-    return torch.full((N, N), float('-inf'), device=device).scatter(
-        1, key_index, torch.zeros(key_index.shape, device=device))
-
-
-_cached_dense_mask = size_cache(8)(_build_dense_mask)
-
-
-def dense_mask(H: int, W: int, kernel: Tuple[int, int], dilation: Tuple[int, int], device=None) -> torch.Tensor:
-    """Additive (N, N) mask: 0 on each query's neighborhood, -inf elsewhere."""
-    sizes = _static_sizes(H, W)
-    if sizes is not None:
-        H, W = sizes
-        return _cached_dense_mask(H, W, tuple(kernel), tuple(dilation), torch.device(device or 'cpu'))
-    return _build_dense_mask(H, W, kernel, dilation, device)
-
-
-def use_dense(H: int, W: int, kernel: Tuple[int, int]) -> bool:
+def use_dense(sizes: List[int]) -> bool:
     """Whether the automatic choice takes the dense path for this map size."""
-    return H * W <= DENSE_MAX_TOKENS
+    n_tokens = 1
+    for s in sizes:
+        n_tokens = n_tokens * s
+    return n_tokens <= DENSE_MAX_TOKENS
 
 
-def _heads_first(t: torch.Tensor) -> torch.Tensor:
-    B, H, W, nh, d = t.shape
-    return t.reshape(B, H * W, nh, d).transpose(1, 2)  # B, heads, N, d
+def _tokens(t: torch.Tensor, index: torch.Tensor, pad: bool) -> torch.Tensor:
+    """(B, N, heads, d) gathered at `index` (N: a zero padding token, appended only if `pad`)
+    -> (B, heads, len(index), d), contiguous."""
+    t = t.transpose(1, 2)
+    return (F.pad(t, [0, 0, 0, 1]) if pad else t).index_select(2, index)
 
 
-def _na_dense(q, k, v, kernel, dilation, rel_pos_bias, scale):
-    B, H, W, nh, d = q.shape
-    N = H * W
-    logits = _heads_first(q * scale) @ _heads_first(k).transpose(-2, -1)  # B, heads, N, N
-    if rel_pos_bias is None:
-        logits = logits + dense_mask(H, W, kernel, dilation, q.device).to(logits.dtype)
+def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_index: torch.Tensor,
+                     halo_index: torch.Tensor, out_index: torch.Tensor, mask: Optional[torch.Tensor],
+                     P: int, Tq: int, Tk: int, scale: float, pad: bool = True) -> torch.Tensor:
+    """q, k, v (B, N, heads, d); mask None, (1, P, Tq, Tk) (shared by the heads) or (heads, P, Tq, Tk)
+    -> (B, N, heads, d). Tiles are laid out (B, heads, P, T, d), so every matmul runs on contiguous blocks and
+    the mask broadcasts over the batch with no copy."""
+    B, N, nh, d = q.shape
+    qt, kt, vt = _tokens(q, query_index, pad), _tokens(k, halo_index, pad), _tokens(v, halo_index, pad)
+    dv = vt.shape[-1]
+    if mask is not None and mask.shape[0] != 1:  # per-head bias: (B, heads * P) batches, broadcast over B
+        qt, kt, vt = qt.view(B, nh * P, Tq, d), kt.view(B, nh * P, Tk, d), vt.view(B, nh * P, Tk, dv)
+        mask = mask.reshape(1, nh * P, Tq, Tk)
+    else:  # (B * heads, P) batches
+        qt, kt, vt = qt.view(B * nh, P, Tq, d), kt.view(B * nh, P, Tk, d), vt.view(B * nh, P, Tk, dv)
+    if mask is not None:
+        mask = mask.to(qt.dtype)
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        # a learned bias needs the score gradient, which the fused kernel does not give: the math path, with a plain
+        # softmax (SDPA's own math path also scans for fully masked rows, which never occur here)
+        out = torch.softmax(torch.matmul(qt, kt.transpose(-2, -1)) * scale + mask, dim=-1) @ vt
     else:
-        key_index, bias_index = na_tables(H, W, kernel, dilation, q.device)
-        vals = rel_pos_bias.flatten(1)[:, bias_index].to(logits.dtype)  # heads, N, K
-        bias = torch.full((nh, N, N), float('-inf'), device=q.device, dtype=logits.dtype).scatter(
-            2, key_index.expand(nh, -1, -1), vals)
-        logits = logits + bias
-    out = logits.softmax(dim=-1) @ _heads_first(v)  # B, heads, N, d
-    return out.transpose(1, 2).reshape(B, H, W, nh, d)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    out = out.reshape(B, nh, P * Tq, dv).index_select(2, out_index)
+    return out.transpose(1, 2)
 
 
-def _na_gather(q, k, v, kernel, dilation, rel_pos_bias, scale, tile=TILE):
-    B, H, W, nh, d = q.shape
-    tables = na_tile_tables(H, W, kernel, dilation, q.device, tile)
+def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List[int], stride: List[int],
+            dilation: List[int], is_causal: List[bool], rel_pos_bias: Optional[torch.Tensor] = None,
+            scale: Optional[float] = None, impl: str = 'auto', tile: Optional[List[int]] = None) -> torch.Tensor:
+    """N-D generalized neighborhood attention on validated inputs.
 
-    def tokens(t):  # B, heads, N + 1, d with a zero padding token last
-        t = _heads_first(t)
-        return torch.cat([t, t.new_zeros(B, nh, 1, d)], dim=2)
-
-    qt = tokens(q * scale)[:, :, tables.query_index]  # B, heads, tiles, T*T, d
-    kt = tokens(k)[:, :, tables.halo_index]  # B, heads, tiles, halo, d
-    vt = tokens(v)[:, :, tables.halo_index]
-    logits = qt @ kt.transpose(-2, -1)  # B, heads, tiles, T*T, halo
-    if rel_pos_bias is None:
-        logits = logits + tables.mask.to(logits.dtype)
-    else:
-        table = torch.cat([rel_pos_bias.flatten(1).to(logits.dtype),
-                           logits.new_tensor([0.0, float('-inf')]).expand(nh, 2)], dim=1)
-        logits = logits + table[:, tables.bias_patterns].index_select(1, tables.tile_pattern)
-    out = logits.softmax(dim=-1) @ vt  # B, heads, tiles, T*T, d
-    out = out.reshape(B, nh, -1, d)[:, :, tables.out_index]  # B, heads, N, d
-    return out.transpose(1, 2).reshape(B, H, W, nh, d)
-
-
-def _export_axis_tiles(length: int, kernel: int, dilation: int, tile: int, device: torch.device) -> Tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One axis of the export path's tiling; `length` may be symbolic or a traced 0-dim tensor.
-
-    Fixed tiles of `tile` sub-grid positions (the last one padded), so only the tile count depends on the
-    size. Returns query rows (G, nT, T) and halo rows (G, nT, Th) as positions into the axis padded with one
-    zero position at index `length`; rpb offsets (G, nT, T, Th), 2k - 1 off-window and 2k for padding queries;
-    and the slot of each position (length,) in the flattened (G, nT, T) layout.
+    q, k, v: (B, *spatial, heads, head_dim) (v may have its own head_dim) -> (B, *spatial, heads, v head_dim).
+    kernel_size, stride, dilation, is_causal: one entry per spatial axis. rel_pos_bias: (heads, 2k_1 - 1, ...).
+    impl: 'gather' (tiles and halos, O(N) memory), 'dense' (one tile per dilation group: O(N^2)) or 'auto' (dense only for small
+    maps; always the in-graph tiled form while exporting or scripted). tile: query-tile side per axis (eager).
     """
-    n_tiles = ceil_div(ceil_div(length, dilation), tile)
-    halo = tile + kernel - 1
-    i = torch.arange(length, device=device)
-    g = torch.arange(dilation, device=device)[:, None, None]
-    t = torch.arange(n_tiles, device=device)[None, :, None]
-    sub_len = (i[-1:, None, None] - g) // dilation + 1  # (G, 1, 1): positions of each dilation group
-    p = t * tile + torch.arange(tile, device=device)  # (1, nT, T) query sub-index
-    q_ok = p < sub_len
-    # a sub-index past its group's end lands at or past `length`: clamp it onto the padding position
-    q_pos = torch.minimum(g + dilation * p, i[-1:] + 1)
-    # windows start at clamp(p - k//2, 0, L_g - k), non-decreasing in p: the tile's halo starts at its first
-    h_sub = torch.minimum((t * tile - kernel // 2).clamp(min=0), sub_len - kernel) + torch.arange(halo, device=device)
-    h_pos = torch.minimum(g + dilation * h_sub, i[-1:] + 1)
-    start = torch.minimum((p - kernel // 2).clamp(min=0), sub_len - kernel)
-    off = h_sub[:, :, None, :] - start[..., None]  # (G, nT, T, Th): key offset inside the query's window
-    rel = torch.where((off >= 0) & (off < kernel), h_sub[:, :, None, :] - p[..., None] + kernel - 1, 2 * kernel - 1)
-    rel = torch.where(q_ok[..., None], rel, 2 * kernel)
-    slot = (i % dilation) * (n_tiles * tile) + i // dilation
-    return q_pos, h_pos, rel, slot
+    n = len(kernel_size)
+    sizes: List[int] = []
+    for a in range(n):
+        sizes.append(q.shape[1 + a])
+    logit_scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if impl not in ('auto', 'gather', 'dense'):
+        raise ValueError(f"impl: expected 'auto', 'gather' or 'dense', got '{impl}'")
+    if tile is None:
+        math = rel_pos_bias is not None and rel_pos_bias.requires_grad and torch.is_grad_enabled()
+        tile = tile_sizes(kernel_size, stride, 4 if math else 8)  # TILE_MATH, TILE (TorchScript: no globals)
+    if not torch.jit.is_scripting():
+        if not is_exporting() and not torch.compiler.is_compiling():
+            if impl == 'auto':
+                impl = 'dense' if use_dense(sizes) else 'gather'
+            tables = gna_tables(sizes, kernel_size, stride, dilation, is_causal, tile, impl == 'dense', q.device)
+            return _run(q, k, v, tables, kernel_size, rel_pos_bias, logit_scale)
+    if impl == 'dense':
+        raise ValueError("impl: 'dense' runs in eager mode only (its tables depend on the size); use 'auto'")
+    tables = _build_tables(sizes, kernel_size, stride, dilation, is_causal, tile, False, q.device, False)
+    return _run(q, k, v, tables, kernel_size, rel_pos_bias, logit_scale)
 
 
-def _export_gather(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, B: int, nh: int, d: int, Gr: int,
-                   nTr: int, Gc: int, nTc: int) -> torch.Tensor:
-    """(B, H, W, nh, d) -> (B, nh, Gr, nTr, Gc, nTc, R, C, d): the map padded by one zero row and column, gathered
-    at query / halo rows (Gr, nTr, R) and columns (Gc, nTc, C) from `_export_axis_tiles`."""
-    t = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 1, 0, 1))
-    t = t.index_select(1, rows.flatten()).index_select(2, cols.flatten())
-    t = t.reshape(B, Gr, nTr, rows.shape[-1], Gc, nTc, cols.shape[-1], nh, d)
-    return t.permute(0, 7, 1, 2, 4, 5, 3, 6, 8)
-
-
-def _na_export(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Tuple[int, int], dilation: Tuple[int, int],
-               rel_pos_bias: Optional[torch.Tensor], scale: float, tile: int = TILE) -> torch.Tensor:
-    """The gather path for export (and TorchScript): same tiles-and-halos attention, everything separable per axis.
-
-    Nothing branches on or caches by the (possibly symbolic) size, and the index tables are computed in the
-    graph from it, so one exported graph runs at any size. Per axis: query / halo rows from
-    `_export_axis_tiles`; keys are gathered rows-then-columns with `index_select` from the map padded by one
-    zero row and column (`_export_gather`); the bias is one lookup in the rpb table padded with a -inf
-    (off-window) and a 0 (padding query) row and column. No dedup (data-dependent shapes) and no 2-D token tables.
-    """
-    B, H, W, nh, d = q.shape
-    kh, kw = kernel
-    qr, hr, rr, sr = _export_axis_tiles(H, kh, dilation[0], tile, q.device)
-    qc, hc, rc, sc = _export_axis_tiles(W, kw, dilation[1], tile, q.device)
-    Gr, nTr, Th = hr.shape
-    Gc, nTc, Tw = hc.shape
-    sizes = (B, nh, d, Gr, nTr, Gc, nTc)
-    qt = _export_gather(q * scale, qr, qc, *sizes).reshape(B, nh, -1, tile * tile, d)  # B, heads, tiles, T*T, d
-    kt = _export_gather(k, hr, hc, *sizes).reshape(B, nh, -1, Th * Tw, d)  # B, heads, tiles, halo, d
-    vt = _export_gather(v, hr, hc, *sizes).reshape(B, nh, -1, Th * Tw, d)
-    logits = qt @ kt.transpose(-2, -1)  # B, heads, tiles, T*T, halo
-    table = logits.new_zeros(1, 2 * kh - 1, 2 * kw - 1) if rel_pos_bias is None else rel_pos_bias.to(logits.dtype)
-    table = torch.nn.functional.pad(table, (0, 1, 0, 1), value=float('-inf'))  # row / col 2k - 1: off-window
-    table = torch.nn.functional.pad(table, (0, 1, 0, 1), value=0.)  # row / col 2k: padding query
-    # (Gr, nTr, Gc, nTc, Tr, Tc, Thr, Thc): the tile order of qt / kt, then query slot, then halo slot
-    index = (rr[:, :, None, None, :, None, :, None] * (2 * kw + 1)
-             + rc[None, None, :, :, None, :, None, :]).reshape(-1, tile * tile, Th * Tw)
-    logits = logits + table.flatten(1)[:, index]
-    out = logits.softmax(dim=-1) @ vt  # B, heads, tiles, T*T, d
-    out = out.reshape(B, nh, Gr, nTr, Gc, nTc, tile, tile, d).permute(0, 1, 2, 3, 6, 4, 5, 7, 8)
-    out = out.reshape(B, nh, Gr * nTr * tile, Gc * nTc * tile, d).index_select(2, sr).index_select(3, sc)
-    return out.permute(0, 2, 3, 1, 4)  # B, H, W, heads, d
+def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: GNATables, kernel_size: List[int],
+         rel_pos_bias: Optional[torch.Tensor], logit_scale: float) -> torch.Tensor:
+    n = len(kernel_size)
+    B, nh, d = q.shape[0], q.shape[-2], q.shape[-1]
+    P, Tq, Tk = tables.tile_shape[0], tables.tile_shape[1], tables.tile_shape[2]
+    mask = tables.mask
+    if rel_pos_bias is not None:
+        table = _bias_table(rel_pos_bias, kernel_size, rel_pos_bias.dtype, q.device)
+        patterns = tables.bias_patterns
+        mask = table.reshape(nh, -1).index_select(1, patterns.reshape(-1)).reshape(nh, patterns.shape[0], Tq, Tk)
+        mask = mask.index_select(1, tables.tile_pattern)  # heads, P, Tq, Tk
+    N = q.shape[1]
+    for a in range(1, n):
+        N = N * q.shape[1 + a]
+    out = _tiled_attention(q.reshape(B, N, nh, d), k.reshape(B, N, nh, d), v.reshape(B, N, nh, v.shape[-1]),
+                           tables.query_index, tables.halo_index, tables.out_index, mask, P, Tq, Tk, logit_scale,
+                           tables.padded)
+    return out.reshape(list(q.shape[:-1]) + [v.shape[-1]])
 
 
 def neighborhood_attention_ref(
@@ -328,24 +332,6 @@ def neighborhood_attention_ref(
         scale: Optional[float] = None,
         impl: str = 'auto',
 ) -> torch.Tensor:
-    """2-D neighborhood attention on validated inputs. q, k, v: (B, H, W, heads, d) -> (B, H, W, heads, d).
-
-    impl: 'gather' (O(N k^2) memory), 'dense' (O(N^2) memory) or 'auto' (dense only for small maps).
-    While exporting, 'auto' is always 'gather', with index tables computed in the graph from the runtime
-    size, so one export runs at any size (the choice of 'dense' would depend on the export size). TorchScript
-    compiles only that export form (the cached-table paths sit behind ``not torch.jit.is_scripting()``), so
-    scripted code takes impl='auto' only.
-    """
-    H, W, d = q.shape[1], q.shape[2], q.shape[4]
-    logit_scale = d ** -0.5 if scale is None else scale
-    if not torch.jit.is_scripting():
-        if impl == 'auto' and not is_exporting():
-            impl = 'dense' if use_dense(H, W, kernel_size) else 'gather'
-        if impl == 'dense':
-            return _na_dense(q, k, v, kernel_size, dilation, rel_pos_bias, logit_scale)
-        if impl == 'gather':
-            return _na_gather(q, k, v, kernel_size, dilation, rel_pos_bias, logit_scale)
-    if impl != 'auto':
-        expected = "'auto', 'gather' or 'dense'" if not torch.jit.is_scripting() else "'auto' in scripted code"
-        raise ValueError(f"impl: expected {expected}, got '{impl}'")
-    return _na_export(q, k, v, kernel_size, dilation, rel_pos_bias, logit_scale)
+    """2-D NA / DiNA (stride 1, not causal) on validated inputs: (B, H, W, heads, d) -> (B, H, W, heads, d)."""
+    return gna_ref(q, k, v, [kernel_size[0], kernel_size[1]], [1, 1], [dilation[0], dilation[1]], [False, False],
+                   rel_pos_bias, scale, impl)

@@ -44,7 +44,7 @@ def test_every_builtin_suite_loads():
     (dict(kind='models', subjects=[dict(name='swin_tiniest')]), "unknown model 'swin_tiniest'; did you mean swin_tiny"),
     (dict(kind='ops', subjects=[dict(name='neighborhood_attention', kwargs=dict(kernel=7))]),
      "unknown op argument 'kernel'"),
-    (dict(kind='ops', subjects=[dict(name='natten2d')]), "unknown op 'natten2d'; did you mean natten?"),
+    (dict(kind='ops', subjects=[dict(name='natten2d')]), "unknown op 'natten2d'; did you mean natten"),
     (dict(kind='mixers', threads=0, subjects=[dict(name='window')]), 'threads: expected an integer >= 1, got 0'),
     (dict(kind='mixers', modes=['backward'], subjects=[dict(name='window')]), "modes: expected a non-empty list"),
     (dict(kind='mixers', subjects=[]), 'expected at least one subject'),

@@ -255,7 +255,11 @@ def test_module_errors_and_registry():
     assert isinstance(mod, NeighborhoodAttention2D)
     assert mod(torch.randn(1, 6, 7, 64)).shape == (1, 6, 7, 64)
     with pytest.raises(ValueError, match='kernel_size'):
-        NeighborhoodAttention2D(64, 2, kernel_size=4)
+        NeighborhoodAttention2D(64, 2, kernel_size=0)
+    with pytest.raises(ValueError, match=r'stride: expected ints in \[1, kernel_size\], got 4'):
+        NeighborhoodAttention2D(64, 2, kernel_size=3, stride=4)
+    with pytest.raises(ValueError, match='rel_pos_bias: not defined with causal attention'):
+        NeighborhoodAttention2D(64, 2, is_causal=(True, False))
     with pytest.raises(ValueError, match='dilation'):
         NeighborhoodAttention2D(64, 2, dilation=0)
     with pytest.raises(ValueError, match='num_heads'):
