@@ -15,7 +15,7 @@ indexed by key - query + k - 1 per axis, counted in the sub-grid.
 One program per (query tile, batch * head). A tile is TQ_t x TQ_h x TQ_w sub-grid positions of one dilation
 group; window starts never decrease with p, so the keys of all its queries lie in a halo box starting at
 the first query's window start, at most ``s * ((TQ + s - 2) // s) + k`` positions long per axis (``TQ - s + k``
-when the tile is a multiple of the stride). The program walks the halo in chunks of BLOCK_K keys (online
+when the tile is a multiple of the stride: ``k`` for blocked attention). The program walks the halo in chunks of BLOCK_K keys (online
 softmax in fp32), masks each (query, key) pair from coordinates and loads the bias by index arithmetic,
 straight from the strided ``(B, T, H, W, heads, d)`` tensors. The forward stores O and the log-sum-exp.
 
@@ -280,11 +280,13 @@ def tile_shape(kernel: Sequence[int], stride: Sequence[int], sub_size: Sequence[
 
 
 def _halo(tile: int, kernel: int, stride: int, sub: int) -> int:
-    """Keys spanned on one axis by the windows of `tile` consecutive queries (any alignment), at most `sub`."""
-    return min(stride * ((tile + stride - 2) // stride) + kernel, sub)
+    """Keys spanned on one axis by the windows of the queries of any tile (tiles start at multiples of `tile`),
+    at most `sub`: window starts grow by at most the stride per stride group the tile touches."""
+    groups = tile // stride - 1 if tile % stride == 0 else (tile + stride - 2) // stride
+    return min(stride * groups + kernel, sub)
 
 
-def _config(q: torch.Tensor, kernel, stride, dilation, causal, tile) -> dict:
+def _config(q: torch.Tensor, kernel, stride, dilation, causal, tile, key_block) -> dict:
     spatial, d = q.shape[1:4], q.shape[-1]
     sub = [-(-n // dil) for n, dil in zip(spatial, dilation)]
     if tile is None:
@@ -298,7 +300,7 @@ def _config(q: torch.Tensor, kernel, stride, dilation, causal, tile) -> dict:
         precision = 'ieee' if torch.get_float32_matmul_precision() == 'highest' else 'tf32'
     else:
         precision = 'ieee'  # unused for 16-bit inputs
-    block_k = min(128, max(16, triton.next_power_of_2(halo_n)))
+    block_k = key_block or min(128, max(16, triton.next_power_of_2(halo_n)))
     return dict(
         n_tiles=n_tiles, grid_tiles=dilation[0] * dilation[1] * dilation[2] * n_tiles[0] * n_tiles[1] * n_tiles[2],
         meta=dict(KT=kernel[0], KH=kernel[1], KW=kernel[2], ST=stride[0], SH=stride[1], SW=stride[2],
@@ -313,9 +315,9 @@ class _NeighborhoodAttention(torch.autograd.Function):
     """q, k, v: (B, T, H, W, heads, d); bias: (heads, 2kt-1, 2kh-1, 2kw-1) or None; per-axis tuples of 3."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, kernel, stride, dilation, causal, scale, tile):
+    def forward(ctx, q, k, v, bias, kernel, stride, dilation, causal, scale, tile, key_block):
         B, T, H, W, nh, d = q.shape
-        cfg = _config(q, kernel, stride, dilation, causal, tile)
+        cfg = _config(q, kernel, stride, dilation, causal, tile, key_block)
         out = torch.empty((B, T, H, W, nh, d), dtype=q.dtype, device=q.device)
         lse = torch.empty((B * nh, T * H * W), dtype=torch.float32, device=q.device)
         has_bias = bias is not None
@@ -326,15 +328,15 @@ class _NeighborhoodAttention(torch.autograd.Function):
             nh, T, H, W, d, *dilation, *cfg['n_tiles'], float(scale),
             HAS_BIAS=has_bias, **cfg['meta'])
         ctx.save_for_backward(q, k, v, out, lse, bias_arg if has_bias else None)
-        ctx.args = kernel, stride, dilation, causal, scale, tile
+        ctx.args = kernel, stride, dilation, causal, scale, tile, key_block
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, bias = ctx.saved_tensors
         B, T, H, W, nh, d = q.shape
-        kernel, stride, dilation, causal, scale, tile = ctx.args
-        cfg = _config(q, kernel, stride, dilation, causal, tile)
+        kernel, stride, dilation, causal, scale, tile, key_block = ctx.args
+        cfg = _config(q, kernel, stride, dilation, causal, tile, key_block)
         if grad_out.dtype != q.dtype:
             grad_out = grad_out.to(q.dtype)
         dq = torch.empty((B, T, H, W, nh, d), dtype=q.dtype, device=q.device)
@@ -353,7 +355,7 @@ class _NeighborhoodAttention(torch.autograd.Function):
         dbias_out = None
         if need_dbias:
             dbias_out = dbias.view(cfg['grid_tiles'], B, nh, nb).sum((0, 1)).view(bias.shape).to(bias.dtype)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), dbias_out, None, None, None, None, None, None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dbias_out, None, None, None, None, None, None, None
 
 
 def _per_axis(value, n: int, name: str, kind: type) -> Tuple:
@@ -371,7 +373,8 @@ def _per_axis(value, n: int, name: str, kind: type) -> Tuple:
     return result
 
 
-def _gna_triton(q, k, v, kernel_size, stride, dilation, is_causal, rel_pos_bias, scale, tile, n: int):
+def _gna_triton(q, k, v, kernel_size, stride, dilation, is_causal, rel_pos_bias, scale, tile, key_block,
+                n: int):
     """Validate the per-axis arguments of an n-D call (n = 2 or 3) and run the 3-D kernel."""
     names = ('height', 'width') if n == 2 else ('time', 'height', 'width')
     check_kernel_tensors(q, k, v, rel_pos_bias)
@@ -406,7 +409,8 @@ def _gna_triton(q, k, v, kernel_size, stride, dilation, is_causal, rel_pos_bias,
         kernel, stride, dilation, causal = (1,) + kernel, (1,) + stride, (1,) + dilation, (False,) + causal
         rel_pos_bias = rel_pos_bias.unsqueeze(1) if rel_pos_bias is not None else None
         tile = (1,) + tuple(tile) if tile is not None else None
-    out = _NeighborhoodAttention.apply(q, k, v, rel_pos_bias, kernel, stride, dilation, causal, scale, tile)
+    out = _NeighborhoodAttention.apply(q, k, v, rel_pos_bias, kernel, stride, dilation, causal, scale, tile,
+                                       key_block)
     return out.squeeze(1) if n == 2 else out
 
 
@@ -421,6 +425,7 @@ def neighborhood_attention_triton(
         rel_pos_bias: Optional[torch.Tensor] = None,
         scale: Optional[float] = None,
         tile: Optional[Tuple[int, int]] = None,
+        key_block: Optional[int] = None,
 ) -> torch.Tensor:
     """2-D generalized neighborhood attention, Triton path (NATTEN 0.21.7 `na2d` semantics), differentiable.
 
@@ -433,14 +438,15 @@ def neighborhood_attention_triton(
         rel_pos_bias: optional (heads, 2kh-1, 2kw-1) table indexed by key - query + k - 1 in the dilation
             sub-grid; only without causal masking.
         scale: logit scale, default head_dim ** -0.5.
-        tile: query tile (sub-grid positions per axis), overrides the default, for tests.
+        tile, key_block: query tile (sub-grid positions per axis) and keys per step of the halo walk (a power
+            of two >= 16): override the defaults, for tests.
 
     Returns:
         (B, H, W, heads, head_dim).
 
     CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``.
     """
-    return _gna_triton(q, k, v, kernel_size, stride, dilation, is_causal, rel_pos_bias, scale, tile, 2)
+    return _gna_triton(q, k, v, kernel_size, stride, dilation, is_causal, rel_pos_bias, scale, tile, key_block, 2)
 
 
 def neighborhood_attention_3d_triton(
@@ -454,6 +460,7 @@ def neighborhood_attention_3d_triton(
         rel_pos_bias: Optional[torch.Tensor] = None,
         scale: Optional[float] = None,
         tile: Optional[Tuple[int, int, int]] = None,
+        key_block: Optional[int] = None,
 ) -> torch.Tensor:
     """3-D generalized neighborhood attention, Triton path (NATTEN 0.21.7 `na3d` semantics), differentiable.
 
@@ -464,11 +471,12 @@ def neighborhood_attention_3d_triton(
         rel_pos_bias: optional (heads, 2kt-1, 2kh-1, 2kw-1) table indexed by key - query + k - 1 per axis in
             the dilation sub-grid; only without causal masking.
         scale: logit scale, default head_dim ** -0.5.
-        tile: query tile (sub-grid positions per axis), overrides the default, for tests.
+        tile, key_block: query tile (sub-grid positions per axis) and keys per step of the halo walk (a power
+            of two >= 16): override the defaults, for tests.
 
     Returns:
         (B, T, H, W, heads, head_dim).
 
     CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``.
     """
-    return _gna_triton(q, k, v, kernel_size, stride, dilation, is_causal, rel_pos_bias, scale, tile, 3)
+    return _gna_triton(q, k, v, kernel_size, stride, dilation, is_causal, rel_pos_bias, scale, tile, key_block, 3)

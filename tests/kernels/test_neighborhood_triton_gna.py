@@ -146,16 +146,16 @@ CASES_3D = [
 ]
 
 
-def _check(n, case, B, heads, d, grad_bias=True):
+def _check(n, case, B, heads, d, key_block=None):
     from zoo.kernels.neighborhood.triton import neighborhood_attention_3d_triton, neighborhood_attention_triton
     kernel, stride, dilation, causal, bias, tile = case
     spatial = (6, 7) if n == 2 else (3, 4, 5)
     fn = neighborhood_attention_triton if n == 2 else neighborhood_attention_3d_triton
     q, k, v, table = _inputs(B, spatial, heads, d, kernel, bias)
-    leaves = [t.requires_grad_() for t in (q, k, v)] + ([table.requires_grad_()] if bias and grad_bias else [])
+    leaves = [t.requires_grad_() for t in (q, k, v)] + ([table.requires_grad_()] if bias else [])
     grad = torch.randn_like(q)
 
-    out = fn(q, k, v, kernel, stride, dilation, causal, table, tile=tile)
+    out = fn(q, k, v, kernel, stride, dilation, causal, table, tile=tile, key_block=key_block)
     got = torch.autograd.grad(out, leaves, grad)
     want_out = oracle(q, k, v, kernel, stride, dilation, causal, table)
     want = torch.autograd.grad(want_out, leaves, grad.double())
@@ -178,6 +178,27 @@ def test_triton_2d_matches_oracle(case):
 @pytest.mark.parametrize('case', CASES_3D, ids=[f'3d-{i}' for i in range(len(CASES_3D))])
 def test_triton_3d_matches_oracle(case):
     _check(3, case, B=1, heads=2, d=8 if case[4] else 4)
+
+
+@pytest.mark.parametrize('n,case', [(2, CASES_2D[i]) for i in (0, 2, 9, 12)] + [(3, CASES_3D[i]) for i in (1, 4)],
+                         ids=['2d-0', '2d-2', '2d-9', '2d-12', '3d-1', '3d-4'])
+def test_triton_walks_the_halo_in_several_key_blocks(n, case):
+    """16 keys per step: the online softmax carries across blocks, some rows see no neighbor in a block."""
+    _check(n, case, B=1, heads=1, d=4, key_block=16)
+
+
+def test_halo_covers_every_window_of_a_tile():
+    """The per-axis halo length bounds the keys of any tile's queries (and is exact for blocked attention)."""
+    from zoo.kernels.neighborhood.triton import _halo
+    for n, k, causal in itertools.product(range(1, 13), range(1, 9), (False, True)):
+        for s, t in itertools.product(range(1, k + 1), range(1, 9)):
+            if k > n:
+                continue
+            keys = _axis_keys(n, k, s, 1, causal)
+            need = max(max(max(ks) for ks in keys[a:a + t]) - min(keys[a]) + 1 for a in range(0, n, t))
+            assert need <= _halo(t, k, s, n), (n, k, s, t, causal)
+            if s == t and not causal:
+                assert _halo(t, k, s, n) == k
 
 
 def test_triton_strided_views_and_frozen_bias():
