@@ -259,3 +259,38 @@ def test_oracle_is_dense_attention_when_the_kernel_covers_the_map():
         *(t.reshape(1, 20, 2, 4).transpose(1, 2) for t in (q, k, v))).transpose(1, 2).reshape(q.shape)
     for stride in itertools.product((1, 2, 4), (1, 5)):
         torch.testing.assert_close(oracle(q, k, v, (4, 5), stride, (1, 1), (False, False)), want)
+
+
+_COMPILE_SCRIPT = r"""
+import zoo.kernels.neighborhood.triton as kt
+
+def compile_kernel(backward, dtype, spatial, kernel, stride, causal, capability):
+    fn = kt._na_bwd_kernel if backward else kt._na_fwd_kernel
+    q = torch.empty(1, *spatial, 2, 32, dtype=dtype)
+    cfg = kt._config(q, kernel, stride, (1, 1, 1), causal, None, None)
+    meta = dict(cfg['meta'])
+    opts = dict(num_warps=meta.pop('num_warps'), num_stages=cfg['bwd_stages' if backward else 'fwd_stages'])
+    const = dict(meta, HAS_BIAS=not any(causal), **(dict(NEED_DBIAS=not any(causal)) if backward else {}))
+    ty = {torch.float16: 'fp16', torch.bfloat16: 'bf16', torch.float32: 'fp32'}[dtype]
+    fp32_ptrs = ('lse_ptr', 'bias_ptr', 'dk_ptr', 'dv_ptr', 'dbias_ptr')
+    sig = {n: 'constexpr' if n in const else ('*fp32' if n in fp32_ptrs else '*' + ty) if n.endswith('_ptr') else
+           'fp32' if n == 'scale' else 'i32' for n in fn.arg_names}
+    return build(fn, sig, const, capability, **opts)
+
+out = {}
+for backward, dtype, spatial, kernel, stride, causal in [
+        (False, torch.float16, (1, 56, 56), (1, 7, 7), (1, 1, 1), (False,) * 3),
+        (True, torch.float16, (1, 56, 56), (1, 7, 7), (1, 1, 1), (False,) * 3),
+        (True, torch.float32, (1, 56, 56), (1, 8, 8), (1, 8, 8), (False,) * 3),
+        (False, torch.bfloat16, (8, 32, 32), (3, 7, 7), (1, 2, 2), (True, False, False)),
+        (True, torch.bfloat16, (8, 32, 32), (3, 7, 7), (1, 2, 2), (True, False, False))]:
+    key = ('bwd' if backward else 'fwd') + f'_{str(dtype)[6:]}_{3 - (spatial[0] == 1)}d_k{kernel[-1]}_s{stride[-1]}'
+    out[key] = compile_kernel(backward, dtype, spatial, kernel, stride, causal, 86)
+print(json.dumps(out))
+"""
+
+
+def test_triton_kernels_compile_for_gpu(compile_for_gpu):
+    """Compile (no GPU needed) NAT-, blocked- and video-shaped kernels for sm_86: catches what the interpreter
+    lets through (non-constexpr globals, unsupported ops, loop-carried types) and checks shared memory."""
+    compile_for_gpu(_COMPILE_SCRIPT, count=5, timeout=600)
