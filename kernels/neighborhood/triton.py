@@ -1,6 +1,6 @@
 """Generalized neighborhood attention in Triton: fused forward and backward, NATTEN 0.21.7 semantics.
 
-One kernel serves 2-D and 3-D: a 2-D map is a 3-D map with one frame (kernel 1, stride 1 on that axis).
+One kernel serves 1-D, 2-D and 3-D: missing leading axes have length 1 (kernel 1, stride 1).
 Per axis (length n, kernel k, stride s, dilation d, causal or not), a query at map position i belongs to
 dilation group g = i mod d at sub-grid position p = i div d (group length L = ceil((n - g) / d)), and sees
 the keys of its group at sub-grid positions
@@ -15,9 +15,10 @@ indexed by key - query + k - 1 per axis, counted in the sub-grid.
 One program per (query tile, batch * head). A tile is TQ_t x TQ_h x TQ_w sub-grid positions of one dilation
 group; window starts never decrease with p, so the keys of all its queries lie in a halo box starting at
 the first query's window start, at most ``s * ((TQ + s - 2) // s) + k`` positions long per axis (``TQ - s + k``
-when the tile is a multiple of the stride: ``k`` for blocked attention). The program walks the halo in chunks of BLOCK_K keys (online
-softmax in fp32), masks each (query, key) pair from coordinates and loads the bias by index arithmetic,
-straight from the strided ``(B, T, H, W, heads, d)`` tensors. The forward stores O and the log-sum-exp.
+when the tile is a multiple of the stride: ``k`` for blocked attention). The program walks the halo in chunks
+of BLOCK_K keys (online softmax in fp32), masks each (query, key) pair from coordinates and loads the bias by
+index arithmetic, straight from the strided ``(B, T, H, W, heads, d)`` tensors. The forward stores O and the
+log-sum-exp.
 
 The backward recomputes P from the LSE per query tile and writes dQ directly (tiles partition the queries).
 Halos of neighboring tiles overlap, so dK and dV are accumulated with fp32 ``tl.atomic_add`` into fp32
@@ -32,7 +33,8 @@ import triton.language as tl
 
 from .._args import check_kernel_tensors, shape_str
 
-__all__ = ['neighborhood_attention_triton', 'neighborhood_attention_3d_triton', 'tile_shape']
+__all__ = ['neighborhood_attention_1d_triton', 'neighborhood_attention_triton', 'neighborhood_attention_3d_triton',
+           'tile_shape']
 
 _IntOrSeq = Union[int, Sequence[int]]
 _BoolOrSeq = Union[bool, Sequence[bool]]
@@ -273,9 +275,9 @@ def _tile_side(stride: int, side: int) -> int:
 
 
 def tile_shape(kernel: Sequence[int], stride: Sequence[int], sub_size: Sequence[int]) -> Tuple[int, ...]:
-    """Query tile in sub-grid positions, one length per axis: 8 x 8 in 2-D (4 x 4 x 4 in 3-D) rounded down to
-    a multiple of the stride, shrunk to the sub-grid size. `kernel` only fixes the rank (kept for callers)."""
-    side = 8 if len(kernel) <= 2 else 4
+    """Query tile in sub-grid positions, one length per axis: 64 in 1-D, 8 x 8 in 2-D, 4 x 4 x 4 in 3-D, each
+    rounded down to a multiple of the stride where it fits, shrunk to the sub-grid size."""
+    side = {1: 64, 2: 8}.get(len(kernel), 4)
     return tuple(min(_tile_side(s, side), n) for s, n in zip(stride, sub_size))
 
 
@@ -289,9 +291,6 @@ def _halo(tile: int, kernel: int, stride: int, sub: int) -> int:
 def _config(q: torch.Tensor, kernel, stride, dilation, causal, tile, key_block) -> dict:
     spatial, d = q.shape[1:4], q.shape[-1]
     sub = [-(-n // dil) for n, dil in zip(spatial, dilation)]
-    if tile is None:
-        tile = (1,) + tile_shape(kernel[1:], stride[1:], sub[1:]) if spatial[0] == 1 else tile_shape(
-            kernel, stride, sub)
     tile = tuple(min(t, n) for t, n in zip(tile, sub))
     n_tiles = [-(-n // t) for n, t in zip(sub, tile)]
     halo = [_halo(t, k, s, n) for t, k, s, n in zip(tile, kernel, stride, sub)]
@@ -376,11 +375,11 @@ def _per_axis(value, n: int, name: str, kind: type) -> Tuple:
 
 def _gna_triton(q, k, v, kernel_size, stride, dilation, is_causal, rel_pos_bias, scale, tile, key_block,
                 n: int):
-    """Validate the per-axis arguments of an n-D call (n = 2 or 3) and run the 3-D kernel."""
-    names = ('height', 'width') if n == 2 else ('time', 'height', 'width')
+    """Validate the per-axis arguments of an n-D call (n = 1, 2 or 3) and run the 3-D kernel."""
+    names = ('length',) if n == 1 else ('time', 'height', 'width')[3 - n:]
     check_kernel_tensors(q, k, v, rel_pos_bias)
     if q.dim() != n + 3 or k.shape != q.shape or v.shape != q.shape:
-        layout = '(B, H, W, heads, head_dim)' if n == 2 else '(B, T, H, W, heads, head_dim)'
+        layout = ('(B, L, heads, head_dim)', '(B, H, W, heads, head_dim)', '(B, T, H, W, heads, head_dim)')[n - 1]
         raise ValueError(f'q, k, v: expected equal shapes {layout}, got '
                          f'{shape_str(q)}, {shape_str(k)}, {shape_str(v)}')
     kernel = _per_axis(kernel_size, n, 'kernel_size', int)
@@ -405,14 +404,36 @@ def _gna_triton(q, k, v, kernel_size, stride, dilation, is_causal, rel_pos_bias,
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.numel() == 0:
         return q.new_empty(q.shape)
-    if n == 2:  # one frame: kernel 1, stride 1 on the time axis
-        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
-        kernel, stride, dilation, causal = (1,) + kernel, (1,) + stride, (1,) + dilation, (False,) + causal
-        rel_pos_bias = rel_pos_bias.unsqueeze(1) if rel_pos_bias is not None else None
-        tile = (1,) + tuple(tile) if tile is not None else None
-    out = _NeighborhoodAttention.apply(q, k, v, rel_pos_bias, kernel, stride, dilation, causal, scale, tile,
-                                       key_block)
-    return out.squeeze(1) if n == 2 else out
+    if tile is None:
+        tile = tile_shape(kernel, stride, [-(-size // dil) for size, dil in zip(q.shape[1:n + 1], dilation)])
+    # fewer than 3 axes: leading axes of length 1 (kernel 1, stride 1, dilation 1, not causal)
+    lead = (slice(None),) + (None,) * (3 - n)
+    ones = (1,) * (3 - n)
+    out = _NeighborhoodAttention.apply(
+        q[lead], k[lead], v[lead], None if rel_pos_bias is None else rel_pos_bias[lead], ones + kernel,
+        ones + stride, ones + dilation, (False,) * (3 - n) + causal, scale, ones + tuple(tile), key_block)
+    return out[(slice(None),) + (0,) * (3 - n)]
+
+
+def neighborhood_attention_1d_triton(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kernel_size: _IntOrSeq,
+        stride: _IntOrSeq = 1,
+        dilation: _IntOrSeq = 1,
+        is_causal: _BoolOrSeq = False,
+        rel_pos_bias: Optional[torch.Tensor] = None,
+        scale: Optional[float] = None,
+        tile: Optional[Tuple[int]] = None,
+        key_block: Optional[int] = None,
+) -> torch.Tensor:
+    """1-D generalized neighborhood attention, Triton path (NATTEN 0.21.7 `na1d` semantics), differentiable.
+
+    q, k, v: (B, L, heads, head_dim) -> (B, L, heads, head_dim); rel_pos_bias: (heads, 2k-1). Other arguments
+    as `neighborhood_attention_triton`, one value per argument.
+    """
+    return _gna_triton(q, k, v, kernel_size, stride, dilation, is_causal, rel_pos_bias, scale, tile, key_block, 1)
 
 
 def neighborhood_attention_triton(

@@ -96,22 +96,27 @@ NATTEN_2D = [
     ((2, 3), (2, 2), (2, 2), (False, True)),
     ((4, 3), (2, 3), (1, 2), (True, True)),
 ]
+NATTEN_1D = [((4,), (3,), (2,), (False,)), ((5,), (2,), (1,), (True,))]
 NATTEN_3D = [
     ((3, 2, 3), (1, 2, 3), (1, 2, 1), (False, False, False)),
     ((2, 3, 4), (2, 1, 4), (1, 1, 1), (True, False, True)),
 ]
 
 
-@pytest.mark.parametrize('n,cfg', [(2, c) for c in NATTEN_2D] + [(3, c) for c in NATTEN_3D],
-                         ids=[f'{n}d-{i}' for n, cs in ((2, NATTEN_2D), (3, NATTEN_3D)) for i in range(len(cs))])
+_NATTEN = ((1, NATTEN_1D), (2, NATTEN_2D), (3, NATTEN_3D))
+SPATIAL = {1: (13,), 2: (6, 7), 3: (3, 4, 5)}
+
+
+@pytest.mark.parametrize('n,cfg', [(n, c) for n, cs in _NATTEN for c in cs],
+                         ids=[f'{n}d-{i}' for n, cs in _NATTEN for i in range(len(cs))])
 def test_oracle_matches_natten(n, cfg):
-    from natten.functional import na2d, na3d
+    from natten.functional import na1d, na2d, na3d
     kernel, stride, dilation, causal = cfg
-    spatial = (6, 7) if n == 2 else (3, 4, 5)
+    spatial = SPATIAL[n]
     q, k, v = (torch.randn(2, *spatial, 2, 8) for _ in range(3))
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        want = (na2d if n == 2 else na3d)(q, k, v, kernel, stride=stride, dilation=dilation, is_causal=causal)
+        want = (na1d, na2d, na3d)[n - 1](q, k, v, kernel, stride=stride, dilation=dilation, is_causal=causal)
     got = oracle(q, k, v, kernel, stride, dilation, causal)
     torch.testing.assert_close(got.float(), want, atol=2e-6, rtol=1e-5)
 
@@ -134,6 +139,12 @@ CASES_2D = [
     ((2, 2), (1, 2), (3, 3), (True, False), False, None),  # causal with dilation
     ((6, 7), (1, 1), (1, 1), (False, False), True, None),  # kernel == size: dense attention
 ]
+# on sequences of 13 (the 3-D kernel with two axes of length 1)
+CASES_1D = [
+    ((4,), (1,), (2,), (False,), True, (4,)),  # even kernel, ragged dilation groups, 4 tiles
+    ((5,), (3,), (1,), (True,), False, None),
+    ((6,), (6,), (2,), (False,), False, (6,)),  # blocked, dilated
+]
 # on 3 x 4 x 5 maps
 CASES_3D = [
     ((3, 3, 3), (1, 1, 1), (1, 1, 1), (False, False, False), True, None),
@@ -147,10 +158,11 @@ CASES_3D = [
 
 
 def _check(n, case, B, heads, d, key_block=None):
-    from zoo.kernels.neighborhood.triton import neighborhood_attention_3d_triton, neighborhood_attention_triton
+    from zoo.kernels.neighborhood import triton as kt
     kernel, stride, dilation, causal, bias, tile = case
-    spatial = (6, 7) if n == 2 else (3, 4, 5)
-    fn = neighborhood_attention_triton if n == 2 else neighborhood_attention_3d_triton
+    spatial = SPATIAL[n]
+    fn = (kt.neighborhood_attention_1d_triton, kt.neighborhood_attention_triton,
+          kt.neighborhood_attention_3d_triton)[n - 1]
     q, k, v, table = _inputs(B, spatial, heads, d, kernel, bias)
     leaves = [t.requires_grad_() for t in (q, k, v)] + ([table.requires_grad_()] if bias else [])
     grad = torch.randn_like(q)
@@ -173,6 +185,11 @@ def _close(got, want, name):
 @pytest.mark.parametrize('case', CASES_2D, ids=[f'2d-{i}' for i in range(len(CASES_2D))])
 def test_triton_2d_matches_oracle(case):
     _check(2, case, B=2, heads=2, d=4 if case[4] else 8)
+
+
+@pytest.mark.parametrize('case', CASES_1D, ids=[f'1d-{i}' for i in range(len(CASES_1D))])
+def test_triton_1d_matches_oracle(case):
+    _check(1, case, B=2, heads=2, d=4)
 
 
 @pytest.mark.parametrize('case', CASES_3D, ids=[f'3d-{i}' for i in range(len(CASES_3D))])
@@ -276,7 +293,9 @@ import zoo.kernels.neighborhood.triton as kt
 def compile_kernel(backward, dtype, spatial, kernel, stride, causal, capability):
     fn = kt._na_bwd_kernel if backward else kt._na_fwd_kernel
     q = torch.empty(1, *spatial, 2, 32, dtype=dtype)
-    cfg = kt._config(q, kernel, stride, (1, 1, 1), causal, None, None)
+    rank = 3 - (spatial[0] == 1)
+    tile = (1,) * (3 - rank) + kt.tile_shape(kernel[-rank:], stride[-rank:], spatial[-rank:])
+    cfg = kt._config(q, kernel, stride, (1, 1, 1), causal, tile, None)
     meta = dict(cfg['meta'])
     opts = dict(num_warps=meta.pop('num_warps'), num_stages=cfg['bwd_stages' if backward else 'fwd_stages'])
     const = dict(meta, HAS_BIAS=not any(causal), **(dict(NEED_DBIAS=not any(causal)) if backward else {}))
