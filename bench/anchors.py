@@ -189,18 +189,20 @@ def flex_routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_w
     return from_regions(out.reshape(B, nh, p2, w2, -1), n_win, (H, W))
 
 
-def natten_na2d(q, k, v, kernel, dilation, scale):
+def natten_na2d(q, k, v, kernel, dilation, scale, stride=1, is_causal=False):
     """natten's 2-D neighborhood attention (its own backend choice; no RPB). Raises ImportError without natten."""
     from natten.functional import na2d
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        return na2d(q, k, v, kernel, dilation=dilation, scale=scale)
+        causal = tuple(is_causal) if isinstance(is_causal, list) else is_causal  # a TOML array
+        return na2d(q, k, v, kernel, stride=stride, dilation=dilation, is_causal=causal, scale=scale)
 
 
 # op anchors: name -> (op family, fn(inputs, **params)); inputs and params as `subjects.OP_FAMILIES` builds them
 OP_ANCHORS: Dict[str, tuple] = {
-    'natten': ('neighborhood', lambda t, kernel_size=7, dilation=1, scale=None, **_: natten_na2d(
-        t['q'].detach(), t['k'].detach(), t['v'].detach(), kernel_size, dilation, scale)),
+    'natten': ('neighborhood', lambda t, kernel_size=7, dilation=1, scale=None, stride=1, is_causal=False, **_:
+               natten_na2d(t['q'].detach(), t['k'].detach(), t['v'].detach(), kernel_size, dilation, scale, stride,
+                           is_causal)),
     'sdpa_neighborhood': ('neighborhood', lambda t, kernel_size=7, dilation=1, scale=None, **_:
                           sdpa_neighborhood_attention(t['q'], t['k'], t['v'], (kernel_size,) * 2, (dilation,) * 2,
                                                       t.get('rpb'), scale)),

@@ -28,7 +28,7 @@ PRECISIONS = ('fp32', 'bf16', 'fp16')
 # kwargs each op family accepts (suite entries and shapes): checked when a suite loads
 OP_KWARGS: Dict[str, Tuple[str, ...]] = {
     'window': ('window_size', 'shift', 'mode', 'backend', 'rpb'),
-    'neighborhood': ('kernel_size', 'dilation', 'backend', 'impl', 'rpb'),
+    'neighborhood': ('kernel_size', 'dilation', 'backend', 'impl', 'rpb', 'stride', 'is_causal'),
     'routing': ('n_win', 'topk', 'backend'),
     'linear': ('normalizer', 'backend'),
     # generalized neighborhood attention on 2-D maps, or 3-D ones when the shape gives a depth (S x S x depth)
@@ -56,6 +56,11 @@ class Entry:
             self.anchor = [self.anchor]
 
 
+def _tuple(value: Any) -> Any:
+    """A TOML array (a list) as the tuple the ops take per axis; anything else unchanged."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _ours_ops() -> Dict[str, Tuple[str, Callable]]:
     from zoo.kernels import (
         linear_attention, neighborhood_attention, neighborhood_attention_3d, routed_attention, window_attention)
@@ -65,13 +70,17 @@ def _ours_ops() -> Dict[str, Tuple[str, Callable]]:
         return window_attention(t['q'], t['k'], t['v'], window_size, mode=mode, shift=shift,
                                 rel_pos_bias=t['rpb'] if rpb else None, backend=backend)
 
-    def neighborhood(t, kernel_size=7, dilation=1, backend=None, impl=None, rpb=True, **_):
+    def neighborhood(t, kernel_size=7, dilation=1, backend=None, impl=None, rpb=True, stride=1, is_causal=False,
+                     **_):
         bias = t['rpb'] if rpb else None
         if impl is not None:  # one path of the reference forced ('gather' or the O(N^2) 'dense')
             return neighborhood_attention_ref(t['q'], t['k'], t['v'], (kernel_size,) * 2, (dilation,) * 2, bias,
                                               impl=impl)
+        # GNA arguments only when set, so NA entries call the op as before
+        causal = _tuple(is_causal)
+        gna = {} if stride == 1 and causal is False else dict(stride=stride, is_causal=causal)
         return neighborhood_attention(t['q'], t['k'], t['v'], kernel_size, dilation, rel_pos_bias=bias,
-                                      backend=backend)
+                                      backend=backend, **gna)
 
     def routing(t, n_win=7, topk=4, backend=None, **_):
         return routed_attention(t['q'], t['k'], t['v'], n_win, topk, idx=t['idx'], backend=backend)

@@ -213,6 +213,8 @@ def neighborhood_attention_3d(
                 'neighborhood_attention_3d')
 
 
-def _neighborhood_attention_triton(*args) -> torch.Tensor:
+def _neighborhood_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Tuple[int, int],
+                                   dilation: Tuple[int, int], rel_pos_bias: Optional[torch.Tensor],
+                                   scale: Optional[float]) -> torch.Tensor:
     from .triton import neighborhood_attention_triton  # imports triton: only when the kernel runs
-    return neighborhood_attention_triton(*args)
+    return neighborhood_attention_triton(q, k, v, kernel, dilation=dilation, rel_pos_bias=rel_pos_bias, scale=scale)

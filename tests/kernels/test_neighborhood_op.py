@@ -372,7 +372,7 @@ def test_triton_matches_reference(H, W, kernel, dilation, head_dim, bias, tile):
     grad = torch.randn(1, H, W, 2, head_dim, device=dev)
     inputs = (q, k, v) + ((rpb,) if bias else ())
 
-    out = neighborhood_attention_triton(q_view, k_view, v_view, kernel, dilation, rpb, tile=tile)
+    out = neighborhood_attention_triton(q_view, k_view, v_view, kernel, dilation=dilation, rel_pos_bias=rpb, tile=tile)
     got = torch.autograd.grad(out, inputs, grad)
     ref = neighborhood_attention_ref(q, k, v, kernel, dilation, rpb, impl='gather')
     want = torch.autograd.grad(ref, inputs, grad)
