@@ -3,7 +3,7 @@ even), stride (strided / blocked attention), dilation and causal masking, and an
 
 Every op takes ``(B, *spatial, heads, head_dim)`` tensors and checks its arguments here; the pure-PyTorch
 reference (`reference.gna_ref`) runs on CPU, exports and scripts; the Triton kernels run on CUDA (or under
-``TRITON_INTERPRET=1``) for the configurations `_triton_supports` accepts.
+``TRITON_INTERPRET=1``) for every configuration, 1-D, 2-D and 3-D.
 """
 from typing import List, Optional, Tuple
 
@@ -77,25 +77,13 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Lis
                              f'got {shape_str(rel_pos_bias)}')
 
 
-def _triton_supports(n: int, kernel: List[int], stride: List[int], causal: List[bool]) -> bool:
-    """Configurations the Triton kernels implement (today: 2-D NA / DiNA, odd kernels, stride 1, not causal)."""
-    if n != 2:
-        return False
-    for a in range(n):
-        if kernel[a] % 2 == 0 or stride[a] != 1 or causal[a]:
-            return False
-    return True
-
-
 def _gna(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: List[int], stride: List[int],
          dilation: List[int], causal: List[bool], rel_pos_bias: Optional[torch.Tensor], scale: Optional[float],
          backend: Optional[str], op: str) -> torch.Tensor:
     _check_inputs(q, k, v, kernel, stride, dilation, causal, rel_pos_bias, op)
     if not torch.jit.is_scripting():
-        if (_triton_supports(len(kernel), kernel, stride, causal)
-                and resolve_backend(backend, q, k, v, rel_pos_bias) == 'triton'):
-            return _neighborhood_attention_triton(q, k, v, (kernel[0], kernel[1]), (dilation[0], dilation[1]),
-                                                  rel_pos_bias, scale)
+        if resolve_backend(backend, q, k, v, rel_pos_bias) == 'triton':
+            return _neighborhood_attention_triton(q, k, v, kernel, stride, dilation, causal, rel_pos_bias, scale)
     return gna_ref(q, k, v, kernel, stride, dilation, causal, rel_pos_bias, scale)
 
 
@@ -213,8 +201,12 @@ def neighborhood_attention_3d(
                 'neighborhood_attention_3d')
 
 
-def _neighborhood_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: Tuple[int, int],
-                                   dilation: Tuple[int, int], rel_pos_bias: Optional[torch.Tensor],
-                                   scale: Optional[float]) -> torch.Tensor:
-    from .triton import neighborhood_attention_triton  # imports triton: only when the kernel runs
-    return neighborhood_attention_triton(q, k, v, kernel, dilation=dilation, rel_pos_bias=rel_pos_bias, scale=scale)
+def _neighborhood_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: List[int],
+                                   stride: List[int], dilation: List[int], causal: List[bool],
+                                   rel_pos_bias: Optional[torch.Tensor], scale: Optional[float]) -> torch.Tensor:
+    """The Triton kernel of the op's rank (1-D, 2-D or 3-D); every configuration the reference takes."""
+    from .triton import (neighborhood_attention_1d_triton, neighborhood_attention_3d_triton,  # imports triton
+                         neighborhood_attention_triton)
+    fn = (neighborhood_attention_1d_triton, neighborhood_attention_triton, neighborhood_attention_3d_triton)[
+        len(kernel) - 1]
+    return fn(q, k, v, tuple(kernel), tuple(stride), tuple(dilation), tuple(causal), rel_pos_bias, scale)

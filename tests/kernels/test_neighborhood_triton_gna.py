@@ -322,3 +322,32 @@ def test_triton_kernels_compile_for_gpu(compile_for_gpu):
     """Compile (no GPU needed) NAT-, blocked- and video-shaped kernels for sm_86: catches what the interpreter
     lets through (non-constexpr globals, unsupported ops, loop-carried types) and checks shared memory."""
     compile_for_gpu(_COMPILE_SCRIPT, count=5, timeout=600)
+
+
+@pytest.mark.parametrize('op_name, shape, kw', [
+    ('neighborhood_attention_1d', (1, 13, 2, 4), dict(kernel_size=4, stride=2, dilation=2, is_causal=True)),
+    ('neighborhood_attention', (1, 6, 7, 2, 4), dict(kernel_size=(3, 4), stride=(2, 1), is_causal=(False, True))),
+    ('neighborhood_attention', (1, 6, 7, 1, 4), dict(kernel_size=3, dilation=2, rel_pos_bias=True)),
+    ('neighborhood_attention_3d', (1, 3, 4, 5, 1, 4), dict(kernel_size=(2, 3, 3), stride=(1, 3, 2),
+                                                          is_causal=(True, False, False))),
+])
+def test_public_op_dispatches_every_configuration_to_triton(op_name, shape, kw):
+    """The public op with backend='triton' runs the kernel of its rank (stride, causal, even kernels included) and
+    gives the reference's output and gradients."""
+    import zoo.kernels as K
+    op = getattr(K, op_name)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(shape, device=DEV, requires_grad=True) for _ in range(3))
+    kw = dict(kw)
+    if kw.pop('rel_pos_bias', False):
+        ks = kw['kernel_size']
+        kw['rel_pos_bias'] = torch.randn(shape[-2], 2 * ks - 1, 2 * ks - 1, device=DEV)
+    outs, grads, g = [], [], torch.randn(shape, device=DEV)
+    for backend in ('triton', 'torch'):
+        out = op(q, k, v, backend=backend, **kw)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, (q, k, v), g))
+    scale = outs[1].abs().max().item()
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5 * scale, rtol=0)
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=0)
