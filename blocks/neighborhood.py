@@ -158,7 +158,7 @@ class NeighborhoodAttention2D(nn.Module):
 
 
 @register_mixer('neighborhood_3d', paper='GNA (Hassani et al., 2025); NATTEN na3d', cost='O(N k^3), kernel k',
-                torchscript=True, spatial_dims=3)
+                triton=True, torchscript=True, spatial_dims=3)
 class NeighborhoodAttention3D(NeighborhoodAttention2D):
     """3-D generalized neighborhood attention for video-shaped input: (B, T, H, W, dim) -> (B, T, H, W, dim).
 

@@ -173,14 +173,19 @@ def test_module_entry_point_exit_code():
 
 def test_mixers_command(capsys):
     import zoo.blocks
-    mixers, gates = zoo.blocks.list_mixers(), zoo.blocks.list_gates()
-    assert mixers and gates
+    mixers, video, gates = zoo.blocks.list_mixers(), zoo.blocks.list_mixers(3), zoo.blocks.list_gates()
+    assert mixers and video and gates
     assert main(['mixers']) == 0
     lines = capsys.readouterr().out.splitlines()
     columns = {'mixer': ['paper', 'cost (N tokens)', 'triton', 'onnx dynamic H/W', 'torchscript', 'arguments'],
                'gate': ['paper', 'cost (N tokens)', 'arguments']}
-    for kind, names, info_of in (('mixer', mixers, zoo.blocks.mixer_info), ('gate', gates, zoo.blocks.gate_info)):
-        start = next(i for i, line in enumerate(lines) if line.startswith(kind + ' '))
+    headers = [i for i, line in enumerate(lines) if line.startswith('mixer ')]
+    assert len(headers) == 2 and '(B, T, H, W, C)' in lines[headers[1] - 1]  # the 2-D table, then the video one
+    for start, kind, names, info_of in ((headers[0], 'mixer', mixers, zoo.blocks.mixer_info),
+                                        (headers[1], 'mixer', video, zoo.blocks.mixer_info),
+                                        (None, 'gate', gates, zoo.blocks.gate_info)):
+        if start is None:
+            start = next(i for i, line in enumerate(lines) if line.startswith(kind + ' '))
         header = lines[start]
         assert [c for c in columns[kind] if c in header] == columns[kind]
         assert set(lines[start + 1]) == {'-', ' '}
@@ -197,7 +202,8 @@ def test_mixers_command(capsys):
             assert cells == expect
     assert main(['mixers', '--json']) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [m['name'] for m in data['mixers']] == mixers and [g['name'] for g in data['gates']] == gates
+    assert [m['name'] for m in data['mixers']] == mixers + video and [g['name'] for g in data['gates']] == gates
+    assert [m['spatial_dims'] for m in data['mixers']] == [2] * len(mixers) + [3] * len(video)
     assert {'paper', 'cost', 'triton', 'onnx_dynamic', 'torchscript', 'arguments'} <= set(data['mixers'][0])
 
 

@@ -139,21 +139,24 @@ def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[st
 def cmd_mixers(args: argparse.Namespace) -> int:
     import zoo.blocks as blocks
     mixers = [blocks.mixer_info(n) for n in blocks.list_mixers()]
+    video = [blocks.mixer_info(n) for n in blocks.list_mixers(3)]
     gates = [blocks.gate_info(n) for n in blocks.list_gates()]
     if args.json:
         def as_dict(info, *keys):
             return {k: getattr(info, k) for k in ('name', 'paper', 'cost') + keys + ('arguments',)}
-        print(json.dumps(dict(mixers=[as_dict(m, 'triton', 'onnx_dynamic', 'torchscript') for m in mixers],
+        flags = ('triton', 'onnx_dynamic', 'torchscript', 'spatial_dims')
+        print(json.dumps(dict(mixers=[as_dict(m, *flags) for m in mixers + video],
                               gates=[as_dict(g) for g in gates]), indent=2))
         return 0
     yes = {True: 'yes', False: 'no'}
-    print(f'{len(mixers)} token mixers, (B, H, W, C) -> (B, H, W, C) at any H, W: '
-          'zoo.blocks.create_mixer(name, dim, num_heads=..., **arguments)')
-    print('\n'.join(_text_table(
-        ('mixer', 'paper', 'cost (N tokens)', 'triton', 'onnx dynamic H/W', 'torchscript', 'arguments'),
-        [(m.name, m.paper, m.cost, yes[m.triton], yes[m.onnx_dynamic], yes[m.torchscript], m.arguments or '-')
-         for m in mixers])))
-    print()
+    for infos, layout in ((mixers, '(B, H, W, C) -> (B, H, W, C) at any H, W'),
+                          (video, '(B, T, H, W, C) -> (B, T, H, W, C) at any T, H, W')):
+        print(f'{len(infos)} token mixers, {layout}: zoo.blocks.create_mixer(name, dim, num_heads=..., **arguments)')
+        print('\n'.join(_text_table(
+            ('mixer', 'paper', 'cost (N tokens)', 'triton', 'onnx dynamic H/W', 'torchscript', 'arguments'),
+            [(m.name, m.paper, m.cost, yes[m.triton], yes[m.onnx_dynamic], yes[m.torchscript], m.arguments or '-')
+             for m in infos])))
+        print()
     print(f'{len(gates)} gates for conv stages, (B, C, H, W) -> (B, C, H, W): '
           'zoo.blocks.create_gate(name, channels, **arguments)')
     print('\n'.join(_text_table(
