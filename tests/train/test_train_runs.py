@@ -288,9 +288,10 @@ def test_zoo_backbones_train_and_predict_in_the_detector(backbone):
     differently sized images."""
     model = MODELS.build(dict(type='TimmDetector', backbone=backbone, num_classes=3, fpn_channels=64, min_size=96,
                               max_size=128, head_kwargs=dict(score_thresh=0.0)))
-    # C3-C5 of the stride 4..32 backbones, or SHViT's three maps (strides 16 / 32 / 64), then the two extra levels
+    # C3-C5 of the stride 4..32 backbones, SHViT's three maps (strides 16 / 32 / 64) or VOLO's (8 / 16 / 16: its
+    # transformer stages keep stride 16), then the two extra levels
     reductions = [f['reduction'] for f in model.detector.backbone.body.model.feature_info][-3:]
-    assert reductions in ([8, 16, 32], [16, 32, 64])
+    assert reductions in ([8, 16, 32], [16, 32, 64], [8, 16, 16])
     assert model.detector.backbone.strides == reductions + [reductions[-1] * 2, reductions[-1] * 4]
     images = [torch.rand(3, 100, 140), torch.rand(3, 120, 96)]
     targets = [dict(boxes=torch.tensor([[10., 10., 50., 60.]]), labels=torch.tensor([1]), image_id=1),
