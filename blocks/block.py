@@ -26,6 +26,7 @@ from zoo.kernels.backend import is_exporting
 
 from ._registry import create_mixer
 from .gcvit import GlobalQueryGen, MbConvDownsample
+from .window import pad_to_windows
 
 __all__ = [
     'MixerBlock', 'DwConvMlp', 'ConvPosEmbed', 'PatchMerging', 'ConvDownsample', 'ConvBnDownsample', 'ConvTokenizer',
@@ -328,8 +329,7 @@ class ConvDownsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad_to_even:
-            H, W = x.shape[1], x.shape[2]
-            x = F.pad(x, (0, 0, 0, 2 * ceil_div(W, 2) - W, 0, 2 * ceil_div(H, 2) - H))
+            x = pad_to_windows(x, (2, 2))
         return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
@@ -378,8 +378,7 @@ class NormConvDownsample(nn.Module):
         self.conv = nn.Conv2d(dim, out_dim or 2 * dim, kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[1], x.shape[2]
-        x = F.pad(self.norm(x), (0, 0, 0, 2 * ceil_div(W, 2) - W, 0, 2 * ceil_div(H, 2) - H))
+        x = pad_to_windows(self.norm(x), (2, 2))
         return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
