@@ -35,10 +35,18 @@ from .._sizes import ceil_div
 from ..backend import is_exporting
 
 __all__ = ['neighborhood_attention_ref', 'gna_ref', 'gna_axis_window', 'gna_axis_mask', 'gna_tables', 'GNATables', 'tile_sizes',
-           'use_dense', 'TILE', 'TILE_MATH', 'DENSE_MAX_TOKENS']
+           'use_dense', 'TILE', 'TILE_WIDE', 'TILE_1D', 'TILE_BIAS', 'TILE_MATH', 'DENSE_MAX_TOKENS']
 
-TILE = 8  # target query-tile side per axis (sub-grid positions), rounded to a multiple of the stride
-# the same when a learned bias takes the math path (its score matrices are not fused: smaller tiles waste less)
+# Query-tile targets (sub-grid positions per axis, rounded to a multiple of the stride), measured on CPU with the
+# flash SDPA kernel: a tile of Tq queries computes its whole halo of scores, so smaller tiles waste fewer scores
+# but pay more per-tile overhead. Best measured: about 32 queries in 2-D (8 x 4), 128 in 3-D (4 x 8 x 4), 16 in 1-D.
+TILE = 4  # every axis but the one below
+TILE_WIDE = 8  # the second-to-last axis (height in 2-D and 3-D)
+TILE_1D = 16  # 1-D: or the kernel, if larger
+# With a relative-position bias: a fixed one (inference) gathers whole batches per head, where halo bytes
+# dominate (larger tiles share more of their halo); a learned one takes the math path, whose unfused score
+# matrices favour smaller tiles.
+TILE_BIAS = 8
 TILE_MATH = 4
 # The automatic choice takes the dense path up to this many tokens: it bounds the extra memory to heads * N^2.
 DENSE_MAX_TOKENS = 256
@@ -72,10 +80,17 @@ def gna_axis_mask(length: int, kernel: int, stride: int, dilation: int,
     return allowed, sub[None, :] - sub[:, None]
 
 
-def tile_sizes(kernel: List[int], stride: List[int], tile: int = TILE) -> List[int]:
-    """Query-tile side per axis: one block when the stride equals the kernel (blocked attention: a tile gathers
-    exactly its k keys and needs no mask), else the multiple of the stride nearest to `tile`."""
-    return [s if s == k else s * max(1, (tile + s // 2) // s) for k, s in zip(kernel, stride)]
+def tile_sizes(kernel: List[int], stride: List[int], target: Optional[int] = None) -> List[int]:
+    """Query-tile side per axis: the stride on a blocked axis (stride == kernel: a tile gathers exactly its k keys
+    and needs no mask) or when the stride is 4 or more (one stride group per tile), else the multiple of the stride
+    nearest to `target`, by default the measured per-axis targets (TILE, TILE_WIDE, TILE_1D)."""
+    n = len(kernel)
+    sides: List[int] = []
+    for a in range(n):
+        k, s = kernel[a], stride[a]
+        t = (max(16, k) if n == 1 else (8 if a == n - 2 else 4)) if target is None else target  # TorchScript: no globals
+        sides.append(s if s == k or s >= 4 else s * max(1, (t + s // 2) // s))
+    return sides
 
 
 def _axis_tiles(length: int, kernel: int, stride: int, dilation: int, causal: bool, tile: int, dense: bool,
@@ -121,7 +136,8 @@ def _place(t: torch.Tensor, axis: int, n: int, groups: List[int]) -> torch.Tenso
 
 
 class GNATables(NamedTuple):
-    """Index tables of one configuration at one size; tokens index the flattened map, N = zero padding token."""
+    """Index tables of one configuration at one size; tokens index the flattened map."""
+    # padding slots read token 0: their scores are masked (keys) or their outputs never read (queries)
     query_index: torch.Tensor  # (tiles * Tq,) query token of each tile slot
     halo_index: torch.Tensor  # (tiles * Tk,) key token of each halo slot
     out_index: torch.Tensor  # (N,) flat (tile, slot) of each token, to undo the tiling
@@ -132,7 +148,6 @@ class GNATables(NamedTuple):
     tile_pattern: torch.Tensor
     mask: Optional[torch.Tensor]  # (1, tiles, Tq, Tk) additive 0 / -inf mask, None when nothing is masked
     tile_shape: List[int]  # [tiles, Tq, Tk]
-    padded: bool  # whether any index is the padding token (always in graph form)
 
 
 def _build_tables(sizes: List[int], kernel: List[int], stride: List[int], dilation: List[int], causal: List[bool],
@@ -177,8 +192,8 @@ def _build_tables(sizes: List[int], kernel: List[int], stride: List[int], dilati
         P = P * qs[a].shape[0]
         Tq = Tq * qs[a].shape[1]
         Tk = Tk * hs[a].shape[1]
-    query_index = torch.where(q_bad, n_tokens, q_tok).reshape(-1)
-    halo_index = torch.where(h_bad, n_tokens, h_tok).reshape(-1)
+    query_index = torch.where(q_bad, 0, q_tok).reshape(-1)
+    halo_index = torch.where(h_bad, 0, h_tok).reshape(-1)
     out_index = (tile_flat * Tq + slot_flat).reshape(-1)
     bias_index = bias.reshape(P, Tq, Tk)
     zeros = _bias_table(None, kernel, torch.float32, device).reshape(-1)[bias_index]  # (P, Tq, Tk) 0 / -inf
@@ -189,10 +204,7 @@ def _build_tables(sizes: List[int], kernel: List[int], stride: List[int], dilati
             mask = None
         patterns, tile_pattern = torch.unique(bias_index.reshape(P, -1), dim=0, return_inverse=True)
         patterns = patterns.reshape(-1, Tq, Tk)
-    padded = True
-    if eager:  # e.g. blocked attention on a map the kernel divides reads no padding token
-        padded = bool((query_index == n_tokens).any()) or bool((halo_index == n_tokens).any())
-    return GNATables(query_index, halo_index, out_index, patterns, tile_pattern, mask, [P, Tq, Tk], padded)
+    return GNATables(query_index, halo_index, out_index, patterns, tile_pattern, mask, [P, Tq, Tk])
 
 
 _cached_tables = size_cache(64)(_build_tables)
@@ -237,37 +249,59 @@ def use_dense(sizes: List[int]) -> bool:
     return n_tokens <= DENSE_MAX_TOKENS
 
 
-def _tokens(t: torch.Tensor, index: torch.Tensor, pad: bool) -> torch.Tensor:
-    """(B, N, heads, d) gathered at `index` (N: a zero padding token, appended only if `pad`)
-    -> (B, heads, len(index), d), contiguous."""
-    t = t.transpose(1, 2)
-    return (F.pad(t, [0, 0, 0, 1]) if pad else t).index_select(2, index)
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, N, heads, e) -> (N, B * heads * e): one row per token (a view when B == 1), so every gather and its
+    gradient scatter move whole rows (index_select along any other dim runs an order of magnitude slower on CPU)."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _per_image_head(index: torch.Tensor, groups: int, stride: int) -> torch.Tensor:
+    """index (L,) into one (image, head) -> (groups * L,) into `groups` blocks of `stride` rows."""
+    return (torch.arange(groups, device=index.device)[:, None] * stride + index).reshape(-1)
+
+
+def _tiled_per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_index: torch.Tensor,
+                    halo_index: torch.Tensor, out_index: torch.Tensor, bias: torch.Tensor, P: int, Tq: int, Tk: int,
+                    scale: float) -> torch.Tensor:
+    """`_tiled_attention` with a bias (heads or 1, P, Tq, Tk) on a batch: tiles are gathered straight into
+    (B, heads * P, T, d), contiguous for batched matmuls, so the bias broadcasts over the batch. A bias that needs
+    its gradient, which the fused kernel does not give, takes matmuls and a plain softmax (SDPA's own math path also
+    scans for fully masked rows, which never occur here)."""
+    B, N, nh, d = q.shape
+    dv = v.shape[-1]
+    qi, ki = _per_image_head(query_index, B * nh, N), _per_image_head(halo_index, B * nh, N)
+    qt = q.transpose(1, 2).reshape(-1, d).index_select(0, qi).view(B, -1, Tq, d)
+    kt = k.transpose(1, 2).reshape(-1, d).index_select(0, ki).view(B, -1, Tk, d)
+    vt = v.transpose(1, 2).reshape(-1, dv).index_select(0, ki).view(B, -1, Tk, dv)
+    bias = bias.to(q.dtype).expand(nh, P, Tq, Tk).reshape(1, nh * P, Tq, Tk)
+    if bias.requires_grad and torch.is_grad_enabled():
+        out = torch.softmax(torch.matmul(qt, kt.transpose(-2, -1)) * scale + bias, dim=-1) @ vt
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias, scale=scale)
+    oi = _per_image_head(out_index, B * nh, P * Tq).view(B, nh, N).transpose(1, 2).reshape(-1)
+    return out.reshape(-1, dv).index_select(0, oi).view(B, N, nh, dv)
 
 
 def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_index: torch.Tensor,
                      halo_index: torch.Tensor, out_index: torch.Tensor, mask: Optional[torch.Tensor],
-                     P: int, Tq: int, Tk: int, scale: float, pad: bool = True) -> torch.Tensor:
+                     P: int, Tq: int, Tk: int, scale: float) -> torch.Tensor:
     """q, k, v (B, N, heads, d); mask None, (1, P, Tq, Tk) (shared by the heads) or (heads, P, Tq, Tk)
-    -> (B, N, heads, d). Tiles are laid out (B, heads, P, T, d), so every matmul runs on contiguous blocks and
-    the mask broadcasts over the batch with no copy."""
+    -> (B, N, heads, d). Tiles are strided views (P, B * heads, T, d) of the gathered rows (P, T, B * heads, d),
+    the layout the CPU flash kernel reads and writes, so nothing is copied between the gathers and the attention;
+    a shared mask broadcasts over batch and heads (and a per-head bias over the heads of one image)."""
     B, N, nh, d = q.shape
-    qt, kt, vt = _tokens(q, query_index, pad), _tokens(k, halo_index, pad), _tokens(v, halo_index, pad)
-    dv = vt.shape[-1]
-    if mask is not None and mask.shape[0] != 1:  # per-head bias: (B, heads * P) batches, broadcast over B
-        qt, kt, vt = qt.view(B, nh * P, Tq, d), kt.view(B, nh * P, Tk, d), vt.view(B, nh * P, Tk, dv)
-        mask = mask.reshape(1, nh * P, Tq, Tk)
-    else:  # (B * heads, P) batches
-        qt, kt, vt = qt.view(B * nh, P, Tq, d), kt.view(B * nh, P, Tk, d), vt.view(B * nh, P, Tk, dv)
+    if mask is not None and ((mask.shape[0] != 1 and B != 1) or (mask.requires_grad and torch.is_grad_enabled())):
+        return _tiled_per_head(q, k, v, query_index, halo_index, out_index, mask, P, Tq, Tk, scale)
+    dv = v.shape[-1]
+    qt = _rows(q).index_select(0, query_index).view(P, Tq, B, nh, d)
+    kt = _rows(k).index_select(0, halo_index).view(P, Tk, B, nh, d)
+    vt = _rows(v).index_select(0, halo_index).view(P, Tk, B, nh, dv)
     if mask is not None:
-        mask = mask.to(qt.dtype)
-    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
-        # a learned bias needs the score gradient, which the fused kernel does not give: the math path, with a plain
-        # softmax (SDPA's own math path also scans for fully masked rows, which never occur here)
-        out = torch.softmax(torch.matmul(qt, kt.transpose(-2, -1)) * scale + mask, dim=-1) @ vt
-    else:
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
-    out = out.reshape(B, nh, P * Tq, dv).index_select(2, out_index)
-    return out.transpose(1, 2)
+        mask = mask.to(q.dtype).transpose(0, 1)  # (P, 1 or heads, Tq, Tk)
+    out = F.scaled_dot_product_attention(qt.flatten(2, 3).transpose(1, 2), kt.flatten(2, 3).transpose(1, 2),
+                                         vt.flatten(2, 3).transpose(1, 2), attn_mask=mask, scale=scale).transpose(1, 2)
+    out = out.reshape(P * Tq, B * nh * dv).index_select(0, out_index)  # out: (P, Tq, B [, heads], dv) before
+    return out.view(N, B, nh, dv).transpose(0, 1)
 
 
 def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List[int], stride: List[int],
@@ -288,8 +322,10 @@ def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List
     if impl not in ('auto', 'gather', 'dense'):
         raise ValueError(f"impl: expected 'auto', 'gather' or 'dense', got '{impl}'")
     if tile is None:
-        math = rel_pos_bias is not None and rel_pos_bias.requires_grad and torch.is_grad_enabled()
-        tile = tile_sizes(kernel_size, stride, 4 if math else 8)  # TILE_MATH, TILE (TorchScript: no globals)
+        target: Optional[int] = None
+        if rel_pos_bias is not None:  # TILE_MATH for a learned bias (unfused scores), TILE_BIAS for a fixed one
+            target = 4 if rel_pos_bias.requires_grad and torch.is_grad_enabled() else 8
+        tile = tile_sizes(kernel_size, stride, target)
     if not torch.jit.is_scripting():
         if not is_exporting() and not torch.compiler.is_compiling():
             if impl == 'auto':
@@ -317,8 +353,7 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: GNATables, k
     for a in range(1, n):
         N = N * q.shape[1 + a]
     out = _tiled_attention(q.reshape(B, N, nh, d), k.reshape(B, N, nh, d), v.reshape(B, N, nh, v.shape[-1]),
-                           tables.query_index, tables.halo_index, tables.out_index, mask, P, Tq, Tk, logit_scale,
-                           tables.padded)
+                           tables.query_index, tables.halo_index, tables.out_index, mask, P, Tq, Tk, logit_scale)
     return out.reshape(list(q.shape[:-1]) + [v.shape[-1]])
 
 

@@ -296,9 +296,9 @@ def test_strided_tiles_share_their_halo(stride):
     """A tile of T queries (a multiple of the stride) gathers T - s + k keys per axis, not T * k."""
     kernel = 7
     tables = gna_tables([56, 56], [kernel] * 2, [stride] * 2, [1, 1], [False, False])
-    T = reference.tile_sizes([kernel] * 2, [stride] * 2)[0]
-    assert T % stride == 0
-    assert tables.tile_shape[1:] == [T * T, (T - stride + kernel) ** 2]
+    Th, Tw = reference.tile_sizes([kernel] * 2, [stride] * 2)
+    assert Th % stride == 0 and Tw % stride == 0
+    assert tables.tile_shape[1:] == [Th * Tw, (Th - stride + kernel) * (Tw - stride + kernel)]
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -327,7 +327,7 @@ def test_gather_memory_linear_in_tokens(stride, bias):
         N = side * side
         q, k, v = _qkv(B, (side, side), heads, d, requires_grad=True)
         rpb = _rpb(heads, kernel, requires_grad=True) if bias else None
-        tile = reference.tile_sizes(list(kernel), [stride] * 2, reference.TILE_MATH if bias else reference.TILE)
+        tile = reference.tile_sizes(list(kernel), [stride] * 2, reference.TILE_MATH if bias else None)
         tiles, tq, tk = gna_tables([side] * 2, list(kernel), [stride] * 2, [1, 1], [False, False], tile).tile_shape
         with _LargestTensor() as mode:
             gna_ref(q, k, v, list(kernel), [stride] * 2, [1, 1], [False, False], rpb, impl='gather').sum().backward()
