@@ -48,6 +48,10 @@ TILE_1D = 16  # 1-D: or the kernel, if larger
 # matrices favour smaller tiles.
 TILE_BIAS = 8
 TILE_MATH = 4
+# The eager no-grad path gathers and attends about this many bytes of keys and values at a time on large maps:
+# cache-sized chunks, and allocations small enough that malloc keeps reusing them (measured: 112^2 maps 1.1-2.5x
+# faster, 56^2 maps unchanged).
+CHUNK_BYTES = 2 ** 20
 # The automatic choice takes the dense path up to this many tokens: it bounds the extra memory to heads * N^2.
 DENSE_MAX_TOKENS = 256
 
@@ -284,24 +288,46 @@ def _tiled_per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_ind
 
 def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_index: torch.Tensor,
                      halo_index: torch.Tensor, out_index: torch.Tensor, mask: Optional[torch.Tensor],
-                     P: int, Tq: int, Tk: int, scale: float) -> torch.Tensor:
+                     P: int, Tq: int, Tk: int, scale: float, chunk: int = 0) -> torch.Tensor:
     """q, k, v (B, N, heads, d); mask None, (1, P, Tq, Tk) (shared by the heads) or (heads, P, Tq, Tk)
     -> (B, N, heads, d). Tiles are strided views (P, B * heads, T, d) of the gathered rows (P, T, B * heads, d),
     the layout the CPU flash kernel reads and writes, so nothing is copied between the gathers and the attention;
-    a shared mask broadcasts over batch and heads (and a per-head bias over the heads of one image)."""
+    a shared mask broadcasts over batch and heads (and a per-head bias over the heads of one image). chunk > 0:
+    that many tiles at a time, so each chunk's gathered halo is still in cache when the attention reads it."""
     B, N, nh, d = q.shape
     if mask is not None and ((mask.shape[0] != 1 and B != 1) or (mask.requires_grad and torch.is_grad_enabled())):
         return _tiled_per_head(q, k, v, query_index, halo_index, out_index, mask, P, Tq, Tk, scale)
     dv = v.shape[-1]
-    qt = _rows(q).index_select(0, query_index).view(P, Tq, B, nh, d)
-    kt = _rows(k).index_select(0, halo_index).view(P, Tk, B, nh, d)
-    vt = _rows(v).index_select(0, halo_index).view(P, Tk, B, nh, dv)
     if mask is not None:
         mask = mask.to(q.dtype).transpose(0, 1)  # (P, 1 or heads, Tq, Tk)
-    out = F.scaled_dot_product_attention(qt.flatten(2, 3).transpose(1, 2), kt.flatten(2, 3).transpose(1, 2),
-                                         vt.flatten(2, 3).transpose(1, 2), attn_mask=mask, scale=scale).transpose(1, 2)
-    out = out.reshape(P * Tq, B * nh * dv).index_select(0, out_index)  # out: (P, Tq, B [, heads], dv) before
-    return out.view(N, B, nh, dv).transpose(0, 1)
+    if chunk <= 0 or chunk >= P:
+        chunk = P
+    rq, rk, rv = _rows(q), _rows(k), _rows(v)
+    outs: List[torch.Tensor] = []
+    for c0 in range(0, P, chunk):
+        n = min(chunk, P - c0)
+        ki = halo_index[c0 * Tk:(c0 + n) * Tk]
+        qt = rq.index_select(0, query_index[c0 * Tq:(c0 + n) * Tq]).view(n, Tq, B * nh, d).transpose(1, 2)
+        kt = rk.index_select(0, ki).view(n, Tk, B * nh, d).transpose(1, 2)
+        vt = rv.index_select(0, ki).view(n, Tk, B * nh, dv).transpose(1, 2)
+        m = None if mask is None else mask[c0:c0 + n]
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=m, scale=scale)
+        outs.append(o.transpose(1, 2).reshape(n * Tq, B * nh * dv))  # (n, Tq, B * heads, dv) in memory
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.index_select(0, out_index).view(N, B, nh, dv).transpose(0, 1)
+
+
+def _chunk_tiles(q: torch.Tensor, v: torch.Tensor, tables: GNATables) -> int:
+    """Tiles per chunk of the eager no-grad path (0: one chunk): maps whose gathered keys and values exceed
+    4 * CHUNK_BYTES run in equal chunks of about CHUNK_BYTES. With gradients every chunk would add a full-size
+    gradient buffer per input, so they run in one chunk."""
+    if torch.is_grad_enabled() and (q.requires_grad or v.requires_grad):
+        return 0
+    P, Tk = tables.tile_shape[0], tables.tile_shape[2]
+    total = P * Tk * q.shape[0] * q.shape[-2] * (q.shape[-1] + v.shape[-1]) * q.element_size()
+    if total <= 4 * CHUNK_BYTES:
+        return 0
+    return ceil_div(P, ceil_div(total, CHUNK_BYTES))
 
 
 def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List[int], stride: List[int],
@@ -331,7 +357,7 @@ def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List
             if impl == 'auto':
                 impl = 'dense' if use_dense(sizes) else 'gather'
             tables = gna_tables(sizes, kernel_size, stride, dilation, is_causal, tile, impl == 'dense', q.device)
-            return _run(q, k, v, tables, kernel_size, rel_pos_bias, logit_scale)
+            return _run(q, k, v, tables, kernel_size, rel_pos_bias, logit_scale, _chunk_tiles(q, v, tables))
     if impl == 'dense':
         raise ValueError("impl: 'dense' runs in eager mode only (its tables depend on the size); use 'auto'")
     tables = _build_tables(sizes, kernel_size, stride, dilation, is_causal, tile, False, q.device, False)
@@ -339,7 +365,7 @@ def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List
 
 
 def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: GNATables, kernel_size: List[int],
-         rel_pos_bias: Optional[torch.Tensor], logit_scale: float) -> torch.Tensor:
+         rel_pos_bias: Optional[torch.Tensor], logit_scale: float, chunk: int = 0) -> torch.Tensor:
     n = len(kernel_size)
     B, nh, d = q.shape[0], q.shape[-2], q.shape[-1]
     P, Tq, Tk = tables.tile_shape[0], tables.tile_shape[1], tables.tile_shape[2]
@@ -353,7 +379,8 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: GNATables, k
     for a in range(1, n):
         N = N * q.shape[1 + a]
     out = _tiled_attention(q.reshape(B, N, nh, d), k.reshape(B, N, nh, d), v.reshape(B, N, nh, v.shape[-1]),
-                           tables.query_index, tables.halo_index, tables.out_index, mask, P, Tq, Tk, logit_scale)
+                           tables.query_index, tables.halo_index, tables.out_index, mask, P, Tq, Tk, logit_scale,
+                           chunk)
     return out.reshape(list(q.shape[:-1]) + [v.shape[-1]])
 
 

@@ -291,6 +291,30 @@ def test_blocked_gathers_only_its_keys(kernel, stride):
     assert tables.tile_shape[1] == tables.tile_shape[2] == kernel * kernel
 
 
+@pytest.mark.parametrize('kernel,stride,dilation,causal,bias', [
+    ((5, 5), (1, 1), (1, 1), (False, False), False),  # masked halos
+    ((4, 6), (2, 3), (2, 1), (False, True), False),  # even kernels, strided, dilated, causal on one axis
+    ((5, 3), (1, 1), (1, 2), (False, False), True),  # a per-head bias
+    ((4, 4), (4, 4), (1, 1), (False, False), False),  # blocked, partial blocks
+])
+def test_chunked_inference_matches_brute_force(monkeypatch, kernel, stride, dilation, causal, bias):
+    """Large maps without gradients run in cache-sized chunks of tiles: the same result."""
+    q, k, v = _qkv(1, (18, 21), 2, 8)
+    rpb = _rpb(2, kernel) if bias else None
+    args = (list(kernel), list(stride), list(dilation), list(causal))
+    tables = gna_tables([18, 21], *args)
+    tiles, _, tk = tables.tile_shape
+    monkeypatch.setattr(reference, 'CHUNK_BYTES', 4 * tk * 2 * (8 + 8) * 4)  # about 4 tiles per chunk
+    with torch.no_grad():
+        chunk = reference._chunk_tiles(q, v, tables)
+        assert 1 < chunk < tiles
+        out = gna_ref(q, k, v, *args, rpb, impl='gather')
+    expected = _brute_force(q, k, v, *args, rpb)
+    torch.testing.assert_close(out, expected, atol=2e-6 * expected.abs().max().item(), rtol=1e-5)
+    q.requires_grad_()
+    assert reference._chunk_tiles(q, v, tables) == 0  # with gradients: one chunk
+
+
 @pytest.mark.parametrize('stride', [1, 2, 4])
 def test_strided_tiles_share_their_halo(stride):
     """A tile of T queries (a multiple of the stride) gathers T - s + k keys per axis, not T * k."""
