@@ -20,10 +20,14 @@ stride, so a tile holds whole stride groups) and each tile gathers the halo of k
 ``T - s + k`` positions (windows are monotone in the query). The tiles of all axes multiply into N-D tiles; each
 runs one small dense attention (``F.scaled_dot_product_attention``, fp32 accumulation) under a 0 / -inf mask or
 bias gathered from the per-axis offsets. Memory is O(N (T - s + k)^n) with no N x N term; a blocked configuration
-(``s == k``, ``T == s``) gathers exactly its k keys per tile and needs no mask at all. Index tables are cached
-per size in eager mode and computed in the graph from the runtime size while exporting or scripted, so one
-export runs at any size. ``impl='dense'`` is the same code with one tile per dilation group (small maps).
+(``s == k``, ``T == s``) gathers exactly its k keys per tile and needs no mask at all. In eager mode the tiles run
+in batches of one shape each: per axis, a tile keeps only its real queries (a partial last tile is smaller, a tile
+past a short dilation group is dropped) and the halo positions its windows reach (border windows shift rather than
+slide, so border tiles reach fewer keys), so no padding query or unreachable key is computed; the tables are
+cached per size. While exporting or scripted they are computed in the graph from the runtime size as one padded
+batch, so one export runs at any size. ``impl='dense'`` is the same code with one tile per dilation group (small maps).
 """
+import itertools
 import warnings
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -34,7 +38,7 @@ from .._cache import size_cache
 from .._sizes import ceil_div
 from ..backend import is_exporting
 
-__all__ = ['neighborhood_attention_ref', 'gna_ref', 'gna_axis_window', 'gna_axis_mask', 'gna_tables', 'GNATables', 'tile_sizes',
+__all__ = ['neighborhood_attention_ref', 'gna_ref', 'gna_axis_window', 'gna_axis_mask', 'gna_tables', 'GNATables', 'GNATiles', 'tile_sizes',
            'use_dense', 'TILE', 'TILE_WIDE', 'TILE_1D', 'TILE_BIAS', 'TILE_MATH', 'DENSE_MAX_TOKENS']
 
 # Query-tile targets (sub-grid positions per axis, rounded to a multiple of the stride), measured on CPU with the
@@ -98,10 +102,13 @@ def tile_sizes(kernel: List[int], stride: List[int], target: Optional[int] = Non
 
 
 def _axis_tiles(length: int, kernel: int, stride: int, dilation: int, causal: bool, tile: int, dense: bool,
-                device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor, torch.Tensor]:
     """One axis: per (dilation group, tile) = P tiles, query positions (P, T) and halo positions (P, Th) in the
     full axis (-1: padding), key offsets (P, T, Th) (p' - p + k - 1 in the window, 2k - 1 off it, 2k for a
-    padding query), and the tile (length,) and slot (length,) of every position. `length` may be symbolic."""
+    padding query), the tile (length,) and slot (length,) of every position, and per tile its number of queries
+    (P,) (a prefix of its slots) and of halo positions its windows reach (P,) (a prefix of its halo).
+    `length` may be symbolic."""
     i = torch.arange(length, device=device)
     if dense:  # one tile per group covering all of it (eager only: sizes are ints)
         tile = ceil_div(ceil_div(length, dilation), stride) * stride
@@ -126,7 +133,10 @@ def _axis_tiles(length: int, kernel: int, stride: int, dilation: int, causal: bo
     tile_of = (i - dilation * sub) * n_tiles + _div(sub, tile)
     slot = sub - _div(sub, tile) * tile
     P = dilation * n_tiles
-    return q_pos.reshape(P, tile), h_pos.reshape(P, halo), rel.reshape(P, tile, halo), tile_of, slot
+    count = q_ok.sum(-1).reshape(P)
+    reach = torch.where(q_ok, end, -1).amax(-1, keepdim=True) - h0 + 1
+    return (q_pos.reshape(P, tile), h_pos.reshape(P, halo), rel.reshape(P, tile, halo), tile_of, slot, count,
+            reach.clamp(min=0).reshape(P))
 
 
 def _place(t: torch.Tensor, axis: int, n: int, groups: List[int]) -> torch.Tensor:
@@ -139,12 +149,9 @@ def _place(t: torch.Tensor, axis: int, n: int, groups: List[int]) -> torch.Tenso
     return t.reshape(shape)
 
 
-class GNATables(NamedTuple):
-    """Index tables of one configuration at one size; tokens index the flattened map."""
-    # padding slots read token 0: their scores are masked (keys) or their outputs never read (queries)
-    query_index: torch.Tensor  # (tiles * Tq,) query token of each tile slot
-    halo_index: torch.Tensor  # (tiles * Tk,) key token of each halo slot
-    out_index: torch.Tensor  # (N,) flat (tile, slot) of each token, to undo the tiling
+class GNATiles(NamedTuple):
+    """One batch of equally shaped tiles (its slots in the tables' query and halo indices follow the batches
+    before it)."""
     # index of each (tile, query slot, halo slot) into the padded bias table (see `_bias_table`), stored as distinct
     # patterns (U, Tq, Tk) and the pattern of each tile (tiles,): interior tiles share one pattern, so the rpb
     # gather and its gradient scatter touch U << tiles patterns (no dedup in graph form: U = tiles)
@@ -154,31 +161,34 @@ class GNATables(NamedTuple):
     tile_shape: List[int]  # [tiles, Tq, Tk]
 
 
-def _build_tables(sizes: List[int], kernel: List[int], stride: List[int], dilation: List[int], causal: List[bool],
-                  tile: List[int], dense: bool, device: torch.device, eager: bool) -> GNATables:
-    n = len(sizes)
-    qs, hs, rels, tiles_of, slots = [], [], [], [], []
-    for a in range(n):
-        q, h, r, to, sl = _axis_tiles(sizes[a], kernel[a], stride[a], dilation[a], causal[a], tile[a], dense, device)
-        qs.append(q)
-        hs.append(h)
-        rels.append(r)
-        tiles_of.append(to)
-        slots.append(sl)
-    n_tokens = 1
-    for a in range(n):
-        n_tokens = n_tokens * sizes[a]
+class GNATables(NamedTuple):
+    """Index tables of one configuration at one size; tokens index the flattened map. The tiles come in one or
+    more batches of one shape each (eager: one per shape of query tile and halo, so border and partial tiles
+    compute no padding; graph form: one padded batch)."""
+    # padding slots read token 0: their scores are masked (keys) or their outputs never read (queries)
+    query_index: torch.Tensor  # (sum of tiles * Tq,) query token of each tile slot, batch after batch
+    halo_index: torch.Tensor  # (sum of tiles * Tk,) key token of each halo slot
+    out_index: torch.Tensor  # (N,) row of each token in the batches' outputs, concatenated
+    parts: List[GNATiles]
+
+
+def _combine(qs: List[torch.Tensor], hs: List[torch.Tensor], rels: List[torch.Tensor], sizes: List[int],
+             kernel: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-axis tiles (P_a, T_a), halos (P_a, Th_a) and offsets (P_a, T_a, Th_a) -> N-D tiles (P, Tq) query tokens,
+    (P, Tk) halo tokens, their padding flags and (P, Tq, Tk) indices into the padded bias table."""
+    n = len(qs)
+    device = qs[0].device
     q_tok = torch.zeros([1], dtype=torch.long, device=device)
     h_tok = torch.zeros([1], dtype=torch.long, device=device)
     q_bad = torch.zeros([1], dtype=torch.bool, device=device)
     h_bad = torch.zeros([1], dtype=torch.bool, device=device)
     bias = torch.zeros([1], dtype=torch.long, device=device)
-    tile_flat = torch.zeros([1], dtype=torch.long, device=device)
-    slot_flat = torch.zeros([1], dtype=torch.long, device=device)
-    token_stride = n_tokens
+    token_stride = 1
     bias_stride = 1
     for a in range(n):
+        token_stride = token_stride * sizes[a]
         bias_stride = bias_stride * (2 * kernel[a] + 1)
+    P, Tq, Tk = 1, 1, 1
     for a in range(n):
         token_stride = token_stride // sizes[a]
         bias_stride = bias_stride // (2 * kernel[a] + 1)
@@ -187,28 +197,70 @@ def _build_tables(sizes: List[int], kernel: List[int], stride: List[int], dilati
         q_bad = q_bad | _place(qs[a] < 0, a, n, [0, 1])
         h_bad = h_bad | _place(hs[a] < 0, a, n, [0, 2])
         bias = bias + _place(rels[a], a, n, [0, 1, 2]) * bias_stride
-        tile_flat = tile_flat * qs[a].shape[0] + tiles_of[a].reshape([-1 if b == a else 1 for b in range(n)])
-        slot_flat = slot_flat * qs[a].shape[1] + slots[a].reshape([-1 if b == a else 1 for b in range(n)])
-    Tq = 1
-    Tk = 1
-    P = 1
-    for a in range(n):
-        P = P * qs[a].shape[0]
-        Tq = Tq * qs[a].shape[1]
-        Tk = Tk * hs[a].shape[1]
-    query_index = torch.where(q_bad, 0, q_tok).reshape(-1)
-    halo_index = torch.where(h_bad, 0, h_tok).reshape(-1)
-    out_index = (tile_flat * Tq + slot_flat).reshape(-1)
-    bias_index = bias.reshape(P, Tq, Tk)
-    zeros = _bias_table(None, kernel, torch.float32, device).reshape(-1)[bias_index]  # (P, Tq, Tk) 0 / -inf
+        P, Tq, Tk = P * qs[a].shape[0], Tq * qs[a].shape[1], Tk * hs[a].shape[1]
+    return (q_tok.reshape(P, Tq), q_bad.reshape(P, Tq), h_tok.reshape(P, Tk), h_bad.reshape(P, Tk),
+            bias.reshape(P, Tq, Tk))
+
+
+def _tiles(bias: torch.Tensor, kernel: List[int], eager: bool) -> GNATiles:
+    P, Tq, Tk = bias.shape[0], bias.shape[1], bias.shape[2]
+    zeros = _bias_table(None, kernel, torch.float32, bias.device).reshape(-1)[bias]  # (P, Tq, Tk) 0 / -inf
     mask: Optional[torch.Tensor] = zeros.unsqueeze(0)
-    patterns, tile_pattern = bias_index, torch.arange(P, device=device)
+    patterns, tile_pattern = bias, torch.arange(P, device=bias.device)
     if eager:
         if not bool((zeros != 0).any()):  # e.g. blocked attention on a map the kernel divides
             mask = None
-        patterns, tile_pattern = torch.unique(bias_index.reshape(P, -1), dim=0, return_inverse=True)
+        patterns, tile_pattern = torch.unique(bias.reshape(P, -1), dim=0, return_inverse=True)
         patterns = patterns.reshape(-1, Tq, Tk)
-    return GNATables(query_index, halo_index, out_index, patterns, tile_pattern, mask, [P, Tq, Tk])
+    return GNATiles(patterns, tile_pattern, mask, [P, Tq, Tk])
+
+
+def _build_tables(sizes: List[int], kernel: List[int], stride: List[int], dilation: List[int], causal: List[bool],
+                  tile: List[int], dense: bool, device: torch.device, eager: bool) -> GNATables:
+    n = len(sizes)
+    axes = [_axis_tiles(sizes[a], kernel[a], stride[a], dilation[a], causal[a], tile[a], dense, device)
+            for a in range(n)]
+    if not torch.jit.is_scripting():
+        if eager:
+            return _build_parts(axes, sizes, kernel)
+    q_tok, q_bad, h_tok, h_bad, bias = _combine([ax[0] for ax in axes], [ax[1] for ax in axes],
+                                                [ax[2] for ax in axes], sizes, kernel)
+    tile_flat = torch.zeros([1], dtype=torch.long, device=device)
+    slot_flat = torch.zeros([1], dtype=torch.long, device=device)
+    for a in range(n):
+        tile_flat = tile_flat * axes[a][0].shape[0] + axes[a][3].reshape([-1 if b == a else 1 for b in range(n)])
+        slot_flat = slot_flat * axes[a][0].shape[1] + axes[a][4].reshape([-1 if b == a else 1 for b in range(n)])
+    out_index = (tile_flat * q_tok.shape[1] + slot_flat).reshape(-1)
+    return GNATables(torch.where(q_bad, 0, q_tok).reshape(-1), torch.where(h_bad, 0, h_tok).reshape(-1), out_index,
+                     [_tiles(bias, kernel, False)])
+
+
+def _build_parts(axes: List[Tuple[torch.Tensor, ...]], sizes: List[int], kernel: List[int]) -> GNATables:
+    """Eager tables: per axis, tiles grouped by (queries, halo reach) and cut to it; one batch per combination."""
+    classes = []
+    for q, h, rel, _, _, count, reach in axes:
+        shapes = torch.unique(torch.stack([count, reach], 1), dim=0).tolist()
+        classes.append([(torch.nonzero((count == c) & (reach == r))[:, 0], c, r) for c, r in shapes if c > 0])
+    n_tokens = 1
+    for s in sizes:
+        n_tokens *= s
+    out_index = torch.full([n_tokens], -1, dtype=torch.long, device=axes[0][0].device)
+    parts: List[GNATiles] = []
+    q_index: List[torch.Tensor] = []
+    h_index: List[torch.Tensor] = []
+    rows = 0
+    for combo in itertools.product(*classes):
+        qs = [ax[0][idx, :c] for ax, (idx, c, r) in zip(axes, combo)]
+        hs = [ax[1][idx, :r] for ax, (idx, c, r) in zip(axes, combo)]
+        rels = [ax[2][idx, :c, :r] for ax, (idx, c, r) in zip(axes, combo)]
+        q_tok, q_bad, h_tok, h_bad, bias = _combine(qs, hs, rels, sizes, kernel)
+        out_index[q_tok.reshape(-1)] = torch.arange(rows, rows + q_tok.numel(), device=q_tok.device)
+        rows += q_tok.numel()
+        q_index.append(q_tok.reshape(-1))
+        h_index.append(h_tok.reshape(-1))
+        parts.append(_tiles(bias, kernel, True))
+    assert rows == n_tokens and bool((out_index >= 0).all()), 'GNA tiles must cover every token once'
+    return GNATables(torch.cat(q_index), torch.cat(h_index), out_index, parts)
 
 
 _cached_tables = size_cache(64)(_build_tables)
@@ -269,70 +321,115 @@ def _per_image_head(index: torch.Tensor, groups: int, stride: int) -> torch.Tens
     return (torch.arange(groups, device=index.device)[:, None] * stride + index).reshape(-1)
 
 
-def _tiled_per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_index: torch.Tensor,
-                    halo_index: torch.Tensor, out_index: torch.Tensor, bias: torch.Tensor, P: int, Tq: int, Tk: int,
-                    scale: float) -> torch.Tensor:
+def _tiled_per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: GNATables,
+                    masks: List[Optional[torch.Tensor]], scale: float) -> torch.Tensor:
     """`_tiled_attention` with a bias (heads or 1, P, Tq, Tk) on a batch: tiles are gathered straight into
     (B, heads * P, T, d), contiguous for batched matmuls, so the bias broadcasts over the batch. A bias that needs
     its gradient, which the fused kernel does not give, takes matmuls and a plain softmax (SDPA's own math path also
     scans for fully masked rows, which never occur here)."""
     B, N, nh, d = q.shape
     dv = v.shape[-1]
-    qi, ki = _per_image_head(query_index, B * nh, N), _per_image_head(halo_index, B * nh, N)
-    qt = q.transpose(1, 2).reshape(-1, d).index_select(0, qi).view(B, -1, Tq, d)
-    kt = k.transpose(1, 2).reshape(-1, d).index_select(0, ki).view(B, -1, Tk, d)
-    vt = v.transpose(1, 2).reshape(-1, dv).index_select(0, ki).view(B, -1, Tk, dv)
-    bias = bias.to(q.dtype).expand(nh, P, Tq, Tk).reshape(1, nh * P, Tq, Tk)
-    if _learned(bias):
-        out = torch.softmax(torch.matmul(qt, kt.transpose(-2, -1)) * scale + bias, dim=-1) @ vt
-    else:
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias, scale=scale)
-    oi = _per_image_head(out_index, B * nh, P * Tq).view(B, nh, N).transpose(1, 2).reshape(-1)
+    q_index: List[torch.Tensor] = []
+    h_index: List[torch.Tensor] = []
+    q_sizes: List[int] = []
+    h_sizes: List[int] = []
+    q0, h0 = 0, 0
+    for part in tables.parts:  # batch-major, then (image, head), then slot: each batch one contiguous block
+        nq, nk = part.tile_shape[0] * part.tile_shape[1], part.tile_shape[0] * part.tile_shape[2]
+        q_index.append(_per_image_head(tables.query_index[q0:q0 + nq], B * nh, N))
+        h_index.append(_per_image_head(tables.halo_index[h0:h0 + nk], B * nh, N))
+        q_sizes.append(B * nh * nq)
+        h_sizes.append(B * nh * nk)
+        q0, h0 = q0 + nq, h0 + nk
+    qi, ki = torch.cat(q_index), torch.cat(h_index)
+    qg = q.transpose(1, 2).reshape(-1, d).index_select(0, qi).split(q_sizes)
+    kg = k.transpose(1, 2).reshape(-1, d).index_select(0, ki).split(h_sizes)
+    vg = v.transpose(1, 2).reshape(-1, dv).index_select(0, ki).split(h_sizes)
+    outs: List[torch.Tensor] = []
+    for c, bias in enumerate(masks):
+        P, Tq, Tk = tables.parts[c].tile_shape[0], tables.parts[c].tile_shape[1], tables.parts[c].tile_shape[2]
+        qt, kt, vt = qg[c].view(B, -1, Tq, d), kg[c].view(B, -1, Tk, d), vg[c].view(B, -1, Tk, dv)
+        if bias is not None:
+            bias = bias.to(q.dtype).expand(nh, P, Tq, Tk).reshape(1, nh * P, Tq, Tk)
+        if _learned(bias):
+            scores = torch.matmul(qt, kt.transpose(-2, -1)) * scale
+            out = torch.softmax(scores if bias is None else scores + bias, dim=-1) @ vt
+        else:
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias, scale=scale)
+        outs.append(out.view(B, nh, P * Tq, dv))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+    oi = _per_image_head(tables.out_index, B * nh, q0).view(B, nh, N).transpose(1, 2).reshape(-1)
     return out.reshape(-1, dv).index_select(0, oi).view(B, N, nh, dv)
 
 
-def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_index: torch.Tensor,
-                     halo_index: torch.Tensor, out_index: torch.Tensor, mask: Optional[torch.Tensor],
-                     P: int, Tq: int, Tk: int, scale: float, chunk: int = 0) -> torch.Tensor:
-    """q, k, v (B, N, heads, d); mask None, (1, P, Tq, Tk) (shared by the heads) or (heads, P, Tq, Tk)
-    -> (B, N, heads, d). Tiles are strided views (P, B * heads, T, d) of the gathered rows (P, T, B * heads, d),
-    the layout the CPU flash kernel reads and writes, so nothing is copied between the gathers and the attention;
-    a shared mask broadcasts over batch and heads (and a per-head bias over the heads of one image). chunk > 0:
-    that many tiles at a time, so each chunk's gathered halo is still in cache when the attention reads it."""
+def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: GNATables,
+                     masks: List[Optional[torch.Tensor]], scale: float, chunk_bytes: int = 0) -> torch.Tensor:
+    """q, k, v (B, N, heads, d); per batch of tiles a mask None, (1, P, Tq, Tk) (shared by the heads) or
+    (heads, P, Tq, Tk) -> (B, N, heads, d). Tiles are strided views (P, B * heads, T, d) of the gathered rows
+    (P, T, B * heads, d), the layout the CPU flash kernel reads and writes, so nothing is copied between the gathers
+    and the attention; a shared mask broadcasts over batch and heads (and a per-head bias over the heads of one
+    image). chunk_bytes == 0: one gather per input for all batches (so its gradient is one scatter); > 0 (no
+    gradients): batches whose keys and values exceed 4 * chunk_bytes gather and attend chunks of about chunk_bytes,
+    each chunk's halo still in cache when the attention reads it."""
     B, N, nh, d = q.shape
-    if mask is not None and ((mask.shape[0] != 1 and B != 1) or _learned(mask)):
-        return _tiled_per_head(q, k, v, query_index, halo_index, out_index, mask, P, Tq, Tk, scale)
+    for m in masks:
+        if m is not None and ((m.shape[0] != 1 and B != 1) or _learned(m)):
+            return _tiled_per_head(q, k, v, tables, masks, scale)
     dv = v.shape[-1]
-    if mask is not None:
-        mask = mask.to(q.dtype).transpose(0, 1)  # (P, 1 or heads, Tq, Tk)
-    if chunk <= 0 or chunk >= P:
-        chunk = P
     rq, rk, rv = _rows(q), _rows(k), _rows(v)
+    q_sizes: List[int] = []
+    h_sizes: List[int] = []
+    for part in tables.parts:
+        q_sizes.append(part.tile_shape[0] * part.tile_shape[1])
+        h_sizes.append(part.tile_shape[0] * part.tile_shape[2])
+    qg: List[torch.Tensor] = []
+    kg: List[torch.Tensor] = []
+    vg: List[torch.Tensor] = []
+    if chunk_bytes <= 0:
+        qg = rq.index_select(0, tables.query_index).split(q_sizes)
+        kg = rk.index_select(0, tables.halo_index).split(h_sizes)
+        vg = rv.index_select(0, tables.halo_index).split(h_sizes)
     outs: List[torch.Tensor] = []
-    for c0 in range(0, P, chunk):
-        n = min(chunk, P - c0)
-        ki = halo_index[c0 * Tk:(c0 + n) * Tk]
-        qt = rq.index_select(0, query_index[c0 * Tq:(c0 + n) * Tq]).view(n, Tq, B * nh, d).transpose(1, 2)
-        kt = rk.index_select(0, ki).view(n, Tk, B * nh, d).transpose(1, 2)
-        vt = rv.index_select(0, ki).view(n, Tk, B * nh, dv).transpose(1, 2)
-        m = None if mask is None else mask[c0:c0 + n]
-        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=m, scale=scale)
-        outs.append(o.transpose(1, 2).reshape(n * Tq, B * nh * dv))  # (n, Tq, B * heads, dv) in memory
+    q0, h0 = 0, 0
+    for c, mask in enumerate(masks):
+        P, Tq, Tk = tables.parts[c].tile_shape[0], tables.parts[c].tile_shape[1], tables.parts[c].tile_shape[2]
+        if mask is not None:
+            mask = mask.to(q.dtype).transpose(0, 1)  # (P, 1 or heads, Tq, Tk)
+        chunk = _chunk_tiles(P, Tk * B * nh * (d + dv) * q.element_size(), chunk_bytes)
+        for c0 in range(0, P, chunk):
+            n = min(chunk, P - c0)
+            if chunk_bytes <= 0:
+                qr, kr, vr = qg[c], kg[c], vg[c]
+            else:
+                ki = tables.halo_index[h0 + c0 * Tk:h0 + (c0 + n) * Tk]
+                qr = rq.index_select(0, tables.query_index[q0 + c0 * Tq:q0 + (c0 + n) * Tq])
+                kr, vr = rk.index_select(0, ki), rv.index_select(0, ki)
+            qt = qr.view(n, Tq, B * nh, d).transpose(1, 2)
+            kt = kr.view(n, Tk, B * nh, d).transpose(1, 2)
+            vt = vr.view(n, Tk, B * nh, dv).transpose(1, 2)
+            m = None if mask is None else mask[c0:c0 + n]
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=m, scale=scale)
+            outs.append(o.transpose(1, 2).reshape(n * Tq, B * nh * dv))  # (n, Tq, B * heads, dv) in memory
+        q0, h0 = q0 + P * Tq, h0 + P * Tk
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out.index_select(0, out_index).view(N, B, nh, dv).transpose(0, 1)
+    return out.index_select(0, tables.out_index).view(N, B, nh, dv).transpose(0, 1)
 
 
-def _chunk_tiles(q: torch.Tensor, v: torch.Tensor, tables: GNATables) -> int:
-    """Tiles per chunk of the eager no-grad path (0: one chunk): maps whose gathered keys and values exceed
-    4 * CHUNK_BYTES run in equal chunks of about CHUNK_BYTES. With gradients every chunk would add a full-size
-    gradient buffer per input, so they run in one chunk."""
+def _chunk_bytes(q: torch.Tensor, v: torch.Tensor) -> int:
+    """Chunk size of the eager path: CHUNK_BYTES without gradients; with them every chunk would add a full-size
+    gradient buffer per input, so batches run in one chunk (0)."""
     if torch.is_grad_enabled() and (q.requires_grad or v.requires_grad):
         return 0
-    P, Tk = tables.tile_shape[0], tables.tile_shape[2]
-    total = P * Tk * q.shape[0] * q.shape[-2] * (q.shape[-1] + v.shape[-1]) * q.element_size()
-    if total <= 4 * CHUNK_BYTES:
-        return 0
-    return ceil_div(P, ceil_div(total, CHUNK_BYTES))
+    return CHUNK_BYTES
+
+
+def _chunk_tiles(tiles: int, tile_bytes: int, chunk_bytes: int) -> int:
+    """Tiles per chunk of a batch whose tiles gather `tile_bytes` of keys and values each: all of them unless
+    they exceed 4 * chunk_bytes (> 0), else equal chunks of about chunk_bytes."""
+    total = tiles * tile_bytes
+    if chunk_bytes <= 0 or total <= 4 * chunk_bytes:
+        return tiles
+    return ceil_div(tiles, ceil_div(total, chunk_bytes))
 
 
 def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List[int], stride: List[int],
@@ -362,7 +459,7 @@ def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List
             if impl == 'auto':
                 impl = 'dense' if use_dense(sizes) else 'gather'
             tables = gna_tables(sizes, kernel_size, stride, dilation, is_causal, tile, impl == 'dense', q.device)
-            return _run(q, k, v, tables, kernel_size, rel_pos_bias, logit_scale, _chunk_tiles(q, v, tables))
+            return _run(q, k, v, tables, kernel_size, rel_pos_bias, logit_scale, _chunk_bytes(q, v))
     if impl == 'dense':
         raise ValueError("impl: 'dense' runs in eager mode only (its tables depend on the size); use 'auto'")
     tables = _build_tables(sizes, kernel_size, stride, dilation, is_causal, tile, False, q.device, False)
@@ -370,22 +467,24 @@ def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List
 
 
 def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: GNATables, kernel_size: List[int],
-         rel_pos_bias: Optional[torch.Tensor], logit_scale: float, chunk: int = 0) -> torch.Tensor:
+         rel_pos_bias: Optional[torch.Tensor], logit_scale: float, chunk_bytes: int = 0) -> torch.Tensor:
     n = len(kernel_size)
     B, nh, d = q.shape[0], q.shape[-2], q.shape[-1]
-    P, Tq, Tk = tables.tile_shape[0], tables.tile_shape[1], tables.tile_shape[2]
-    mask = tables.mask
-    if rel_pos_bias is not None:
-        table = _bias_table(rel_pos_bias, kernel_size, rel_pos_bias.dtype, q.device)
-        patterns = tables.bias_patterns
-        mask = table.reshape(nh, -1).index_select(1, patterns.reshape(-1)).reshape(nh, patterns.shape[0], Tq, Tk)
-        mask = mask.index_select(1, tables.tile_pattern)  # heads, P, Tq, Tk
+    masks: List[Optional[torch.Tensor]] = []
+    for part in tables.parts:
+        mask = part.mask
+        if rel_pos_bias is not None:
+            table = _bias_table(rel_pos_bias, kernel_size, rel_pos_bias.dtype, q.device).reshape(nh, -1)
+            patterns = part.bias_patterns
+            mask = table.index_select(1, patterns.reshape(-1)).reshape(nh, patterns.shape[0], patterns.shape[1],
+                                                                       patterns.shape[2])
+            mask = mask.index_select(1, part.tile_pattern)  # heads, P, Tq, Tk
+        masks.append(mask)
     N = q.shape[1]
     for a in range(1, n):
         N = N * q.shape[1 + a]
     out = _tiled_attention(q.reshape(B, N, nh, d), k.reshape(B, N, nh, d), v.reshape(B, N, nh, v.shape[-1]),
-                           tables.query_index, tables.halo_index, tables.out_index, mask, P, Tq, Tk, logit_scale,
-                           chunk)
+                           tables, masks, logit_scale, chunk_bytes)
     return out.reshape(list(q.shape[:-1]) + [v.shape[-1]])
 
 

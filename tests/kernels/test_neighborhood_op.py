@@ -280,15 +280,17 @@ def test_low_precision_under_autocast(dtype):
 
 @pytest.mark.parametrize('kernel,stride', [(7, 7), (8, 8), (4, 4)])
 def test_blocked_gathers_only_its_keys(kernel, stride):
-    """stride == kernel: a query tile is one block, it gathers exactly the block's keys, and when the kernel
-    divides the map no score is masked at all (no mask is passed)."""
+    """stride == kernel: a query tile is one block, it gathers exactly the block's keys, and no score is masked
+    (no mask is passed); a partial block at the border is its own batch of smaller query tiles, not padding."""
     side = kernel * 7
     tables = gna_tables([side, side], [kernel] * 2, [stride] * 2, [1, 1], [False, False])
-    tiles, tq, tk = tables.tile_shape
-    assert tq == tk == kernel * kernel and tiles * tq == side * side
-    assert tables.mask is None
+    assert [p.tile_shape for p in tables.parts] == [[49, kernel * kernel, kernel * kernel]]
+    assert tables.parts[0].mask is None
     tables = gna_tables([side + 3, side], [kernel] * 2, [stride] * 2, [1, 1], [False, False])  # a partial block
-    assert tables.tile_shape[1] == tables.tile_shape[2] == kernel * kernel
+    shapes = sorted(p.tile_shape for p in tables.parts)
+    assert shapes == sorted([[7, 3 * kernel, kernel * kernel], [49, kernel * kernel, kernel * kernel]])
+    assert all(p.mask is None for p in tables.parts)
+    assert tables.query_index.numel() == (side + 3) * side
 
 
 @pytest.mark.parametrize('kernel,stride,dilation,causal,bias', [
@@ -299,20 +301,19 @@ def test_blocked_gathers_only_its_keys(kernel, stride):
 ])
 def test_chunked_inference_matches_brute_force(monkeypatch, kernel, stride, dilation, causal, bias):
     """Large maps without gradients run in cache-sized chunks of tiles: the same result."""
-    q, k, v = _qkv(1, (18, 21), 2, 8)
+    q, k, v = _qkv(1, (36, 42), 2, 8)
     rpb = _rpb(2, kernel) if bias else None
     args = (list(kernel), list(stride), list(dilation), list(causal))
-    tables = gna_tables([18, 21], *args)
-    tiles, _, tk = tables.tile_shape
-    monkeypatch.setattr(reference, 'CHUNK_BYTES', 4 * tk * 2 * (8 + 8) * 4)  # about 4 tiles per chunk
+    tiles, _, tk = max(p.tile_shape for p in gna_tables([36, 42], *args).parts)  # the batch of most tiles
+    tile_bytes = tk * 2 * (8 + 8) * 4
+    monkeypatch.setattr(reference, 'CHUNK_BYTES', 2 * tile_bytes)  # about 2 tiles per chunk
     with torch.no_grad():
-        chunk = reference._chunk_tiles(q, v, tables)
-        assert 1 < chunk < tiles
+        assert 1 < reference._chunk_tiles(tiles, tile_bytes, reference._chunk_bytes(q, v)) < tiles
         out = gna_ref(q, k, v, *args, rpb, impl='gather')
     expected = _brute_force(q, k, v, *args, rpb)
     torch.testing.assert_close(out, expected, atol=2e-6 * expected.abs().max().item(), rtol=1e-5)
     q.requires_grad_()
-    assert reference._chunk_tiles(q, v, tables) == 0  # with gradients: one chunk
+    assert reference._chunk_bytes(q, v) == 0  # with gradients: one chunk
 
 
 @pytest.mark.parametrize('stride', [1, 2, 4])
@@ -322,7 +323,12 @@ def test_strided_tiles_share_their_halo(stride):
     tables = gna_tables([56, 56], [kernel] * 2, [stride] * 2, [1, 1], [False, False])
     Th, Tw = reference.tile_sizes([kernel] * 2, [stride] * 2)
     assert Th % stride == 0 and Tw % stride == 0
-    assert tables.tile_shape[1:] == [Th * Tw, (Th - stride + kernel) * (Tw - stride + kernel)]
+    interior, *border = sorted((p.tile_shape for p in tables.parts), key=lambda shape: -shape[0])
+    assert interior[1:] == [Th * Tw, (Th - stride + kernel) * (Tw - stride + kernel)]
+    # tiles at the border, whose windows shift rather than slide, gather only the keys they reach
+    assert all(shape[1] == Th * Tw and shape[2] < interior[2] for shape in border)
+    assert bool(border) == (Th > stride)  # one stride group per tile: every window is k wide
+    assert tables.query_index.numel() == 56 * 56
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -352,12 +358,13 @@ def test_gather_memory_linear_in_tokens(stride, bias):
         q, k, v = _qkv(B, (side, side), heads, d, requires_grad=True)
         rpb = _rpb(heads, kernel, requires_grad=True) if bias else None
         tile = reference.tile_sizes(list(kernel), [stride] * 2, reference.TILE_MATH if bias else None)
-        tiles, tq, tk = gna_tables([side] * 2, list(kernel), [stride] * 2, [1, 1], [False, False], tile).tile_shape
+        tables = gna_tables([side] * 2, list(kernel), [stride] * 2, [1, 1], [False, False], tile)
         with _LargestTensor() as mode:
             gna_ref(q, k, v, list(kernel), [stride] * 2, [1, 1], [False, False], rpb, impl='gather').sum().backward()
         # the largest intermediates are the per-tile scores (Tq x Tk) or the gathered halo keys (Tk x d)
-        assert mode.largest <= B * heads * tiles * max(tq * tk, tk * d)
-        assert tiles * tq < 1.35 * N  # padding of the tiling is bounded
+        scores = sum(tiles * tq * tk for tiles, tq, tk in (p.tile_shape for p in tables.parts))
+        assert mode.largest <= B * heads * max(scores, tables.halo_index.numel() * d)
+        assert tables.query_index.numel() == N  # no padding query
         per_token.append(mode.largest / N)
         if side == 56:
             assert mode.largest < B * heads * N * N / 8  # far below the dense score matrix
