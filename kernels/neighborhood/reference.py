@@ -43,9 +43,10 @@ __all__ = ['neighborhood_attention_ref', 'gna_ref', 'gna_axis_window', 'gna_axis
 
 # Query-tile targets (sub-grid positions per axis, rounded to a multiple of the stride), measured on CPU with the
 # flash SDPA kernel: a tile of Tq queries computes its whole halo of scores, so smaller tiles waste fewer scores
-# but pay more per-tile overhead. Best measured: about 32 queries in 2-D (8 x 4), 128 in 3-D (4 x 8 x 4), 16 in 1-D.
-TILE = 4  # every axis but the one below
-TILE_WIDE = 8  # the second-to-last axis (height in 2-D and 3-D)
+# but pay more per-tile overhead, which its backward pays again. Best measured: 4 per axis (16 queries in 2-D, 64
+# in 3-D) forward; with gradients 8 x 4 in 2-D; 16 in 1-D.
+TILE = 4  # every axis, but the one below
+TILE_WIDE = 8  # the first axis (height) in 2-D with gradients
 TILE_1D = 16  # 1-D: or the kernel, if larger
 # With a relative-position bias: a fixed one (inference) gathers whole batches per head, where halo bytes
 # dominate (larger tiles share more of their halo); a learned one takes the math path, whose unfused score
@@ -88,16 +89,16 @@ def gna_axis_mask(length: int, kernel: int, stride: int, dilation: int,
     return allowed, sub[None, :] - sub[:, None]
 
 
-def tile_sizes(kernel: List[int], stride: List[int], target: Optional[int] = None) -> List[int]:
+def tile_sizes(kernel: List[int], stride: List[int], target: Optional[int] = None, grad: bool = False) -> List[int]:
     """Query-tile side per axis: the stride on a blocked axis (stride == kernel: a tile gathers exactly its k keys
     and needs no mask) or when the stride is 4 or more (one stride group per tile), else the multiple of the stride
-    nearest to `target`, by default the measured per-axis targets (TILE, TILE_WIDE, TILE_1D)."""
+    nearest to `target`, by default the measured per-axis targets (TILE, TILE_WIDE with `grad`, TILE_1D)."""
     n = len(kernel)
     sides: List[int] = []
     for a in range(n):
         k, s = kernel[a], stride[a]
-        t = (max(16, k) if n == 1 else (8 if a == n - 2 else 4)) if target is None else target  # TorchScript: no globals
-        sides.append(s if s == k or s >= 4 else s * max(1, (t + s // 2) // s))
+        t = (max(16, k) if n == 1 else (8 if grad and n == 2 and a == 0 else 4)) if target is None else target
+        sides.append(s if s == k or s >= 4 else s * max(1, (t + s // 2) // s))  # TorchScript: no globals above
     return sides
 
 
@@ -453,7 +454,8 @@ def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List
         target: Optional[int] = None
         if rel_pos_bias is not None:  # TILE_MATH for a learned bias (unfused scores), TILE_BIAS for a fixed one
             target = 4 if _learned(rel_pos_bias) else 8
-        tile = tile_sizes(kernel_size, stride, target)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        tile = tile_sizes(kernel_size, stride, target, grad)
     if not torch.jit.is_scripting():
         if not is_exporting() and not torch.compiler.is_compiling():
             if impl == 'auto':

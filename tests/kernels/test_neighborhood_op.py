@@ -357,7 +357,7 @@ def test_gather_memory_linear_in_tokens(stride, bias):
         N = side * side
         q, k, v = _qkv(B, (side, side), heads, d, requires_grad=True)
         rpb = _rpb(heads, kernel, requires_grad=True) if bias else None
-        tile = reference.tile_sizes(list(kernel), [stride] * 2, reference.TILE_MATH if bias else None)
+        tile = reference.tile_sizes(list(kernel), [stride] * 2, reference.TILE_MATH if bias else None, grad=True)
         tables = gna_tables([side] * 2, list(kernel), [stride] * 2, [1, 1], [False, False], tile)
         with _LargestTensor() as mode:
             gna_ref(q, k, v, list(kernel), [stride] * 2, [1, 1], [False, False], rpb, impl='gather').sum().backward()
