@@ -363,64 +363,134 @@ def _tiled_per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: G
     return out.reshape(-1, dv).index_select(0, oi).view(B, N, nh, dv)
 
 
+def _chunks(tables: GNATables, masks: List[Optional[torch.Tensor]], tile_bytes: int, chunk_bytes: int):
+    """(query slots, halo slots, mask, tiles, Tq, Tk) of every chunk of every batch, in output order."""
+    q0, h0 = 0, 0
+    for part, mask in zip(tables.parts, masks):
+        P, Tq, Tk = part.tile_shape
+        chunk = _chunk_tiles(P, Tk * tile_bytes, chunk_bytes)
+        for c0 in range(0, P, chunk):
+            n = min(chunk, P - c0)
+            yield (tables.query_index[q0 + c0 * Tq:q0 + (c0 + n) * Tq], tables.halo_index[h0 + c0 * Tk:h0 + (c0 + n) * Tk],
+                   None if mask is None else mask[c0:c0 + n], n, Tq, Tk)
+        q0, h0 = q0 + P * Tq, h0 + P * Tk
+
+
+def _gather(rq: torch.Tensor, rk: torch.Tensor, rv: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor, n: int,
+            G: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows (N, G * e) and the slots of n tiles -> the tiles as strided views (n, G, T, e) of the gathered
+    (n, T, G, e), the layout the CPU flash kernel reads."""
+    return (rq.index_select(0, qi).view(n, -1, G, rq.shape[1] // G).transpose(1, 2),
+            rk.index_select(0, ki).view(n, -1, G, rk.shape[1] // G).transpose(1, 2),
+            rv.index_select(0, ki).view(n, -1, G, rv.shape[1] // G).transpose(1, 2))
+
+
+def _eager_tiles(rq: torch.Tensor, rk: torch.Tensor, rv: torch.Tensor, tables: GNATables,
+                 masks: List[Optional[torch.Tensor]], scale: float, G: int, chunk_bytes: int,
+                 with_lse: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Eager tables, chunk by chunk: gather, attend (the flash kernel; with its log-sum-exp if `with_lse`) ->
+    output rows in (batch, tile, slot) order (R, G * dv) and the chunks' log-sum-exps."""
+    d, dv = rq.shape[1] // G, rv.shape[1] // G
+    outs: List[torch.Tensor] = []
+    lses: List[torch.Tensor] = []
+    for qi, ki, m, n, Tq, Tk in _chunks(tables, masks, G * (d + dv) * rq.element_size(), chunk_bytes):
+        qt, kt, vt = _gather(rq, rk, rv, qi, ki, n, G)
+        if with_lse:
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, False, attn_mask=m,
+                                                                                scale=scale)
+            lses.append(lse)
+        else:
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=m, scale=scale)
+        outs.append(o.transpose(1, 2).reshape(n * Tq, G * dv))  # (n, Tq, G, dv) in memory
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)), lses
+
+
+class _ChunkedTiles(torch.autograd.Function):
+    """The eager training path on large maps (CPU, shared masks, no autocast): `_eager_tiles` in both passes,
+    saving only q, k, v, the output rows and the log-sum-exps; the backward gathers each chunk again and adds its
+    gradients in place, so no halo-sized buffer (4-5x the keys and values at stride 1) lives between the passes."""
+
+    @staticmethod
+    def forward(ctx, rq, rk, rv, tables, masks, scale, G, chunk_bytes):
+        rows, lses = _eager_tiles(rq, rk, rv, tables, masks, scale, G, chunk_bytes, with_lse=True)
+        ctx.save_for_backward(rq, rk, rv, rows, *lses)
+        ctx.tables, ctx.masks, ctx.scale, ctx.G, ctx.chunk_bytes = tables, masks, scale, G, chunk_bytes
+        return rows.index_select(0, tables.out_index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rq, rk, rv, rows, *lses = ctx.saved_tensors
+        G = ctx.G
+        d, dv = rq.shape[1] // G, rv.shape[1] // G
+        grad = grad.index_select(0, ctx.tables.query_index)  # eager tables: each slot is one real query
+        dq, dk, dvv = torch.zeros_like(rq), torch.zeros_like(rk), torch.zeros_like(rv)
+        r0 = 0
+        chunks = _chunks(ctx.tables, ctx.masks, G * (d + dv) * rq.element_size(), ctx.chunk_bytes)
+        for (qi, ki, m, n, Tq, Tk), lse in zip(chunks, lses):
+            qt, kt, vt = _gather(rq, rk, rv, qi, ki, n, G)
+            ot = rows[r0:r0 + n * Tq].view(n, Tq, G, dv).transpose(1, 2)
+            go = grad[r0:r0 + n * Tq].view(n, Tq, G, dv).transpose(1, 2)
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                go, qt, kt, vt, ot, lse, 0.0, False, attn_mask=m, scale=ctx.scale)
+            dq.index_add_(0, qi, gq.transpose(1, 2).reshape(n * Tq, G * d))
+            dk.index_add_(0, ki, gk.transpose(1, 2).reshape(n * Tk, G * d))
+            dvv.index_add_(0, ki, gv.transpose(1, 2).reshape(n * Tk, G * dv))
+            r0 += n * Tq
+        return dq, dk, dvv, None, None, None, None, None
+
+
 def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: GNATables,
                      masks: List[Optional[torch.Tensor]], scale: float, chunk_bytes: int = 0) -> torch.Tensor:
     """q, k, v (B, N, heads, d); per batch of tiles a mask None, (1, P, Tq, Tk) (shared by the heads) or
     (heads, P, Tq, Tk) -> (B, N, heads, d). Tiles are strided views (P, B * heads, T, d) of the gathered rows
     (P, T, B * heads, d), the layout the CPU flash kernel reads and writes, so nothing is copied between the gathers
     and the attention; a shared mask broadcasts over batch and heads (and a per-head bias over the heads of one
-    image). chunk_bytes == 0: one gather per input for all batches (so its gradient is one scatter); > 0 (no
-    gradients): batches whose keys and values exceed 4 * chunk_bytes gather and attend chunks of about chunk_bytes,
-    each chunk's halo still in cache when the attention reads it."""
+    image). chunk_bytes (eager tables only): > 0, no gradients: batches whose keys and values exceed
+    4 * chunk_bytes gather and attend chunks of about chunk_bytes, each chunk's halo still in cache when the
+    attention reads it; < 0, with gradients: the same in both passes (`_ChunkedTiles`) when all tiles' keys and
+    values exceed 4 * -chunk_bytes; else one gather per input for all batches (so its gradient is one scatter)."""
     B, N, nh, d = q.shape
     for m in masks:
         if m is not None and ((m.shape[0] != 1 and B != 1) or _learned(m)):
             return _tiled_per_head(q, k, v, tables, masks, scale)
     dv = v.shape[-1]
     rq, rk, rv = _rows(q), _rows(k), _rows(v)
+    shared: List[Optional[torch.Tensor]] = []
+    for m in masks:
+        shared.append(None if m is None else m.to(q.dtype).transpose(0, 1))  # (P, 1 or heads, Tq, Tk)
+    if not torch.jit.is_scripting():
+        if chunk_bytes > 0:
+            out = _eager_tiles(rq, rk, rv, tables, shared, scale, B * nh, chunk_bytes)[0]
+            return out.index_select(0, tables.out_index).view(N, B, nh, dv).transpose(0, 1)
+        halo_bytes = tables.halo_index.numel() * B * nh * (d + dv) * q.element_size()
+        if (chunk_bytes < 0 and halo_bytes > -4 * chunk_bytes and q.device.type == 'cpu'
+                and not torch.is_autocast_enabled('cpu')):
+            out = _ChunkedTiles.apply(rq, rk, rv, tables, shared, scale, B * nh, -chunk_bytes)
+            return out.view(N, B, nh, dv).transpose(0, 1)
     q_sizes: List[int] = []
     h_sizes: List[int] = []
     for part in tables.parts:
         q_sizes.append(part.tile_shape[0] * part.tile_shape[1])
         h_sizes.append(part.tile_shape[0] * part.tile_shape[2])
-    qg: List[torch.Tensor] = []
-    kg: List[torch.Tensor] = []
-    vg: List[torch.Tensor] = []
-    if chunk_bytes <= 0:
-        qg = rq.index_select(0, tables.query_index).split(q_sizes)
-        kg = rk.index_select(0, tables.halo_index).split(h_sizes)
-        vg = rv.index_select(0, tables.halo_index).split(h_sizes)
+    qg = rq.index_select(0, tables.query_index).split(q_sizes)
+    kg = rk.index_select(0, tables.halo_index).split(h_sizes)
+    vg = rv.index_select(0, tables.halo_index).split(h_sizes)
     outs: List[torch.Tensor] = []
-    q0, h0 = 0, 0
-    for c, mask in enumerate(masks):
+    for c, mask in enumerate(shared):
         P, Tq, Tk = tables.parts[c].tile_shape[0], tables.parts[c].tile_shape[1], tables.parts[c].tile_shape[2]
-        if mask is not None:
-            mask = mask.to(q.dtype).transpose(0, 1)  # (P, 1 or heads, Tq, Tk)
-        chunk = _chunk_tiles(P, Tk * B * nh * (d + dv) * q.element_size(), chunk_bytes)
-        for c0 in range(0, P, chunk):
-            n = min(chunk, P - c0)
-            if chunk_bytes <= 0:
-                qr, kr, vr = qg[c], kg[c], vg[c]
-            else:
-                ki = tables.halo_index[h0 + c0 * Tk:h0 + (c0 + n) * Tk]
-                qr = rq.index_select(0, tables.query_index[q0 + c0 * Tq:q0 + (c0 + n) * Tq])
-                kr, vr = rk.index_select(0, ki), rv.index_select(0, ki)
-            qt = qr.view(n, Tq, B * nh, d).transpose(1, 2)
-            kt = kr.view(n, Tk, B * nh, d).transpose(1, 2)
-            vt = vr.view(n, Tk, B * nh, dv).transpose(1, 2)
-            m = None if mask is None else mask[c0:c0 + n]
-            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=m, scale=scale)
-            outs.append(o.transpose(1, 2).reshape(n * Tq, B * nh * dv))  # (n, Tq, B * heads, dv) in memory
-        q0, h0 = q0 + P * Tq, h0 + P * Tk
+        qt = qg[c].view(P, Tq, B * nh, d).transpose(1, 2)
+        kt = kg[c].view(P, Tk, B * nh, d).transpose(1, 2)
+        vt = vg[c].view(P, Tk, B * nh, dv).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+        outs.append(o.transpose(1, 2).reshape(P * Tq, B * nh * dv))  # (P, Tq, B * heads, dv) in memory
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.index_select(0, tables.out_index).view(N, B, nh, dv).transpose(0, 1)
 
 
 def _chunk_bytes(q: torch.Tensor, v: torch.Tensor) -> int:
-    """Chunk size of the eager path: CHUNK_BYTES without gradients; with them every chunk would add a full-size
-    gradient buffer per input, so batches run in one chunk (0)."""
+    """Chunk size of the eager path: CHUNK_BYTES without gradients, -CHUNK_BYTES with them."""
     if torch.is_grad_enabled() and (q.requires_grad or v.requires_grad):
-        return 0
+        return -CHUNK_BYTES
     return CHUNK_BYTES
 
 
