@@ -217,12 +217,12 @@ def _tiles(bias: torch.Tensor, kernel: List[int], eager: bool) -> GNATiles:
 
 
 def _build_tables(sizes: List[int], kernel: List[int], stride: List[int], dilation: List[int], causal: List[bool],
-                  tile: List[int], dense: bool, device: torch.device, eager: bool) -> GNATables:
+                  tile: List[int], dense: bool, device: torch.device, eager: bool, split: bool = True) -> GNATables:
     n = len(sizes)
     axes = [_axis_tiles(sizes[a], kernel[a], stride[a], dilation[a], causal[a], tile[a], dense, device)
             for a in range(n)]
     if not torch.jit.is_scripting():
-        if eager:
+        if eager and split:
             return _build_parts(axes, sizes, kernel)
     q_tok, q_bad, h_tok, h_bad, bias = _combine([ax[0] for ax in axes], [ax[1] for ax in axes],
                                                 [ax[2] for ax in axes], sizes, kernel)
@@ -233,7 +233,7 @@ def _build_tables(sizes: List[int], kernel: List[int], stride: List[int], dilati
         slot_flat = slot_flat * axes[a][0].shape[1] + axes[a][4].reshape([-1 if b == a else 1 for b in range(n)])
     out_index = (tile_flat * q_tok.shape[1] + slot_flat).reshape(-1)
     return GNATables(torch.where(q_bad, 0, q_tok).reshape(-1), torch.where(h_bad, 0, h_tok).reshape(-1), out_index,
-                     [_tiles(bias, kernel, False)])
+                     [_tiles(bias, kernel, eager)])
 
 
 def _build_parts(axes: List[Tuple[torch.Tensor, ...]], sizes: List[int], kernel: List[int]) -> GNATables:
@@ -272,14 +272,15 @@ def _cache_key(x):
 
 
 def gna_tables(sizes: List[int], kernel: List[int], stride: List[int], dilation: List[int], causal: List[bool],
-               tile: Optional[List[int]] = None, dense: bool = False, device=None) -> GNATables:
-    """The index tables of the tiled path (cached per configuration and size; eager sizes only)."""
+               tile: Optional[List[int]] = None, dense: bool = False, device=None, split: bool = True) -> GNATables:
+    """The index tables of the tiled path (cached per configuration and size; eager sizes only). split=False: one
+    padded batch of tiles (the form `_tiled_per_head` takes)."""
     tile = tile_sizes(kernel, stride) if tile is None else list(tile)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
         sizes = [int(s) for s in sizes]
     return _cached_tables(_cache_key(sizes), _cache_key(kernel), _cache_key(stride), _cache_key(dilation),
-                          _cache_key(causal), _cache_key(tile), dense, torch.device(device or 'cpu'), True)
+                          _cache_key(causal), _cache_key(tile), dense, torch.device(device or 'cpu'), True, split)
 
 
 def _bias_table(rel_pos_bias: Optional[torch.Tensor], kernel: List[int], dtype: torch.dtype,
@@ -322,45 +323,32 @@ def _per_image_head(index: torch.Tensor, groups: int, stride: int) -> torch.Tens
     return (torch.arange(groups, device=index.device)[:, None] * stride + index).reshape(-1)
 
 
-def _tiled_per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: GNATables,
-                    masks: List[Optional[torch.Tensor]], scale: float) -> torch.Tensor:
-    """`_tiled_attention` with a bias (heads or 1, P, Tq, Tk) on a batch: tiles are gathered straight into
-    (B, heads * P, T, d), contiguous for batched matmuls, so the bias broadcasts over the batch. A bias that needs
-    its gradient, which the fused kernel does not give, takes matmuls and a plain softmax (SDPA's own math path also
-    scans for fully masked rows, which never occur here)."""
+def _tiled_per_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: GNATables, bias: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """`_tiled_attention` with a bias (heads or 1, P, Tq, Tk) on a batch, on tables of one batch of tiles: tiles
+    are gathered straight into (B, heads * P, T, d), contiguous for batched matmuls, so the bias broadcasts over
+    the batch. A bias that needs its gradient, which the fused kernel does not give, takes matmuls and a plain
+    softmax (SDPA's own math path also scans for fully masked rows, which never occur here)."""
     B, N, nh, d = q.shape
     dv = v.shape[-1]
-    q_index: List[torch.Tensor] = []
-    h_index: List[torch.Tensor] = []
-    q_sizes: List[int] = []
-    h_sizes: List[int] = []
-    q0, h0 = 0, 0
-    for part in tables.parts:  # batch-major, then (image, head), then slot: each batch one contiguous block
-        nq, nk = part.tile_shape[0] * part.tile_shape[1], part.tile_shape[0] * part.tile_shape[2]
-        q_index.append(_per_image_head(tables.query_index[q0:q0 + nq], B * nh, N))
-        h_index.append(_per_image_head(tables.halo_index[h0:h0 + nk], B * nh, N))
-        q_sizes.append(B * nh * nq)
-        h_sizes.append(B * nh * nk)
-        q0, h0 = q0 + nq, h0 + nk
-    qi, ki = torch.cat(q_index), torch.cat(h_index)
-    qg = q.transpose(1, 2).reshape(-1, d).index_select(0, qi).split(q_sizes)
-    kg = k.transpose(1, 2).reshape(-1, d).index_select(0, ki).split(h_sizes)
-    vg = v.transpose(1, 2).reshape(-1, dv).index_select(0, ki).split(h_sizes)
-    outs: List[torch.Tensor] = []
-    for c, bias in enumerate(masks):
-        P, Tq, Tk = tables.parts[c].tile_shape[0], tables.parts[c].tile_shape[1], tables.parts[c].tile_shape[2]
-        qt, kt, vt = qg[c].view(B, -1, Tq, d), kg[c].view(B, -1, Tk, d), vg[c].view(B, -1, Tk, dv)
-        if bias is not None:
-            bias = bias.to(q.dtype).expand(nh, P, Tq, Tk).reshape(1, nh * P, Tq, Tk)
-        if _learned(bias):
-            scores = torch.matmul(qt, kt.transpose(-2, -1)) * scale
-            out = torch.softmax(scores if bias is None else scores + bias, dim=-1) @ vt
-        else:
-            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias, scale=scale)
-        outs.append(out.view(B, nh, P * Tq, dv))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-    oi = _per_image_head(tables.out_index, B * nh, q0).view(B, nh, N).transpose(1, 2).reshape(-1)
+    P, Tq, Tk = tables.parts[0].tile_shape[0], tables.parts[0].tile_shape[1], tables.parts[0].tile_shape[2]
+    qi = _per_image_head(tables.query_index, B * nh, N)
+    ki = _per_image_head(tables.halo_index, B * nh, N)
+    qt = q.transpose(1, 2).reshape(-1, d).index_select(0, qi).view(B, -1, Tq, d)
+    kt = k.transpose(1, 2).reshape(-1, d).index_select(0, ki).view(B, -1, Tk, d)
+    vt = v.transpose(1, 2).reshape(-1, dv).index_select(0, ki).view(B, -1, Tk, dv)
+    bias = bias.to(q.dtype).expand(nh, P, Tq, Tk).reshape(1, nh * P, Tq, Tk)
+    if _learned(bias):
+        out = torch.softmax(torch.matmul(qt, kt.transpose(-2, -1)) * scale + bias, dim=-1) @ vt
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias, scale=scale)
+    oi = _per_image_head(tables.out_index, B * nh, P * Tq).view(B, nh, N).transpose(1, 2).reshape(-1)
     return out.reshape(-1, dv).index_select(0, oi).view(B, N, nh, dv)
+
+
+def _per_head(bias: Optional[torch.Tensor], batch: int) -> bool:
+    """Whether a bias takes `_tiled_per_head`: per head on a batch, or learned."""
+    return bias is not None and ((bias.shape[0] != 1 and batch != 1) or _learned(bias))
 
 
 def _chunks(tables: GNATables, masks: List[Optional[torch.Tensor]], tile_bytes: int, chunk_bytes: int):
@@ -450,9 +438,10 @@ def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: 
     attention reads it; < 0, with gradients: the same in both passes (`_ChunkedTiles`) when all tiles' keys and
     values exceed 4 * -chunk_bytes; else one gather per input for all batches (so its gradient is one scatter)."""
     B, N, nh, d = q.shape
-    for m in masks:
-        if m is not None and ((m.shape[0] != 1 and B != 1) or _learned(m)):
-            return _tiled_per_head(q, k, v, tables, masks, scale)
+    if len(masks) == 1:
+        bias = masks[0]
+        if bias is not None and _per_head(bias, B):
+            return _tiled_per_head(q, k, v, tables, bias, scale)
     dv = v.shape[-1]
     rq, rk, rv = _rows(q), _rows(k), _rows(v)
     shared: List[Optional[torch.Tensor]] = []
@@ -530,7 +519,8 @@ def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List
         if not is_exporting() and not torch.compiler.is_compiling():
             if impl == 'auto':
                 impl = 'dense' if use_dense(sizes) else 'gather'
-            tables = gna_tables(sizes, kernel_size, stride, dilation, is_causal, tile, impl == 'dense', q.device)
+            split = not _per_head(rel_pos_bias, q.shape[0])  # the per-head path takes one batch of tiles
+            tables = gna_tables(sizes, kernel_size, stride, dilation, is_causal, tile, impl == 'dense', q.device, split)
             return _run(q, k, v, tables, kernel_size, rel_pos_bias, logit_scale, _chunk_bytes(q, v))
     if impl == 'dense':
         raise ValueError("impl: 'dense' runs in eager mode only (its tables depend on the size); use 'auto'")
