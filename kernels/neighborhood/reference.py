@@ -53,9 +53,9 @@ TILE_1D = 16  # 1-D: or the kernel, if larger
 # matrices favour smaller tiles.
 TILE_BIAS = 8
 TILE_MATH = 4
-# The eager no-grad path gathers and attends about this many bytes of keys and values at a time on large maps:
-# cache-sized chunks, and allocations small enough that malloc keeps reusing them (measured alone at 112^2:
-# 1.06-1.13x faster while malloc reuses the memory, up to 2.7x when it does not; 56^2 unchanged).
+# On large maps the eager path gathers and attends about this many bytes of keys and values at a time (both passes
+# with gradients, see `_ChunkedTiles`): cache-sized chunks, and allocations small enough that malloc keeps reusing
+# them (forward alone at 112^2: 1.06-1.13x faster while malloc reuses the memory, up to 2.7x when it does not).
 CHUNK_BYTES = 2 ** 20
 # The automatic choice takes the dense path up to this many tokens: it bounds the extra memory to heads * N^2.
 DENSE_MAX_TOKENS = 256
@@ -254,7 +254,7 @@ def _build_parts(axes: List[Tuple[torch.Tensor, ...]], sizes: List[int], kernel:
         qs = [ax[0][idx, :c] for ax, (idx, c, r) in zip(axes, combo)]
         hs = [ax[1][idx, :r] for ax, (idx, c, r) in zip(axes, combo)]
         rels = [ax[2][idx, :c, :r] for ax, (idx, c, r) in zip(axes, combo)]
-        q_tok, q_bad, h_tok, h_bad, bias = _combine(qs, hs, rels, sizes, kernel)
+        q_tok, _, h_tok, _, bias = _combine(qs, hs, rels, sizes, kernel)  # cut to real slots: no padding
         out_index[q_tok.reshape(-1)] = torch.arange(rows, rows + q_tok.numel(), device=q_tok.device)
         rows += q_tok.numel()
         q_index.append(q_tok.reshape(-1))
