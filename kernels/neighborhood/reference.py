@@ -239,7 +239,7 @@ def _build_tables(sizes: List[int], kernel: List[int], stride: List[int], dilati
 def _build_parts(axes: List[Tuple[torch.Tensor, ...]], sizes: List[int], kernel: List[int]) -> GNATables:
     """Eager tables: per axis, tiles grouped by (queries, halo reach) and cut to it; one batch per combination."""
     classes = []
-    for q, h, rel, _, _, count, reach in axes:
+    for _, _, _, _, _, count, reach in axes:
         shapes = torch.unique(torch.stack([count, reach], 1), dim=0).tolist()
         classes.append([(torch.nonzero((count == c) & (reach == r))[:, 0], c, r) for c, r in shapes if c > 0])
     n_tokens = 1
@@ -351,12 +351,13 @@ def _per_head(bias: Optional[torch.Tensor], batch: int) -> bool:
     return bias is not None and ((bias.shape[0] != 1 and batch != 1) or _learned(bias))
 
 
-def _chunks(tables: GNATables, masks: List[Optional[torch.Tensor]], tile_bytes: int, chunk_bytes: int):
-    """(query slots, halo slots, mask, tiles, Tq, Tk) of every chunk of every batch, in output order."""
+def _chunks(tables: GNATables, masks: List[Optional[torch.Tensor]], slot_bytes: int, chunk_bytes: int):
+    """(query slots, halo slots, mask, tiles, Tq, Tk) of every chunk of every batch, in output order; a halo slot
+    gathers `slot_bytes` of keys and values."""
     q0, h0 = 0, 0
     for part, mask in zip(tables.parts, masks):
         P, Tq, Tk = part.tile_shape
-        chunk = _chunk_tiles(P, Tk * tile_bytes, chunk_bytes)
+        chunk = _chunk_tiles(P, Tk * slot_bytes, chunk_bytes)
         for c0 in range(0, P, chunk):
             n = min(chunk, P - c0)
             yield (tables.query_index[q0 + c0 * Tq:q0 + (c0 + n) * Tq], tables.halo_index[h0 + c0 * Tk:h0 + (c0 + n) * Tk],
@@ -476,11 +477,9 @@ def _tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: 
     return out.index_select(0, tables.out_index).view(N, B, nh, dv).transpose(0, 1)
 
 
-def _chunk_bytes(q: torch.Tensor, v: torch.Tensor) -> int:
+def _chunk_bytes(grad: bool) -> int:
     """Chunk size of the eager path: CHUNK_BYTES without gradients, -CHUNK_BYTES with them."""
-    if torch.is_grad_enabled() and (q.requires_grad or v.requires_grad):
-        return -CHUNK_BYTES
-    return CHUNK_BYTES
+    return -CHUNK_BYTES if grad else CHUNK_BYTES
 
 
 def _chunk_tiles(tiles: int, tile_bytes: int, chunk_bytes: int) -> int:
@@ -509,11 +508,11 @@ def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List
     logit_scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl not in ('auto', 'gather', 'dense'):
         raise ValueError(f"impl: expected 'auto', 'gather' or 'dense', got '{impl}'")
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if tile is None:
         target: Optional[int] = None
         if rel_pos_bias is not None:  # TILE_MATH for a learned bias (unfused scores), TILE_BIAS for a fixed one
             target = 4 if _learned(rel_pos_bias) else 8
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         tile = tile_sizes(kernel_size, stride, target, grad)
     if not torch.jit.is_scripting():
         if not is_exporting() and not torch.compiler.is_compiling():
@@ -521,7 +520,7 @@ def gna_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List
                 impl = 'dense' if use_dense(sizes) else 'gather'
             split = not _per_head(rel_pos_bias, q.shape[0])  # the per-head path takes one batch of tiles
             tables = gna_tables(sizes, kernel_size, stride, dilation, is_causal, tile, impl == 'dense', q.device, split)
-            return _run(q, k, v, tables, kernel_size, rel_pos_bias, logit_scale, _chunk_bytes(q, v))
+            return _run(q, k, v, tables, kernel_size, rel_pos_bias, logit_scale, _chunk_bytes(grad))
     if impl == 'dense':
         raise ValueError("impl: 'dense' runs in eager mode only (its tables depend on the size); use 'auto'")
     tables = _build_tables(sizes, kernel_size, stride, dilation, is_causal, tile, False, q.device, False)
@@ -532,11 +531,13 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: GNATables, k
          rel_pos_bias: Optional[torch.Tensor], logit_scale: float, chunk_bytes: int = 0) -> torch.Tensor:
     n = len(kernel_size)
     B, nh, d = q.shape[0], q.shape[-2], q.shape[-1]
+    table: Optional[torch.Tensor] = None
+    if rel_pos_bias is not None:
+        table = _bias_table(rel_pos_bias, kernel_size, rel_pos_bias.dtype, q.device).reshape(nh, -1)
     masks: List[Optional[torch.Tensor]] = []
     for part in tables.parts:
         mask = part.mask
-        if rel_pos_bias is not None:
-            table = _bias_table(rel_pos_bias, kernel_size, rel_pos_bias.dtype, q.device).reshape(nh, -1)
+        if table is not None:
             patterns = part.bias_patterns
             mask = table.index_select(1, patterns.reshape(-1)).reshape(nh, patterns.shape[0], patterns.shape[1],
                                                                        patterns.shape[2])
